@@ -1,0 +1,227 @@
+"""The multi-exit network and its execution API, shared by training, the edge, the cloud and the simulator.
+
+A network is a chain of stages. Each stage reads named tensors from a *carry* (a dict of tensors) and writes
+one. Exits (internal classifiers) sit after some stages. Running to exit k executes exactly the stages up to
+k's stage and k's head. Splitting at boundary s means: the edge runs stages [0, s) and hands over the live
+part of the carry (what later stages still read), the cloud runs stages [s, ...] from it.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .blocks import ConvBNAct
+from .config import ModelConfig
+
+Carry = dict[str, torch.Tensor]
+IMAGE = "image"
+
+
+class Stage(nn.Module):
+    """A run of layers between two boundaries; `reads` and `writes` name carry entries."""
+
+    reads: tuple[str, ...]
+    writes: str
+
+    def forward(self, carry: Carry) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ChainStage(Stage):
+    def __init__(self, layers: Iterable[nn.Module], source: str, target: str, downsample: int = 1):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.reads, self.writes, self.downsample = (source,), target, downsample
+
+    def forward(self, carry: Carry) -> torch.Tensor:
+        x = carry[self.reads[0]]
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
+        return self.layers(x)
+
+
+class FusionStage(Stage):
+    """Starts the high-resolution path: thin stem on the full image, fused with the low-res features."""
+
+    def __init__(self, stem: nn.Module, fusion: nn.Module, layers: Iterable[nn.Module], lr_key: str, target: str):
+        super().__init__()
+        self.stem, self.fusion, self.layers = stem, fusion, nn.Sequential(*layers)
+        self.reads, self.writes = (IMAGE, lr_key), target
+
+    def forward(self, carry: Carry) -> torch.Tensor:
+        return self.layers(self.fusion(self.stem(carry[IMAGE]), carry[self.reads[1]]))
+
+
+class MultiExitNetwork(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        stages: list[Stage],
+        exits: list[nn.Module],
+        exit_stages: list[int],
+        predictor: nn.Module | None = None,
+    ):
+        super().__init__()
+        if len(exits) != len(exit_stages) or exit_stages != sorted(set(exit_stages)):
+            raise ValueError("need one strictly increasing stage index per exit")
+        if exit_stages[-1] != len(stages) - 1:
+            raise ValueError("the last stage must end in an exit")
+        self.config = config
+        self.stages = nn.ModuleList(stages)
+        self.exits = nn.ModuleList(exits)
+        self.exit_stages = tuple(exit_stages)
+        self.predictor = predictor
+        self._live = self._liveness()
+
+    # --- structure -------------------------------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def _liveness(self) -> list[tuple[str, ...]]:
+        """live[s]: carry entries that stages s.. still read, i.e. exactly what crosses a split at s."""
+        live: set[str] = set()
+        result = [()] * (self.num_stages + 1)
+        for s in range(self.num_stages - 1, -1, -1):
+            live = (live - {self.stages[s].writes}) | set(self.stages[s].reads)
+            result[s] = tuple(sorted(live))
+        return result
+
+    def live_keys(self, split: int) -> tuple[str, ...]:
+        self._check_split(split)
+        return self._live[split]
+
+    def _check_split(self, split: int) -> None:
+        if not 0 <= split <= self.num_stages:
+            raise ValueError(f"split point {split} is outside 0..{self.num_stages}")
+
+    def _check_exit(self, exit_index: int) -> None:
+        if not 0 <= exit_index < self.num_exits:
+            raise ValueError(f"exit {exit_index} is outside 0..{self.num_exits - 1}")
+
+    # --- execution -------------------------------------------------------------------------------------
+    def _run_stages(self, carry: Carry, start: int, stop: int) -> Carry:
+        carry = dict(carry)
+        for s in range(start, stop):
+            carry[self.stages[s].writes] = self.stages[s](carry)
+        return carry
+
+    def _exit_logits(self, carry: Carry, exit_index: int) -> torch.Tensor:
+        return self.exits[exit_index](carry[self.stages[self.exit_stages[exit_index]].writes])
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """All exits' logits, shallowest first (training and offline evaluation)."""
+        carry: Carry = {IMAGE: image}
+        outputs, done = [], 0
+        for k, stage_index in enumerate(self.exit_stages):
+            carry = self._run_stages(carry, done, stage_index + 1)
+            done = stage_index + 1
+            outputs.append(self._exit_logits(carry, k))
+        return outputs
+
+    def run_to_exit(self, image: torch.Tensor, exit_index: int) -> torch.Tensor:
+        """Monolithic run to one exit: only its stages and its head execute."""
+        self._check_exit(exit_index)
+        carry = self._run_stages({IMAGE: image}, 0, self.exit_stages[exit_index] + 1)
+        return self._exit_logits(carry, exit_index)
+
+    def edge_part(self, image: torch.Tensor, split: int) -> Carry:
+        """Run stages [0, split) and return exactly the carry entries that must cross the network."""
+        self._check_split(split)
+        carry = self._run_stages({IMAGE: image}, 0, split)
+        return {key: carry[key] for key in self._live[split]}
+
+    def cloud_part(self, carry: Carry, split: int, exit_index: int) -> torch.Tensor:
+        """Continue from a carry handed over at `split` and answer at `exit_index` (which must lie beyond it)."""
+        self._check_split(split)
+        self._check_exit(exit_index)
+        if self.exit_stages[exit_index] < split:
+            raise ValueError(f"exit {exit_index} sits before split point {split}: the edge answers it locally")
+        missing = set(self._live[split]) - set(carry)
+        if missing:
+            raise ValueError(f"carry at split {split} lacks {sorted(missing)}")
+        carry = self._run_stages(carry, split, self.exit_stages[exit_index] + 1)
+        return self._exit_logits(carry, exit_index)
+
+    def deepest_local_exit(self, split: int) -> int | None:
+        """The deepest exit whose stage the edge has run when it splits at `split` (its fallback answer)."""
+        local = [k for k, s in enumerate(self.exit_stages) if s < split]
+        return local[-1] if local else None
+
+    def local_exit_logits(self, carry: Carry, split: int) -> torch.Tensor:
+        """Fallback: logits of the deepest local exit, from the carry the edge already holds."""
+        k = self.deepest_local_exit(split)
+        if k is None:
+            raise ValueError(f"no exit is computed before split point {split}")
+        if self.stages[self.exit_stages[k]].writes not in carry:
+            raise ValueError(f"the carry at split {split} no longer holds exit {k}'s features")
+        return self._exit_logits(carry, k)
+
+    def run_mixed(self, image: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
+        """Per-sample exits in one batch. Samples leave the batch at their exit (regrouped, never padded)."""
+        return self.continue_mixed({IMAGE: image}, 0, exits)
+
+    def continue_mixed(self, carry: Carry, split: int, exits: torch.Tensor) -> torch.Tensor:
+        """Run a batch that starts at `split` to per-sample exits; the batch shrinks as samples leave."""
+        exits = torch.as_tensor(exits, dtype=torch.long)
+        batch = exits.numel()
+        if batch == 0:
+            raise ValueError("empty batch")
+        if int(exits.min()) < 0 or int(exits.max()) >= self.num_exits:
+            raise ValueError(f"exits must lie in 0..{self.num_exits - 1}")
+        if any(self.exit_stages[int(k)] < split for k in exits.unique()):
+            raise ValueError(f"some exits sit before split point {split}")
+        active = torch.arange(batch)
+        logits: torch.Tensor | None = None
+        stage = split
+        for k in range(int(exits.min()), int(exits.max()) + 1):
+            carry = self._run_stages(carry, stage, self.exit_stages[k] + 1)
+            stage = self.exit_stages[k] + 1
+            leaving = exits[active] == k
+            if leaving.any():
+                features = carry[self.stages[self.exit_stages[k]].writes][leaving]
+                out = self.exits[k](features)
+                if logits is None:
+                    logits = out.new_empty((batch, out.shape[1]))
+                logits[active[leaving]] = out
+                staying = ~leaving
+                active = active[staying]
+                carry = {key: value[staying] for key, value in carry.items()}
+            if active.numel() == 0:
+                break
+        assert logits is not None
+        return logits
+
+    # --- exit predictor --------------------------------------------------------------------------------
+    def exit_scores(self, image: torch.Tensor) -> torch.Tensor:
+        """The predictor's estimate, per exit, that the exit answers this image correctly (probabilities)."""
+        if self.predictor is None:
+            raise ValueError(f"a {self.config.kind} model has no exit predictor")
+        return torch.sigmoid(self.predictor(image))
+
+
+class ExitPredictor(nn.Module):
+    """Small CNN on the low-resolution image that scores every exit (ours: sizes in ModelConfig)."""
+
+    def __init__(self, config: ModelConfig, num_exits: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for i, ch in enumerate(config.predictor_channels):
+            layers.append(ConvBNAct(in_ch, ch, 3, stride=1 if i == 0 else 2))
+            in_ch = ch
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_ch, num_exits)
+        self.downsample = config.lowres_factor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(image, self.downsample) if self.downsample > 1 else image
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
