@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -67,7 +66,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"refused {path}: it holds pickled objects other than tensors and plain data ({err.__class__.__name__}); "
             "loading it could run code. Use a checkpoint written by rapnet-train."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - on a non-torch file (text, garbage) the weights-only unpickler
+        # raises almost anything (KeyError, struct.error, IndexError, RuntimeError, EOFError...): all mean "unusable"
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a torch file ({err}). Re-copy or retrain it.") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a RAPNet checkpoint (expected format {FORMAT!r})")
@@ -78,20 +78,25 @@ def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> 
     """Build the model the checkpoint describes and load its weights; returns (model in eval mode, metadata)."""
     payload = read_checkpoint(path)
     try:
-        config = ModelConfig.from_dict(payload["config"])
+        config = ModelConfig.from_dict(payload.get("config"))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: bad model config ({err})") from None
     if expected is not None and config != expected:
         raise CheckpointError(f"{path} holds a {config} model, but {expected} was asked for")
     model = build_model(config)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as err:
+        model.load_state_dict(payload.get("state_dict"), strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the architecture in its config ({first})") from None
     identity = model_identity(model)
     if identity != payload.get("identity"):
         raise CheckpointError(f"{path}: content hash mismatch, the file is damaged or was edited")
-    metadata = json.loads(payload.get("metadata") or "{}")
+    try:
+        metadata = json.loads(payload.get("metadata") or "{}")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: metadata is not JSON text ({err})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(metadata).__name__}")
     metadata["identity"] = identity
     return model.eval(), metadata
