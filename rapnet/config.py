@@ -25,7 +25,7 @@ class ModelConfig:
     # SDN's own rule: ICs at fixed fractions of the backbone's cost (Kaya et al., 2019).
     sdn_exit_fractions: tuple[float, ...] = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
     ic_channels: int = 128  # width of the internal-classifier heads
-    predictor_channels: tuple[int, ...] = (16, 32, 64)  # exit predictor CNN (on the low-res image)
+    predictor_channels: tuple[int, ...] = (24, 48, 96)  # exit predictor CNN on the low-res image, x width
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import ConvBNAct
+from .blocks import ConvBNAct, make_divisible
 from .config import ModelConfig
 
 Carry = dict[str, torch.Tensor]
@@ -214,7 +214,8 @@ class ExitPredictor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = 3
-        for i, ch in enumerate(config.predictor_channels):
+        for i, base in enumerate(config.predictor_channels):
+            ch = make_divisible(base * config.width, 4)
             layers.append(ConvBNAct(in_ch, ch, 3, stride=1 if i == 0 else 2))
             in_ch = ch
         self.features = nn.Sequential(*layers)

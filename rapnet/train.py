@@ -1,0 +1,349 @@
+"""rapnet-train: train RAPNet (exits jointly, then the exit predictor), the SDN baseline and the static network
+with one recipe, so the comparison is fair.
+
+Recipe (ours): SGD + Nesterov, one-cycle cosine schedule, standard CIFAR crop/flip, weighted multi-exit loss
+with self-distillation from the last exit to the earlier ones. The exit predictor is then trained on the
+validation split only, with labels (per-sample, per-exit correctness) computed by the frozen network on
+augmented views of those validation images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .build import build_model
+from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .config import ModelConfig
+from .data import DatasetError, load_dataset, locate_dataset, sha256_of_file, train_val_split
+from .network import MultiExitNetwork
+from .preprocess import random_crop_flip, to_model_input
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate at batch 128; scaled linearly with the batch size
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.05
+    distill_weight: float = 0.5  # share of the early exits' loss that comes from the last exit's soft labels
+    distill_temperature: float = 3.0
+    predictor_epochs: int = 60
+    predictor_lr: float = 0.01
+    val_size: int = 5000  # held out from the training set; thresholds and the predictor live on it
+    predictor_fit_share: float = 0.8  # of the validation split: the rest calibrates thresholds
+    seed: int = 0
+    limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
+    num_workers_threads: int = 0  # 0 = all cores
+
+
+def exit_weights(num_exits: int) -> list[float]:
+    """Deeper exits weigh more (SDN's intuition); the last exit always weighs 1."""
+    if num_exits == 1:
+        return [1.0]
+    return [0.3 + 0.7 * k / (num_exits - 1) for k in range(num_exits)]
+
+
+def multi_exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    weights = exit_weights(len(outputs))
+    final = outputs[-1]
+    loss = F.cross_entropy(final, labels)
+    if len(outputs) > 1:
+        t = cfg.distill_temperature
+        soft_target = F.softmax(final.detach().float() / t, dim=1)
+        for w, logits in zip(weights[:-1], outputs[:-1]):
+            ce = F.cross_entropy(logits, labels)
+            kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft_target, reduction="batchmean") * t * t
+            loss = loss + w * ((1 - cfg.distill_weight) * ce + cfg.distill_weight * kd)
+    return loss
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _one_cycle(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 NHWC, on the training device
+    labels: torch.Tensor
+
+
+def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
+    return Split(torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device))
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool):
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        yield order[i : i + batch_size]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def exit_logits(model: MultiExitNetwork, images: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+    """(N, exits, classes) logits of every exit on uint8 NHWC images, no augmentation."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_model_input(images[i : i + batch_size], device).contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            out.append(torch.stack(model(x), dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def train_network(
+    model: MultiExitNetwork, train: Split, val: Split, cfg: TrainConfig, device: torch.device, state_path: Path, log: list
+) -> None:
+    """Joint multi-exit training with resumable per-epoch state."""
+    model.to(device).to(memory_format=torch.channels_last)
+    steps_per_epoch = len(train.labels) // cfg.batch_size if len(train.labels) >= cfg.batch_size else 1
+    total_steps = cfg.epochs * steps_per_epoch
+    peak_lr = cfg.lr * cfg.batch_size / 128
+    optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=peak_lr, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _one_cycle(step, total_steps, max(1, int(cfg.warmup_fraction * total_steps)))
+    )
+    start_epoch = 0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        log.extend(json.loads(state["log"]))
+        print(f"resuming {state_path.name} at epoch {start_epoch}/{cfg.epochs}")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch)
+        started = time.time()
+        seen, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(
+            _batches(len(train.labels), cfg.batch_size, generator, drop_last=True),
+            total=steps_per_epoch, desc=f"{model.config.kind} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+            mininterval=2.0, disable=None,
+        )
+        for idx in bar:
+            idx = idx.to(device)
+            x = random_crop_flip(to_model_input(train.images[idx]), 4, aug_gen).contiguous(memory_format=torch.channels_last)
+            y = train.labels[idx]
+            with _autocast(device):
+                outputs = model(x)
+                loss = multi_exit_loss(outputs, y, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y) if device.type == "cpu" else 0.0
+            correct += int((outputs[-1].argmax(1) == y).sum()) if device.type == "cpu" else 0
+            if device.type == "cpu":
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        val_acc = (exit_logits(model, val.images, device).argmax(2) == val.labels.cpu()[:, None]).float().mean(0)
+        entry = {
+            "model": model.config.kind, "epoch": epoch + 1, "seconds": round(time.time() - started, 2),
+            "lr": optimizer.param_groups[0]["lr"], "val_acc_per_exit": [round(float(a), 4) for a in val_acc],
+        }
+        log.append(entry)
+        print(json.dumps(entry), flush=True)
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": epoch + 1, "log": json.dumps(log)},
+            state_path.with_suffix(".tmp"),
+        )
+        os.replace(state_path.with_suffix(".tmp"), state_path)
+
+
+def correctness_matrix(model: MultiExitNetwork, split: Split, device: torch.device) -> torch.Tensor:
+    """(N, exits) bool: does exit k classify sample i correctly (the predictor's labels, EENet-style)."""
+    return exit_logits(model, split.images, device).argmax(2) == split.labels.cpu()[:, None]
+
+
+def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, device: torch.device, log: list) -> None:
+    """Fit the exit predictor on validation images only; the backbone stays frozen and labels each augmented
+    view itself, so the predictor sees many more (image, correctness) pairs than there are images."""
+    assert model.predictor is not None
+    model.to(device).eval()
+    predictor = model.predictor.train()
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=cfg.predictor_lr, weight_decay=1e-4)
+    batch = min(256, len(fit.labels))
+    steps = cfg.predictor_epochs * max(1, len(fit.labels) // batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _one_cycle(s, steps, max(1, steps // 20)))
+    generator = torch.Generator().manual_seed(cfg.seed + 17)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 17)
+    bar = tqdm(range(cfg.predictor_epochs), desc="predictor", leave=False, mininterval=2.0, disable=None)
+    for epoch in bar:
+        loss_sum, seen = 0.0, 0
+        for idx in _batches(len(fit.labels), batch, generator, drop_last=True):
+            idx = idx.to(device)
+            x = random_crop_flip(to_model_input(fit.images[idx]), 4, aug_gen).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), _autocast(device):
+                targets = (torch.stack([o.argmax(1) for o in _backbone_outputs(model, x)], 1) == fit.labels[idx][:, None]).float()
+            with _autocast(device):
+                loss = F.binary_cross_entropy_with_logits(predictor(x).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        bar.set_postfix(bce=f"{loss_sum / max(1, seen):.4f}")
+        if (epoch + 1) % 10 == 0 or epoch + 1 == cfg.predictor_epochs:
+            entry = {"model": "predictor", "epoch": epoch + 1, "bce": round(loss_sum / max(1, seen), 4)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    model.eval()
+
+
+def _backbone_outputs(model: MultiExitNetwork, x: torch.Tensor) -> list[torch.Tensor]:
+    predictor, model.predictor = model.predictor, None  # forward() never touches it; keep eval mode intact
+    try:
+        return model(x)
+    finally:
+        model.predictor = predictor
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device: use --device cpu")
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, predictor_epochs=args.predictor_epochs,
+        val_size=args.val_size, seed=args.seed, limit_train=args.limit_train,
+    )
+    data_path = locate_dataset(args.data, args.dataset)
+    dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
+    if args.limit_train:
+        keep = np.random.default_rng(args.seed).permutation(len(dataset))[: args.limit_train + cfg.val_size]
+        dataset = dataset.subset(np.sort(keep))
+    train_idx, val_idx = train_val_split(len(dataset), cfg.val_size, seed=args.seed)
+    n_fit = int(len(val_idx) * cfg.predictor_fit_share)
+    train = _to_split(dataset.images[train_idx], dataset.labels[train_idx], device)
+    val = _to_split(dataset.images[val_idx], dataset.labels[val_idx], device)
+    fit = _to_split(dataset.images[val_idx[:n_fit]], dataset.labels[val_idx[:n_fit]], device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_size = dataset.images.shape[1]
+    metadata_common = {
+        "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": _git_commit(), "seed": args.seed,
+        "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
+        "train_config": asdict(cfg), "device": str(device),
+        "split": {"train": len(train_idx), "val": len(val_idx), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit},
+    }
+    results = {}
+    for kind in args.models:
+        config = ModelConfig(arch=args.arch, kind=kind, width=args.width, num_classes=len(dataset.classes),
+                             image_size=image_size)
+        torch.manual_seed(args.seed)
+        model = build_model(config)
+        log: list = []
+        started = time.time()
+        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log)
+        if kind == "rapnet" and cfg.predictor_epochs > 0:
+            train_predictor(model, fit, cfg, device, log)
+        model.cpu().to(memory_format=torch.contiguous_format)
+        val_correct = correctness_matrix(model, _to_split(val.images.cpu().numpy(), val.labels.cpu().numpy(), torch.device("cpu")), torch.device("cpu"))
+        metadata = {**metadata_common, "classes": dataset.classes, "train_seconds": round(time.time() - started, 1),
+                    "val_acc_per_exit": [round(float(a), 4) for a in val_correct.float().mean(0)], "log": log}
+        identity = save_checkpoint(out / f"{kind}.pt", model, metadata)
+        results[kind] = {"checkpoint": str(out / f"{kind}.pt"), "identity": identity, "val_acc_per_exit": metadata["val_acc_per_exit"]}
+        print(json.dumps({"done": kind, **results[kind]}), flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rapnet-train",
+        description="Train RAPNet (exits + exit predictor), the SDN baseline and the static network with one recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", help="dataset path (archive or folder); default: $RAPNET_DATA, then ../shared/datasets")
+    p.add_argument("--dataset", default="cifar10", help="dataset name used by the default search")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default $RAPNET_CACHE or ~/.cache/rapnet)")
+    p.add_argument("--out", default="runs/cifar10", help="folder for checkpoints, resumable state and logs")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["rapnet", "sdn", "static"],
+                   help="comma-separated kinds to train: rapnet,sdn,static")
+    p.add_argument("--arch", default="mobilenetv2", choices=["mobilenetv2", "resnet"])
+    p.add_argument("--width", type=float, default=0.5, help="channel width multiplier")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR at batch 128 (scaled with batch size)")
+    p.add_argument("--predictor-epochs", type=int, default=TrainConfig.predictor_epochs)
+    p.add_argument("--val-size", type=int, default=TrainConfig.val_size)
+    p.add_argument("--limit-train", type=int, default=0, help="smoke runs: train on this many images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
+    p.add_argument("--jobs", type=int, default=1, help="train the models in this many parallel processes (GPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    unknown = set(args.models) - {"rapnet", "sdn", "static"}
+    if unknown:
+        raise SystemExit(f"unknown model kinds {sorted(unknown)}: use rapnet, sdn and/or static")
+    if args.jobs > 1 and len(args.models) > 1:
+        _run_parallel(argv if argv is not None else sys.argv[1:], args)
+        return
+    try:
+        run(args)
+    except DatasetError as err:
+        raise SystemExit(f"rapnet-train: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("rapnet-train: interrupted; rerun the same command to resume from the last epoch") from None
+
+
+def _run_parallel(argv: list[str], args: argparse.Namespace) -> None:
+    """One process per model kind (a small network leaves most of a GPU idle)."""
+    base = [a for a in argv]
+    procs = []
+    for kind in args.models:
+        cmd = [sys.executable, "-m", "rapnet.train", *base, "--models", kind, "--jobs", "1"]
+        procs.append(subprocess.Popen(cmd))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"rapnet-train: a training process failed (exit codes {codes})")
+
+
+if __name__ == "__main__":
+    main()
