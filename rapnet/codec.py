@@ -35,6 +35,10 @@ import zstandard
 
 from protos.rapnet.v1 import inference_pb2 as pb
 
+from .preprocess import MEAN as PREPROCESS_MEAN
+from .preprocess import STD as PREPROCESS_STD
+from .preprocess import to_model_input
+
 # --------------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------------
@@ -380,23 +384,23 @@ def _decode_tensor(msg, limits, expected_shape, dictionaries) -> torch.Tensor:
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 HWC RGB pixels -> the model's float input, (1, C, H, W) in [0, 1].
+    """uint8 HWC RGB pixels -> the model's input (1, C, H, W), via rapnet.preprocess (the one place for it).
 
-    This is the input convention the codec assumes when it rebuilds the carry entry "image" from an image
-    payload; edge and cloud must use the same function (parse_request takes another one if training changes it).
+    The cloud rebuilds the carry entry "image" from an image payload with this function; parse_request takes
+    another one (`image_to_tensor`) for models trained with a different input convention.
     """
-    arr = np.ascontiguousarray(pixels, dtype=np.uint8)
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return to_model_input(np.ascontiguousarray(pixels, dtype=np.uint8))
 
 
 def tensor_to_pixels(image: torch.Tensor) -> np.ndarray:
-    """Inverse of pixels_to_tensor for a (1, C, H, W) or (C, H, W) tensor in [0, 1]."""
+    """Inverse of pixels_to_tensor for one (1, C, H, W) or (C, H, W) model input."""
     x = image.detach().cpu()
     if x.dim() == 4:
         if x.shape[0] != 1:
             raise ValueError("one image at a time")
         x = x[0]
-    return np.ascontiguousarray((x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    x = (x * PREPROCESS_STD + PREPROCESS_MEAN) * 255.0
+    return np.ascontiguousarray(x.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def encode_image(pixels: np.ndarray, fmt: str | int = "png", jpeg_quality: int = 90, zstd_level: int = 3,
