@@ -199,6 +199,21 @@ class MultiExitNetwork(nn.Module):
         assert logits is not None
         return logits
 
+    def run_until_confident(self, image: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+        """SDN-style inference for one image: evaluate exits one after another and stop at the first whose
+        top softmax probability reaches `threshold` (the last exit always answers)."""
+        if image.shape[0] != 1:
+            raise ValueError("confidence-based early exit decides per image: pass a batch of one")
+        carry: Carry = {IMAGE: image}
+        done = 0
+        for k, stage_index in enumerate(self.exit_stages):
+            carry = self._run_stages(carry, done, stage_index + 1)
+            done = stage_index + 1
+            logits = self._exit_logits(carry, k)
+            if k == self.num_exits - 1 or float(torch.softmax(logits, 1).max()) >= threshold:
+                return logits, k
+        raise AssertionError("unreachable: the last exit always answers")
+
     # --- exit predictor --------------------------------------------------------------------------------
     def exit_scores(self, image: torch.Tensor) -> torch.Tensor:
         """The predictor's estimate, per exit, that the exit answers this image correctly (probabilities)."""

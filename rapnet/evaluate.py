@@ -1,0 +1,407 @@
+"""rapnet-eval: accuracy against average FLOPs per image (predictor included) on the test set, for RAPNet
+(sweeping the predictor's threshold), SDN (sweeping its confidence threshold), the static network and an
+oracle; budget mode; predictor quality; measured batch-1 CPU latency with real early exit.
+
+Thresholds are calibrated on the calibration part of the validation split (never the test set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_model
+from .costs import CostTable, measure_costs
+from .data import DatasetError, load_dataset, locate_dataset, train_val_split
+from .network import MultiExitNetwork
+from .preprocess import to_model_input
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "rapnet-cifar10.pt"
+THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
+
+
+@dataclass
+class Traces:
+    """Everything a policy needs, per sample: every exit's logits-derived answers and the predictor's scores."""
+
+    correct: np.ndarray  # (N, K) bool
+    confidence: np.ndarray  # (N, K) top softmax probability
+    scores: np.ndarray | None  # (N, K) predictor probabilities (RAPNet only)
+
+
+@torch.no_grad()
+def collect_traces(model: MultiExitNetwork, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> Traces:
+    model.eval()
+    correct, confidence, scores = [], [], []
+    for i in range(0, len(images), batch_size):
+        x = to_model_input(images[i : i + batch_size])
+        probs = torch.stack([torch.softmax(z, 1) for z in model(x)], 1)  # (B, K, C)
+        conf, pred = probs.max(2)
+        correct.append((pred == torch.as_tensor(labels[i : i + batch_size])[:, None]).numpy())
+        confidence.append(conf.numpy())
+        if model.predictor is not None:
+            scores.append(model.exit_scores(x).numpy())
+    return Traces(np.concatenate(correct), np.concatenate(confidence), np.concatenate(scores) if scores else None)
+
+
+# --- policies: per-sample exit choice and FLOPs ------------------------------------------------------------
+def predictor_exits(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """RAPNet's rule (ours): jump to the shallowest exit the predictor trusts at `threshold`, else the last."""
+    trusted = scores >= threshold
+    return np.where(trusted.any(1), trusted.argmax(1), scores.shape[1] - 1)
+
+
+def confidence_exits(confidence: np.ndarray, threshold: float) -> np.ndarray:
+    """SDN's rule: the first exit whose top softmax probability reaches `threshold`, else the last."""
+    confident = confidence >= threshold
+    return np.where(confident.any(1), confident.argmax(1), confidence.shape[1] - 1)
+
+
+def oracle_exits(correct: np.ndarray) -> np.ndarray:
+    """Earliest correct exit (the last one when none is right)."""
+    return np.where(correct.any(1), correct.argmax(1), correct.shape[1] - 1)
+
+
+def point(traces: Traces, exits: np.ndarray, flops_per_exit: np.ndarray, overhead: int = 0) -> dict:
+    rows = np.arange(len(exits))
+    return {
+        "accuracy": float(traces.correct[rows, exits].mean()),
+        "mean_flops": float(flops_per_exit[exits].mean() + overhead),
+        "exit_histogram": np.bincount(exits, minlength=traces.correct.shape[1]).tolist(),
+    }
+
+
+def rapnet_curve(traces: Traces, costs: CostTable) -> list[dict]:
+    flops = np.array([costs.exit_cost(k) for k in range(costs.num_exits)])
+    return [{"threshold": float(t), **point(traces, predictor_exits(traces.scores, t), flops, costs.predictor_flops)}
+            for t in THRESHOLDS]
+
+
+def sdn_curve(traces: Traces, costs: CostTable) -> list[dict]:
+    flops = np.array([costs.sequential_exit_cost(k) for k in range(costs.num_exits)])
+    return [{"threshold": float(t), **point(traces, confidence_exits(traces.confidence, t), flops)} for t in THRESHOLDS]
+
+
+def pareto(curve: list[dict]) -> list[dict]:
+    """Points no other point beats on both accuracy and FLOPs, cheapest first."""
+    best, frontier = -1.0, []
+    for p in sorted(curve, key=lambda p: (p["mean_flops"], -p["accuracy"])):
+        if p["accuracy"] > best:
+            frontier.append(p)
+            best = p["accuracy"]
+    return frontier
+
+
+def calibrate(cal_curve: list[dict], budget_flops: float) -> float | None:
+    """Threshold with the best calibration accuracy whose mean FLOPs stay within the budget."""
+    ok = [p for p in cal_curve if p["mean_flops"] <= budget_flops]
+    return max(ok, key=lambda p: (p["accuracy"], -p["mean_flops"]))["threshold"] if ok else None
+
+
+def predictor_quality(traces: Traces, threshold: float) -> dict:
+    chosen = predictor_exits(traces.scores, threshold)
+    earliest = oracle_exits(traces.correct)
+    k = traces.correct.shape[1]
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (chosen, earliest), 1)
+    rows = np.arange(len(chosen))
+    solvable = traces.correct.any(1)
+    too_early = solvable & (chosen < earliest)
+    return {
+        "threshold": threshold,
+        "confusion_predicted_vs_earliest_correct": confusion.tolist(),
+        "exact": float((chosen == earliest).mean()),
+        "too_early": float(too_early.mean()),
+        "too_early_and_wrong": float((too_early & ~traces.correct[rows, chosen]).mean()),
+        "too_late": float((solvable & (chosen > earliest)).mean()),
+        "unsolvable": float((~solvable).mean()),
+    }
+
+
+# --- measured latency with real early exit -----------------------------------------------------------------
+@torch.inference_mode()
+def measure_latency(models: dict[str, tuple[MultiExitNetwork, float | None]], images: np.ndarray, rounds: int) -> dict:
+    """Batch-1 CPU latency per image, each policy doing only the work it really needs. Policies are timed
+    interleaved image by image (A B C A B C ...) so machine noise hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for pixels in images:
+            x = to_model_input(pixels)
+            for name, (model, threshold) in models.items():
+                started = time.perf_counter()
+                if model.config.kind == "rapnet":
+                    exit_index = int(predictor_exits(model.exit_scores(x).numpy(), threshold)[0])
+                    model.run_to_exit(x, exit_index)
+                elif model.config.kind == "sdn":
+                    model.run_until_confident(x, threshold)
+                else:
+                    model.run_to_exit(x, model.num_exits - 1)
+                times[name].append((time.perf_counter() - started) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t), "samples": len(t)}
+            for name, t in times.items()}
+
+
+def machine_info() -> dict:
+    model_name = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                model_name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    import os
+
+    return {"cpu": model_name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": commit}
+
+
+@torch.inference_mode()
+def exit_latencies(model: MultiExitNetwork, pixels: np.ndarray, repeats: int) -> tuple[list[float], float]:
+    """Median batch-1 ms of running straight to each exit, and of the predictor (for --budget-ms)."""
+    x = to_model_input(pixels)
+    samples: list[list[float]] = [[] for _ in range(model.num_exits)]
+    predictor: list[float] = []
+    for _ in range(repeats):
+        for k in range(model.num_exits):
+            started = time.perf_counter()
+            model.run_to_exit(x, k)
+            samples[k].append((time.perf_counter() - started) * 1e3)
+        if model.predictor is not None:
+            started = time.perf_counter()
+            model.exit_scores(x)
+            predictor.append((time.perf_counter() - started) * 1e3)
+    return [statistics.median(s) for s in samples], statistics.median(predictor) if predictor else 0.0
+
+
+def _load(path: Path | None, kind: str) -> tuple[MultiExitNetwork, dict] | None:
+    if path is None or not Path(path).exists():
+        return None
+    model, meta = load_model(path)
+    if model.config.kind != kind:
+        raise CheckpointError(f"{path} holds a {model.config.kind} model, but a {kind} model was expected there")
+    return model, meta
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = _load(Path(args.checkpoint), "rapnet")
+    if loaded is None:
+        raise CheckpointError(f"RAPNet checkpoint {args.checkpoint} not found: train one with rapnet-train")
+    rapnet, meta = loaded
+    sdn = _load(Path(args.sdn) if args.sdn else _sibling(args.checkpoint, "sdn"), "sdn")
+    static = _load(Path(args.static) if args.static else _sibling(args.checkpoint, "static"), "static")
+
+    data_path = locate_dataset(args.data, args.dataset)
+    test = load_dataset(data_path, "test", cache_dir=args.cache_dir, progress=True)
+    train = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
+    split = meta.get("split", {})
+    tcfg = meta.get("train_config", {})
+    _, val_idx = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
+    cal_idx = val_idx[split.get("predictor_fit", int(0.8 * len(val_idx))):]  # never seen by the predictor
+    if args.limit:
+        test = test.subset(np.arange(min(args.limit, len(test))))
+    cal = train.subset(cal_idx)
+
+    costs = measure_costs(rapnet)
+    reference = measure_costs(static[0]).full_cost if static else costs.full_cost
+    report: dict = {
+        "dataset": {"path": str(data_path), "test_images": len(test), "calibration_images": len(cal),
+                    "note": "CIFAR-10 JPEG export (quality 75): comparable with our other numbers, not digit-for-digit with published tables"},
+        "machine": machine_info(),
+        "reference_flops": reference,
+        "reference": "static network" if static else "RAPNet full network",
+        "models": {"rapnet": {"identity": meta["identity"], "costs": costs.to_dict()}},
+    }
+    traces = {"rapnet": collect_traces(rapnet, test.images, test.labels)}
+    cal_traces = {"rapnet": collect_traces(rapnet, cal.images, cal.labels)}
+    curves = {"rapnet": rapnet_curve(traces["rapnet"], costs)}
+    cal_curves = {"rapnet": rapnet_curve(cal_traces["rapnet"], costs)}
+    exit_flops = np.array([costs.exit_cost(k) for k in range(costs.num_exits)])
+    curves["oracle"] = [point(traces["rapnet"], oracle_exits(traces["rapnet"].correct), exit_flops)]
+    curves["rapnet_exits_confidence"] = sdn_curve(traces["rapnet"], costs)  # diagnostic: SDN's rule on our exits
+    report["per_exit_test_accuracy"] = {"rapnet": traces["rapnet"].correct.mean(0).round(4).tolist()}
+    if sdn:
+        sdn_costs = measure_costs(sdn[0])
+        traces["sdn"] = collect_traces(sdn[0], test.images, test.labels)
+        cal_traces["sdn"] = collect_traces(sdn[0], cal.images, cal.labels)
+        curves["sdn"] = sdn_curve(traces["sdn"], sdn_costs)
+        cal_curves["sdn"] = sdn_curve(cal_traces["sdn"], sdn_costs)
+        report["models"]["sdn"] = {"identity": sdn[1]["identity"], "costs": sdn_costs.to_dict()}
+        report["per_exit_test_accuracy"]["sdn"] = traces["sdn"].correct.mean(0).round(4).tolist()
+    if static:
+        static_costs = measure_costs(static[0])
+        traces["static"] = collect_traces(static[0], test.images, test.labels)
+        curves["static"] = [point(traces["static"], np.zeros(len(test), dtype=int), np.array([static_costs.full_cost]))]
+        report["models"]["static"] = {"identity": static[1]["identity"], "costs": static_costs.to_dict()}
+    for curve in curves.values():
+        for p in curve:
+            p["flops_fraction"] = p["mean_flops"] / reference
+    report["curves"] = curves
+    report["pareto"] = {name: pareto(curve) for name, curve in curves.items()}
+
+    # Budget mode: thresholds chosen on the calibration split, accuracy read on the test split.
+    ms_per_exit, predictor_ms = exit_latencies(rapnet, test.images[0], repeats=args.latency_repeats)
+    budgets = []
+    for fraction in args.budget:
+        row = {"budget_fraction": fraction}
+        for name in ("rapnet", "sdn"):
+            if name not in cal_curves:
+                continue
+            threshold = calibrate(cal_curves[name], fraction * reference)
+            if threshold is None:
+                row[name] = None
+                continue
+            test_point = next(p for p in curves[name] if p["threshold"] == threshold)
+            row[name] = {"threshold": threshold, "accuracy": test_point["accuracy"], "flops_fraction": test_point["flops_fraction"]}
+        budgets.append(row)
+    if args.budget_ms:
+        rapnet_ms = [predictor_ms + float(np.dot(p["exit_histogram"], ms_per_exit)) / len(cal) for p in cal_curves["rapnet"]]
+        ok = [(p, ms) for p, ms in zip(cal_curves["rapnet"], rapnet_ms) if ms <= args.budget_ms]
+        if ok:
+            best = max(ok, key=lambda pm: pm[0]["accuracy"])[0]
+            test_point = next(p for p in curves["rapnet"] if p["threshold"] == best["threshold"])
+            budgets.append({"budget_ms": args.budget_ms, "rapnet": {"threshold": best["threshold"], "accuracy": test_point["accuracy"],
+                            "flops_fraction": test_point["flops_fraction"]}})
+        else:
+            budgets.append({"budget_ms": args.budget_ms, "rapnet": None})
+    report["budgets"] = budgets
+    report["latency_model"] = {"rapnet_exit_ms": ms_per_exit, "predictor_ms": predictor_ms}
+
+    # Predictor quality at the threshold that matches the static network's accuracy budget (or 50% FLOPs).
+    operating = calibrate(cal_curves["rapnet"], 0.5 * reference) or 0.5
+    report["predictor_quality"] = predictor_quality(traces["rapnet"], operating)
+
+    # Real batch-1 latency with real early exit, interleaved.
+    timed = {"rapnet": (rapnet, operating)}
+    if sdn:
+        timed["sdn"] = (sdn[0], calibrate(cal_curves["sdn"], 0.5 * reference) or 0.9)
+    if static:
+        timed["static"] = (static[0], None)
+    report["latency_batch1"] = measure_latency(timed, test.images[: args.latency_images], rounds=1)
+    report["latency_batch1"]["operating_thresholds"] = {k: v[1] for k, v in timed.items()}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    (out / "eval.md").write_text(markdown_report(report))
+    plot(report, out / "eval.png")
+    print(markdown_report(report))
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
+    return report
+
+
+def _sibling(checkpoint: str, kind: str) -> Path:
+    path = Path(checkpoint)
+    return path.with_name(path.name.replace("rapnet", kind)) if "rapnet" in path.name else path.with_name(f"{kind}.pt")
+
+
+def _accuracy_at(curve: list[dict], fraction: float) -> float | None:
+    """Best test accuracy among a curve's points within `fraction` of the reference FLOPs (for the table)."""
+    ok = [p["accuracy"] for p in curve if p["flops_fraction"] <= fraction]
+    return max(ok) if ok else None
+
+
+def markdown_report(report: dict) -> str:
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = [
+        f"Test images: {report['dataset']['test_images']} ({report['dataset']['note']}). "
+        f"FLOPs relative to the {report['reference']} ({report['reference_flops'] / 1e6:.1f} MFLOPs); predictor included.",
+        "",
+        "| policy | best acc. at <=25% | <=35% | <=50% | <=75% | max acc. (FLOPs %) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, curve in report["curves"].items():
+        top = max(curve, key=lambda p: (p["accuracy"], -p["mean_flops"]))
+        cells = [fmt(_accuracy_at(curve, f)) for f in (0.25, 0.35, 0.5, 0.75)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(top['accuracy'])} ({100 * top['flops_fraction']:.1f}%) |")
+    lines += ["", "Budget mode (threshold calibrated on the validation split, accuracy on test):", "",
+              "| budget | RAPNet acc. (FLOPs %) | SDN acc. (FLOPs %) |", "|---|---|---|"]
+    for row in report["budgets"]:
+        label = f"{100 * row['budget_fraction']:.0f}% FLOPs" if "budget_fraction" in row else f"{row['budget_ms']} ms"
+        cells = []
+        for name in ("rapnet", "sdn"):
+            v = row.get(name)
+            cells.append("-" if not v else f"{fmt(v['accuracy'])} ({100 * v['flops_fraction']:.1f}%)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    q = report["predictor_quality"]
+    lines += ["", f"Predictor at threshold {q['threshold']}: exact {fmt(q['exact'])}%, too early {fmt(q['too_early'])}% "
+              f"(of which wrong {fmt(q['too_early_and_wrong'])}%), too late {fmt(q['too_late'])}%, no exit right {fmt(q['unsolvable'])}%.",
+              "", "Batch-1 CPU latency with real early exit (median ms): " + ", ".join(
+                  f"{k} {v['median_ms']:.2f}" for k, v in report["latency_batch1"].items() if isinstance(v, dict) and "median_ms" in v)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"rapnet": ("RAPNet (predictor)", "-"), "sdn": ("SDN (confidence)", "--"),
+              "rapnet_exits_confidence": ("RAPNet exits + confidence rule", ":")}
+    for name, (label, style) in styles.items():
+        if name in report["pareto"]:
+            pts = report["pareto"][name]
+            ax.plot([100 * p["flops_fraction"] for p in pts], [100 * p["accuracy"] for p in pts], style, label=label)
+    for name, marker in (("static", "s"), ("oracle", "*")):
+        if name in report["curves"]:
+            p = report["curves"][name][0]
+            ax.plot(100 * p["flops_fraction"], 100 * p["accuracy"], marker, markersize=10, label=name)
+    ax.set_xlabel(f"mean FLOPs per image, % of the {report['reference']}")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("Accuracy vs compute (CIFAR-10 JPEG export)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rapnet-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="RAPNet checkpoint")
+    p.add_argument("--sdn", help="SDN checkpoint (default: next to --checkpoint, 'rapnet' replaced by 'sdn')")
+    p.add_argument("--static", help="static-network checkpoint (default: next to --checkpoint)")
+    p.add_argument("--data", help="dataset path; default: $RAPNET_DATA, then ../shared/datasets")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="runs/eval", help="folder for eval.json, eval.md and eval.png")
+    p.add_argument("--budget", type=float, nargs="*", default=[0.25, 0.3, 0.35, 0.5],
+                   help="target mean FLOPs as fractions of the reference network")
+    p.add_argument("--budget-ms", type=float, default=None, help="target mean batch-1 CPU milliseconds")
+    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--latency-images", type=int, default=100, help="images timed for batch-1 latency")
+    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (DatasetError, CheckpointError) as err:
+        raise SystemExit(f"rapnet-eval: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("rapnet-eval: interrupted") from None
+
+
+if __name__ == "__main__":
+    main()
