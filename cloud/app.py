@@ -1,0 +1,86 @@
+"""The Ray Serve application: replicas that hold the model and run the cloud stages with dynamic batching.
+
+Each replica loads the checkpoint once, refuses to start unless its model identity equals the one the front
+expects, and answers `Sample`s through `@serve.batch` (size and wait from `BatchSettings`). A batch that mixes
+split points and exits is regrouped by `cloud.batching.run_batch`. Replica count and autoscaling come from
+`CloudConfig` (see `build_app`), never from code.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ray import serve
+
+from .batching import Sample, SampleResult, run_batch
+from .config import CloudConfig
+
+
+class IdentityMismatch(RuntimeError):
+    """The checkpoint a replica loaded is not the model the front serves."""
+
+
+@serve.deployment
+class CloudStages:
+    """Runs stages [split, exit] of the RAPNet model for batches of samples."""
+
+    def __init__(self, checkpoint: str, expected_identity: str, max_batch_size: int, batch_wait_s: float,
+                 torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(torch_threads)  # oversubscribed intra-op threads make small convs many times slower
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already fixed in this process
+        from rapnet.checkpoint import load_model
+
+        model, metadata = load_model(checkpoint)
+        if metadata["identity"] != expected_identity:
+            raise IdentityMismatch(
+                f"replica loaded {checkpoint} with model identity {metadata['identity'][:12]}, the front serves "
+                f"{expected_identity[:12]}: every node must hold the same checkpoint file"
+            )
+        self.device = torch.device("cuda") if torch.cuda.is_available() else None
+        self.model = model.to(self.device) if self.device is not None else model
+        self.identity = metadata["identity"]
+        self.infer.set_max_batch_size(max_batch_size)
+        self.infer.set_batch_wait_timeout_s(batch_wait_s)
+        # Compute off the replica's event loop, so the next batch gathers while this one runs.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapnet-compute")
+
+    async def __call__(self, sample: Sample) -> SampleResult:
+        return await self.infer(sample)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def infer(self, samples: list[Sample]) -> list[SampleResult]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, run_batch, self.model, samples, self.device)
+
+    def model_identity(self) -> str:
+        return self.identity
+
+    def whoami(self) -> dict:
+        """Process id and Ray actor name of this replica (tests kill it by name)."""
+        import ray
+
+        return {"pid": os.getpid(), "actor_name": ray.get_runtime_context().get_actor_name()}
+
+
+def build_app(checkpoint: str, identity: str, config: CloudConfig):
+    """The bound application, with every deployment option taken from the config."""
+    rep = config.replica
+    options = dict(
+        name=config.deployment_name,
+        ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus},
+        max_ongoing_requests=rep.max_ongoing_requests,
+        health_check_period_s=rep.health_check_period_s,
+        health_check_timeout_s=rep.health_check_timeout_s,
+        graceful_shutdown_timeout_s=rep.graceful_shutdown_timeout_s,
+        max_constructor_retry_count=rep.max_constructor_retry_count,
+        **config.autoscaling.serve_options(),
+    )
+    return CloudStages.options(**options).bind(
+        checkpoint, identity, config.batch.max_batch_size, config.batch.batch_wait_ms / 1e3, rep.torch_threads
+    )

@@ -1,0 +1,74 @@
+"""Running a batch of cloud requests that mix split points and exits, without Ray (unit-testable).
+
+Each sample runs only what it needs: samples are grouped by split point (they hold different carries), the
+carries of a group are concatenated, and `MultiExitNetwork.continue_mixed` runs the group to per-sample exits,
+letting samples leave the batch at their exit (regrouped, never padded to the deepest exit).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rapnet.network import MultiExitNetwork
+
+
+@dataclass
+class Sample:
+    """One decoded request as the front hands it to a replica (batch dimension 1)."""
+
+    split: int
+    exit: int
+    carry: dict[str, torch.Tensor]
+    enqueued_unix: float = field(default_factory=time.time)  # when the front sent it (queue time starts)
+
+
+@dataclass
+class SampleResult:
+    logits: torch.Tensor | None  # (num_classes,)
+    queue_ms: float = 0.0  # front sent it -> its batch started computing
+    compute_ms: float = 0.0  # its split group's forward pass
+    batch_size: int = 0  # samples in the batch it rode in
+    split_group_size: int = 0
+    first_in_batch: bool = False  # exactly one result per batch (and per group) says so: metrics count batches
+    first_in_group: bool = False
+    error: str | None = None  # the group failed (should not happen for validated requests)
+
+
+@torch.inference_mode()
+def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.device | None = None) -> list[SampleResult]:
+    """Group by split point, concatenate carries, run each group to its per-sample exits."""
+    started = time.time()
+    groups: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.split, []).append(i)
+    results: list[SampleResult | None] = [None] * len(samples)
+    first_batch = True
+    for split in sorted(groups):
+        index = groups[split]
+        t0 = time.perf_counter()
+        try:
+            keys = samples[index[0]].carry.keys()
+            carry = {k: torch.cat([samples[i].carry[k] for i in index]) for k in keys}
+            if device is not None:
+                carry = {k: v.to(device, non_blocking=True) for k, v in carry.items()}
+            exits = torch.tensor([samples[i].exit for i in index], dtype=torch.long)
+            logits = model.continue_mixed(carry, split, exits).float().cpu()
+            error = None
+        except Exception as err:  # noqa: BLE001 - a broken group must not take the others down
+            logits, error = None, f"{err.__class__.__name__}: {err}"
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        for j, i in enumerate(index):
+            results[i] = SampleResult(
+                logits=None if logits is None else logits[j].clone(),
+                queue_ms=max(0.0, (started - samples[i].enqueued_unix) * 1e3),
+                compute_ms=compute_ms,
+                batch_size=len(samples),
+                split_group_size=len(index),
+                first_in_batch=first_batch,
+                first_in_group=j == 0,
+                error=error,
+            )
+            first_batch = False
+    return results  # type: ignore[return-value]

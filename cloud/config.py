@@ -1,0 +1,203 @@
+"""Typed configuration of the cloud tier, in one place: batching, replicas and autoscaling, the gRPC front,
+metrics and the local Ray instance. Load it from YAML (`CloudConfig.from_yaml`); CLI flags override single
+fields. Unknown keys are refused, so a typo never silently falls back to a default.
+
+Example (every key optional; see cloud/cluster/serve-config.yaml):
+
+    batch: {max_batch_size: 32, batch_wait_ms: 5}
+    autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}
+    replica: {num_cpus: 1, torch_threads: 1}
+    front: {port: 50051, max_in_flight: 256}
+    metrics: {port: 9464}
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Dynamic batching inside each replica (@serve.batch)."""
+
+    max_batch_size: int = 32  # samples per forward pass
+    batch_wait_ms: float = 5.0  # how long the first sample of a batch waits for company
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"batch.max_batch_size {self.max_batch_size} is outside 1..1024")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"batch.batch_wait_ms {self.batch_wait_ms} is outside 0..1000")
+
+
+@dataclass(frozen=True)
+class AutoscalingSettings:
+    """Replica count. min == max gives a fixed count; otherwise Ray Serve autoscales between them on the
+    number of ongoing requests per replica."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(
+                f"autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})"
+            )
+        if self.target_ongoing_requests <= 0:
+            raise ValueError("autoscaling.target_ongoing_requests must be positive")
+
+    @property
+    def fixed(self) -> bool:
+        return self.min_replicas == self.max_replicas
+
+    def serve_options(self) -> dict[str, Any]:
+        """The deployment options Ray Serve takes (num_replicas, or autoscaling_config)."""
+        if self.fixed:
+            return {"num_replicas": self.min_replicas}
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            }
+        }
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What one replica (a Ray actor running the cloud stages) gets."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # > 0: the replica moves the model to CUDA
+    torch_threads: int = 1  # intra-op threads per replica; more than cores/replicas oversubscribes the CPU
+    max_ongoing_requests: int = 128  # per replica, Serve's own bound (keep >= max_batch_size)
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 10.0
+    graceful_shutdown_timeout_s: float = 5.0
+    max_constructor_retry_count: int = 3  # a replica that cannot load the checkpoint fails fast
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 1:
+            raise ValueError("replica: num_cpus and num_gpus must be >= 0 and torch_threads >= 1")
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    """The edge-facing gRPC server (grpc.aio in the driver process)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    max_message_bytes: int = 1 << 20  # receive and send limit; a batch-1 CIFAR request is < 30 KB
+    max_in_flight: int = 256  # samples admitted at once (unary + stream); beyond: RESOURCE_EXHAUSTED
+    request_timeout_s: float = 30.0  # cap for requests that carry no gRPC deadline
+    retries: int = 1  # retries of a request whose replica died under it
+    honour_request_deadline_ms: bool = True  # also honour InferRequest.deadline_ms (same-clock assumption)
+    stream_window: int = 64  # outstanding messages per InferStream before the server stops reading
+    grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"front.port {self.port} is outside 0..65535")
+        if self.max_message_bytes < 1024:
+            raise ValueError("front.max_message_bytes must be at least 1024")
+        if self.max_in_flight < 1 or self.retries < 0 or self.stream_window < 1:
+            raise ValueError("front: max_in_flight and stream_window must be >= 1, retries >= 0")
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus exporter of the front (prometheus_client). port None: no exporter; 0: a free port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """The Ray instance start_local / `rapnet-cloud serve` starts when no address is given."""
+
+    address: str | None = None  # "auto": attach to the cluster this node belongs to
+    num_cpus: int = 2
+    object_store_bytes: int = 200 * 1024 * 1024
+    temp_dir: str | None = None  # default: Ray's own (/tmp/ray)
+    namespace: str = "rapnet"
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    app_name: str = "rapnet"
+    deployment_name: str = "CloudStages"
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
+    replica: ReplicaSettings = field(default_factory=ReplicaSettings)
+    front: FrontSettings = field(default_factory=FrontSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    # ---- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "CloudConfig":
+        data = dict(data or {})
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CloudConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot read cloud config {path}: {err}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"cloud config {path} must be a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"cloud config {path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "CloudConfig":
+        """Replace single fields: cfg.with_overrides(front={"port": 0}, batch={"max_batch_size": 8})."""
+        changes = {}
+        for name, values in sections.items():
+            values = {k: v for k, v in values.items() if v is not None}
+            if values:
+                changes[name] = dataclasses.replace(getattr(self, name), **values)
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} in {where or 'the top level'}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{name} must be a mapping")
+            values[name] = _build(sub, value, f"{where}{name}.")
+        else:
+            values[name] = value
+    return cls(**values)

@@ -1,0 +1,233 @@
+"""The edge-facing gRPC front (grpc.aio): rapnet.v1.Inference over Ray Serve deployment handles.
+
+Per call: bearer token (UNAUTHENTICATED), admission against a bound on samples in flight
+(RESOURCE_EXHAUSTED, answered at once), bounded decoding with rapnet.codec (CodecError.status, i.e.
+INVALID_ARGUMENT or FAILED_PRECONDITION), a deadline (the gRPC deadline, InferRequest.deadline_ms and
+FrontSettings.request_timeout_s, whichever ends first: DEADLINE_EXCEEDED), then the deployment handle. A
+replica that dies under a request is retried `retries` times, then answered UNAVAILABLE; nothing waits
+forever. Requests arrive as raw bytes (identity deserializer) so that undecodable bytes are the codec's
+INVALID_ARGUMENT rather than gRPC's generic deserialization error.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from protos.rapnet.v1 import inference_pb2 as pb
+from rapnet.codec import CodecError, DecodeLimits, ModelContract, build_response, parse_request_bytes
+
+from .batching import Sample, SampleResult
+from .config import FrontSettings
+from .logs import fields, get_logger
+from .metrics import FrontMetrics
+from .security import BearerToken
+
+SERVICE = "rapnet.v1.Inference"
+Code = grpc.StatusCode
+_RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+class Refusal(Exception):
+    """A call ends with this status; `details` is safe to send and to log."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+@dataclass
+class _Call:
+    request_id: str = ""
+    split: int | None = None
+    exit: int | None = None
+
+
+class InferenceFront:
+    def __init__(self, contract: ModelContract, handle, settings: FrontSettings, token: BearerToken,
+                 metrics: FrontMetrics, limits: DecodeLimits | None = None):
+        self.contract, self.handle, self.settings, self.token, self.metrics = contract, handle, settings, token, metrics
+        # One sample per request: the response describes one image.
+        self.limits = limits or DecodeLimits(max_batch=1)
+        self.in_flight = 0
+        self.log = get_logger("rapnet.cloud.front")
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Infer": grpc.unary_unary_rpc_method_handler(
+                self.Infer, request_deserializer=None, response_serializer=pb.InferResponse.SerializeToString),
+            "InferStream": grpc.stream_stream_rpc_method_handler(
+                self.InferStream, request_deserializer=None, response_serializer=pb.InferResponse.SerializeToString),
+        })
+
+    # ---- methods --------------------------------------------------------------------------------------
+    async def Infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        started = time.perf_counter()
+        call = _Call()
+        try:
+            self._authorize(context)
+            response = await self._answer(raw, context, call)
+        except Refusal as refusal:
+            self._finish("Infer", refusal.code, call, started, context, refusal.details)
+            await context.abort(refusal.code, refusal.details)
+        self._finish("Infer", Code.OK, call, started, context)
+        return response
+
+    async def InferStream(self, raws, context: grpc.aio.ServicerContext):
+        """Answers flow back as they complete (out of order; each carries its request_id). The first refused
+        message ends the stream with its status; the client reopens the stream."""
+        try:
+            self._authorize(context)
+        except Refusal as refusal:
+            self._finish("InferStream", refusal.code, _Call(), time.perf_counter(), context, refusal.details)
+            await context.abort(refusal.code, refusal.details)
+        answers: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(self.settings.stream_window)
+        tasks: set[asyncio.Task] = set()
+        done = object()
+
+        async def one(raw: bytes) -> None:
+            started, call = time.perf_counter(), _Call()
+            try:
+                answer = await self._answer(raw, context, call)
+                self._finish("InferStream", Code.OK, call, started, context)
+            except Refusal as refusal:
+                self._finish("InferStream", refusal.code, call, started, context, refusal.details)
+                answer = refusal
+            finally:
+                window.release()
+            await answers.put(answer)
+
+        async def read() -> None:
+            async for raw in raws:
+                await window.acquire()
+                task = asyncio.create_task(one(raw))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await answers.put(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                answer = await answers.get()
+                if answer is done:
+                    break
+                if isinstance(answer, Refusal):
+                    await context.abort(answer.code, answer.details)
+                yield answer
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # ---- one sample -----------------------------------------------------------------------------------
+    def _authorize(self, context) -> None:
+        if not self.token.matches(context.invocation_metadata()):
+            raise Refusal(Code.UNAUTHENTICATED, "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
+
+    async def _answer(self, raw: bytes, context, call: _Call) -> pb.InferResponse:
+        if self.in_flight >= self.settings.max_in_flight:
+            raise Refusal(Code.RESOURCE_EXHAUSTED,
+                          f"server busy: {self.in_flight} samples in flight (limit {self.settings.max_in_flight}); retry later")
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            return await self._answer_admitted(raw, context, call)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    async def _answer_admitted(self, raw: bytes, context, call: _Call) -> pb.InferResponse:
+        deadline = self._deadline(context)
+        try:
+            parsed = parse_request_bytes(raw, self.contract, self.limits)
+        except CodecError as err:
+            raise Refusal(err.status, str(err)) from None
+        call.request_id, call.split, call.exit = parsed.request_id, parsed.split, parsed.exit
+        split = str(parsed.split)
+        self.metrics.decode.labels(split).observe(parsed.decode_ms / 1e3)
+        if parsed.deadline_ms and parsed.client_sent_unix_ns and self.settings.honour_request_deadline_ms:
+            left = parsed.client_sent_unix_ns / 1e9 + parsed.deadline_ms / 1e3 - time.time()
+            deadline = min(deadline, time.monotonic() + left)
+        result = await self._dispatch(Sample(parsed.split, parsed.exit, parsed.carry), deadline)
+        if result.error is not None or result.logits is None:
+            raise Refusal(Code.INTERNAL, f"the replica failed on this request ({result.error})")
+        self._record_batch(result, split)
+        return build_response(parsed.request_id, result.logits, parsed.exit, self.contract, parsed.split,
+                              queue_ms=result.queue_ms, compute_ms=result.compute_ms, decode_ms=parsed.decode_ms)
+
+    def _deadline(self, context) -> float:
+        remaining = context.time_remaining()
+        budget = self.settings.request_timeout_s if remaining is None else min(remaining, self.settings.request_timeout_s)
+        if budget <= 0:
+            raise Refusal(Code.DEADLINE_EXCEEDED, "the request's deadline had passed when it arrived")
+        return time.monotonic() + budget
+
+    async def _dispatch(self, sample: Sample, deadline: float) -> SampleResult:
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Refusal(Code.DEADLINE_EXCEEDED, "deadline exceeded before a replica answered")
+            sample.enqueued_unix = time.time()
+            response = self.handle.remote(sample)
+            try:
+                return await asyncio.wait_for(_result(response), remaining)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise Refusal(Code.DEADLINE_EXCEEDED, f"deadline exceeded after {attempt + 1} attempt(s)") from None
+            except asyncio.CancelledError:  # the client went away
+                response.cancel()
+                raise
+            except BackPressureError as err:
+                raise Refusal(Code.RESOURCE_EXHAUSTED, f"replicas are saturated ({err}); retry later") from None
+            except Exception as err:  # noqa: BLE001 - sorted below; nothing may escape as a hung or bare error
+                if _is_replica_loss(err):
+                    if attempt < self.settings.retries:
+                        attempt += 1
+                        self.metrics.retries.inc()
+                        self.log.warning("retry", extra=fields(reason="replica lost", error=err.__class__.__name__))
+                        continue
+                    raise Refusal(Code.UNAVAILABLE,
+                                  f"the replica serving this request died ({attempt + 1} attempt(s)); retry") from None
+                raise Refusal(Code.INTERNAL, f"replica error: {err.__class__.__name__}") from None
+
+    def _record_batch(self, result: SampleResult, split: str) -> None:
+        m = self.metrics
+        m.queue.labels(split).observe(result.queue_ms / 1e3)
+        if result.first_in_batch:
+            m.batch_size.observe(result.batch_size)
+        if result.first_in_group:
+            m.compute.labels(split).observe(result.compute_ms / 1e3)
+            m.group_size.labels(split).observe(result.split_group_size)
+
+    def _finish(self, method: str, code: grpc.StatusCode, call: _Call, started: float, context, details: str = "") -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.requests.labels(method, code.name).inc()
+        if code is Code.OK:
+            self.metrics.latency.labels(str(call.split)).observe(seconds)
+            return
+        self.log.info("refused", extra=fields(
+            method=method, code=code.name, details=details, request_id=call.request_id, split=call.split,
+            exit=call.exit, ms=round(seconds * 1e3, 3), peer=context.peer(),
+        ))
+
+
+async def _result(response):
+    return await response
+
+
+def _is_replica_loss(err: BaseException) -> bool:
+    if isinstance(err, _RETRYABLE):
+        return True
+    if isinstance(err, RayTaskError):
+        cause = getattr(err, "cause", None)
+        return isinstance(cause, _RETRYABLE)
+    return False

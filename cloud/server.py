@@ -1,0 +1,304 @@
+"""Starting and stopping the cloud tier: local Ray (or an existing cluster), the Serve app, the gRPC front.
+
+    from cloud.server import start_local
+    server = start_local("models/rapnet-cifar10.pt", port=0)   # returns once health is SERVING
+    server.address, server.port, server.token                  # where and how the edge connects
+    server.stop()
+
+The front runs a grpc.aio server on its own event loop in a background thread of the calling process, so
+`start_local` works from plain synchronous code (the edge agent's embedded default, tests, the CLI).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .config import CloudConfig, RaySettings
+from .logs import fields, get_logger
+from .metrics import FrontMetrics
+from .security import BearerToken, TLSFiles
+
+log = get_logger("rapnet.cloud.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_NAMES = ("", "rapnet.v1.Inference")
+
+
+class StartError(RuntimeError):
+    """The cloud tier could not start; the message says why and what to do."""
+
+
+def local_ray_environment() -> None:
+    """Ray's local-only mode (every Ray port on 127.0.0.1) and no usage reporting. Ray reads the switch when
+    it is imported, so where ray was imported already the flag is flipped in place as well; processes that
+    ray.init starts inherit the environment."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
+    """Connect to Ray: the running instance, the cluster at `address`, or a new local one bound to
+    127.0.0.1 (num_cpus, capped object store, no dashboard). Returns True when this call started it."""
+    address = address or settings.address
+    if address is None:
+        local_ray_environment()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
+        return False
+    kwargs = {}
+    if settings.temp_dir:
+        kwargs["_temp_dir"] = settings.temp_dir
+    ray.init(
+        num_cpus=settings.num_cpus,
+        object_store_memory=settings.object_store_bytes,
+        include_dashboard=False,
+        namespace=settings.namespace,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        **kwargs,
+    )
+    return True
+
+
+class CloudServer:
+    """The running cloud tier. Use `start_local` (or `start`) to get one."""
+
+    def __init__(self, checkpoint: str | os.PathLike, config: CloudConfig | None = None,
+                 token: BearerToken | str | None = None, tls: TLSFiles | None = None, deploy: bool = True,
+                 insecure: bool = False):
+        self.checkpoint = str(Path(checkpoint).resolve())
+        self.config = config or CloudConfig()
+        if isinstance(token, str):
+            token = BearerToken(token)
+        self._token = token or BearerToken.generate()
+        self.tls = tls
+        self.deploy = deploy
+        if tls is None and not self.config.front.is_loopback and not insecure:
+            raise StartError(
+                f"refusing plaintext gRPC on {self.config.front.host}: pass TLS files (--tls-cert/--tls-key), "
+                "or bind 127.0.0.1, or accept the risk with insecure=True (--insecure)"
+            )
+        self.metrics = FrontMetrics()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.identity: str | None = None
+        self._owns_ray = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._handle = None
+        self._stopped = False
+
+    # ---- public ---------------------------------------------------------------------------------------
+    @property
+    def token(self) -> str:
+        """The bearer token clients must send (generated when none was given)."""
+        return self._token.value
+
+    @property
+    def host(self) -> str:
+        return self.config.front.host
+
+    @property
+    def address(self) -> str:
+        host = self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def start(self, timeout_s: float = 300.0) -> "CloudServer":
+        if self.config.ray.address is None:
+            local_ray_environment()  # before anything imports ray
+        from ray import serve
+
+        from rapnet.checkpoint import CheckpointError, load_model
+        from rapnet.codec import ModelContract
+
+        try:
+            model, metadata = load_model(self.checkpoint)
+        except CheckpointError as err:
+            raise StartError(str(err)) from None
+        self.identity = metadata["identity"]
+        contract = ModelContract.from_model(model, self.identity)
+        del model
+        self._owns_ray = ensure_ray(self.config.ray)
+        cfg = self.config
+        t0 = time.perf_counter()
+        try:
+            if self.deploy:
+                from .app import build_app
+
+                serve.start(proxy_location="Disabled")
+                handle = serve.run(build_app(self.checkpoint, self.identity, cfg), name=cfg.app_name,
+                                   route_prefix=None, blocking=False)
+            else:
+                handle = serve.get_deployment_handle(cfg.deployment_name, cfg.app_name)
+        except Exception as err:  # noqa: BLE001 - Serve reports a failed deploy with several exception types
+            self._shutdown_ray()
+            raise StartError(f"the Serve application did not start: {err}") from None
+        self._handle = handle
+        log.info("deployed", extra=fields(app=cfg.app_name, seconds=round(time.perf_counter() - t0, 2),
+                                          identity=self.identity[:12], replicas=cfg.autoscaling.min_replicas))
+        if cfg.metrics.port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        self._thread = threading.Thread(target=self._run_loop, args=(contract,), name="rapnet-cloud-front", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._failure is not None:
+            failure = self._failure
+            self.stop()
+            raise StartError(f"the gRPC front did not become ready: {failure or 'timed out'}")
+        log.info("serving", extra=fields(address=self.address, tls=self.tls is not None,
+                                         mutual_tls=bool(self.tls and self.tls.client_ca), metrics_port=self.metrics_port))
+        return self
+
+    def stop(self) -> None:
+        """Stop the front (in-flight calls get FrontSettings.grace_s), delete the app if this server deployed
+        it, and shut Ray down if this server started it. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._loop is not None and self._stop_event is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+            self._thread.join(timeout=self.config.front.grace_s + 10)
+        self.metrics.stop()
+        if self.deploy:
+            try:
+                from ray import serve
+
+                serve.delete(self.config.app_name)
+            except Exception as err:  # noqa: BLE001 - best effort on the way out
+                log.warning("delete failed", extra=fields(error=str(err)))
+        self._shutdown_ray()
+        log.info("stopped", extra=fields(address=self.address if self.port else None))
+
+    def wait(self) -> None:
+        """Block until the front stops (the CLI's main loop)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def __enter__(self) -> "CloudServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _shutdown_ray(self) -> None:
+        if self._owns_ray:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+            self._owns_ray = False
+
+    def _run_loop(self, contract) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main(contract))
+        except BaseException as err:  # noqa: BLE001 - reported to start() or logged
+            self._failure = err
+            log.error("front failed", extra=fields(error=f"{err.__class__.__name__}: {err}"))
+        finally:
+            self._ready.set()
+            self._loop.close()
+
+    async def _main(self, contract) -> None:
+        from .front import InferenceFront
+
+        front_cfg = self.config.front
+        self._stop_event = asyncio.Event()
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", front_cfg.max_message_bytes),
+            ("grpc.max_send_message_length", front_cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        front = InferenceFront(contract, self._handle, front_cfg, self._token, self.metrics)
+        server.add_generic_rpc_handlers((front.generic_handler(),))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for name in SERVICE_NAMES:
+            await self._health.set(name, NOT_SERVING)
+        target = f"[{front_cfg.host}]:{front_cfg.port}" if ":" in front_cfg.host else f"{front_cfg.host}:{front_cfg.port}"
+        if self.tls is not None:
+            port = server.add_secure_port(target, self.tls.server_credentials())
+        else:
+            port = server.add_insecure_port(target)
+        if not port:
+            raise StartError(f"cannot bind {target}: port in use or address not local")
+        self.port = port
+        await server.start()
+        # SERVING only once a replica has answered (and holds the same model as the front).
+        replica_identity = await self._handle.model_identity.remote()
+        if replica_identity != self.identity:
+            raise StartError(f"replica holds model {replica_identity[:12]}, the front {self.identity[:12]}")
+        for name in SERVICE_NAMES:
+            await self._health.set(name, SERVING)
+        self._ready.set()
+        watcher = asyncio.create_task(self._watch_replicas())
+        await self._stop_event.wait()
+        watcher.cancel()
+        for name in SERVICE_NAMES:
+            await self._health.set(name, NOT_SERVING)
+        await server.stop(front_cfg.grace_s)
+
+    async def _watch_replicas(self, period_s: float = 2.0) -> None:
+        """Keep health in step with the deployment: NOT_SERVING while no replica is running."""
+        loop = asyncio.get_running_loop()
+        last = SERVING
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                running = await loop.run_in_executor(None, self._running_replicas)
+            except Exception as err:  # noqa: BLE001 - a failed status poll must not kill the front
+                log.warning("status poll failed", extra=fields(error=str(err)))
+                continue
+            state = SERVING if running > 0 else NOT_SERVING
+            if state != last:
+                for name in SERVICE_NAMES:
+                    await self._health.set(name, state)
+                log.info("health", extra=fields(serving=state == SERVING, running_replicas=running))
+                last = state
+
+    def _running_replicas(self) -> int:
+        from ray import serve
+
+        app = serve.status().applications.get(self.config.app_name)
+        if app is None:
+            return 0
+        dep = app.deployments.get(self.config.deployment_name)
+        if dep is None:
+            return 0
+        return int(dep.replica_states.get("RUNNING", 0))
+
+
+def start_local(checkpoint: str | os.PathLike, port: int = 0, token: str | BearerToken | None = None,
+                tls: TLSFiles | None = None, config: CloudConfig | None = None, host: str = "127.0.0.1",
+                address: str | None = None, deploy: bool = True, metrics_port: int | None = None,
+                timeout_s: float = 300.0) -> CloudServer:
+    """Serve `checkpoint` on host:port (0: a free port); start Ray in-process unless it runs or `address` is
+    given. Returns once grpc.health.v1 says SERVING. With no token, one is generated: read `server.token`."""
+    config = (config or CloudConfig()).with_overrides(
+        front={"host": host, "port": port}, ray={"address": address},
+        metrics={"port": metrics_port} if metrics_port is not None else {},
+    )
+    return CloudServer(checkpoint, config, token=token, tls=tls, deploy=deploy).start(timeout_s)
