@@ -1,0 +1,130 @@
+"""`rapnet-cloud`: serve the cloud stages over gRPC, make a dev certificate, make a token.
+
+    rapnet-cloud make-dev-cert --out dev-certs
+    rapnet-cloud make-token --out token.txt
+    RAPNET_TOKEN=$(cat token.txt) rapnet-cloud serve --checkpoint models/rapnet-cifar10.pt --port 50051 \
+        --tls-cert dev-certs/server.pem --tls-key dev-certs/server.key --metrics-port 9464
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import CloudConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapnet-cloud", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the cloud stages of a checkpoint over gRPC (Ctrl-C stops)")
+    serve.add_argument("--checkpoint", required=True, help="checkpoint written by rapnet-train")
+    serve.add_argument("--config", help="YAML CloudConfig (batching, autoscaling, limits); flags override it")
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks one)")
+    serve.add_argument("--address", default=None,
+                       help="Ray cluster to attach to ('auto' on a cluster node); default: start Ray on 127.0.0.1")
+    serve.add_argument("--tls-cert", help="server certificate chain (PEM)")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    serve.add_argument("--token-file", help="file holding the bearer token (default: $RAPNET_TOKEN)")
+    serve.add_argument("--max-batch-size", type=int, default=None)
+    serve.add_argument("--batch-wait-ms", type=float, default=None)
+    serve.add_argument("--replicas", type=int, default=None, help="fixed replica count (min = max)")
+    serve.add_argument("--max-in-flight", type=int, default=None)
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port (0 picks one)")
+    serve.add_argument("--metrics-host", default=None, help="Prometheus exporter address (default 127.0.0.1)")
+    serve.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray instance")
+
+    cert = sub.add_parser("make-dev-cert", help="self-signed CA + server and client certs for 127.0.0.1/localhost")
+    cert.add_argument("--out", required=True, help="directory to write ca.pem, server.pem/.key, client.pem/.key")
+    cert.add_argument("--days", type=int, default=30)
+    cert.add_argument("--name", action="append", default=[], help="extra DNS name or IP for the server cert")
+
+    token = sub.add_parser("make-token", help="write a random bearer token (mode 600)")
+    token.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "make-dev-cert":
+        from .security import make_dev_cert
+
+        paths = make_dev_cert(args.out, days=args.days, extra_names=tuple(args.name))
+        print(f"CA (give to clients): {paths.ca}\nserver: {paths.cert} {paths.key}\nclient: {paths.client_cert} {paths.client_key}")
+        return 0
+    if args.command == "make-token":
+        from .security import BearerToken
+
+        out = Path(args.out)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(BearerToken.generate().value + "\n")
+        print(f"token written to {out}")
+        return 0
+    return _serve(args)
+
+
+def _serve(args) -> int:
+    from . import logs
+    from .security import TLSFiles, load_token
+    from .server import CloudServer, StartError
+
+    logs.configure()
+    log = logs.get_logger("rapnet.cloud.cli")
+    try:
+        config = CloudConfig.from_yaml(args.config) if args.config else CloudConfig()
+        replicas = {"min_replicas": args.replicas, "max_replicas": args.replicas} if args.replicas else {}
+        config = config.with_overrides(
+            front={"host": args.host, "port": args.port, "max_in_flight": args.max_in_flight},
+            batch={"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
+            autoscaling=replicas,
+            metrics={"port": args.metrics_port, "host": args.metrics_host},
+            ray={"address": args.address, "temp_dir": args.ray_temp_dir},
+        )
+        token = load_token(args.token_file)
+        if token is None:
+            raise ValueError("no bearer token: pass --token-file FILE or set RAPNET_TOKEN "
+                             "(make one with `rapnet-cloud make-token --out token.txt`)")
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if args.client_ca and not args.tls_cert:
+            raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        tls = TLSFiles(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
+        server = CloudServer(args.checkpoint, config, token=token, tls=tls, insecure=args.insecure)
+    except (ValueError, StartError) as err:
+        print(f"rapnet-cloud: {err}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal", extra=logs.fields(signal=signal.Signals(signum).name))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except StartError as err:
+        print(f"rapnet-cloud: {err}", file=sys.stderr)
+        return 1
+    print(f"serving rapnet.v1.Inference on {server.address} (tls={'on' if tls else 'off'}"
+          f"{', metrics on ' + str(config.metrics.host) + ':' + str(server.metrics_port) if server.metrics_port else ''})",
+          flush=True)
+    try:
+        while not stop.is_set() and server._thread is not None and server._thread.is_alive():
+            stop.wait(0.5)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""Cloud tier over real Ray Serve and real gRPC on 127.0.0.1 (one Ray instance for the whole module)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: Ray's local-only mode
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from cloud.batching import Sample, run_batch  # noqa: E402
+from cloud.client import InferenceStub, auth_metadata, health_status, open_channel  # noqa: E402
+from cloud.config import CloudConfig  # noqa: E402
+from cloud.logs import JsonFormatter, redact  # noqa: E402
+from cloud.security import BearerToken, TLSFiles, make_dev_cert  # noqa: E402
+from cloud.server import CloudServer  # noqa: E402
+from protos.rapnet.v1 import inference_pb2 as pb  # noqa: E402
+from rapnet.build import build_model  # noqa: E402
+from rapnet.checkpoint import save_checkpoint  # noqa: E402
+from rapnet.codec import EncodeOptions, ModelContract, build_request  # noqa: E402
+from rapnet.config import ModelConfig  # noqa: E402
+
+TOKEN = "test-token-" + "x" * 24
+Code = grpc.StatusCode
+FP32 = EncodeOptions(encoding="fp32", zstd_level=None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fixtures: one model, one certificate set, one Ray instance, one deployed app with a TLS front
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.35)).eval()
+    path = tmp_path_factory.mktemp("model") / "rapnet.pt"
+    identity = save_checkpoint(path, model)
+    return model, identity, str(path)
+
+
+@pytest.fixture(scope="module")
+def contract(model_file):
+    model, identity, _ = model_file
+    return ModelContract.from_model(model, identity)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_dev_cert(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    temp = tempfile.mkdtemp(prefix="rapnet-ray-", dir="/tmp")
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, _temp_dir=temp,
+             _node_ip_address="127.0.0.1", namespace="rapnet", log_to_driver=False)
+    yield temp
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config(**front) -> CloudConfig:
+    return CloudConfig().with_overrides(
+        autoscaling={"min_replicas": 2, "max_replicas": 2},
+        batch={"max_batch_size": 8, "batch_wait_ms": 5},
+        replica={"num_cpus": 0.5, "health_check_period_s": 1.0},
+        front={"port": 0, "request_timeout_s": 30.0, **front},
+        metrics={"port": 0},
+    )
+
+
+@pytest.fixture(scope="module")
+def server(ray_instance, model_file, certs):
+    _, _, path = model_file
+    srv = CloudServer(path, _config(), token=TOKEN, tls=TLSFiles(str(certs.cert), str(certs.key))).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server, certs):
+    ch = open_channel(server.address, ca=str(certs.ca))
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return InferenceStub(channel)
+
+
+def _request(model, contract, split: int, exit_index: int | None = None, seed: int = 0, **kwargs):
+    exit_index = model.num_exits - 1 if exit_index is None else exit_index
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        carry = model.edge_part(image, split)
+        reference = torch.softmax(model.run_to_exit(image, exit_index)[0], 0)
+    return build_request(contract, carry, split, exit_index, FP32, **kwargs), reference
+
+
+def _good(stub, model, contract) -> pb.InferResponse:
+    req, ref = _request(model, contract, split=model.num_stages - 1, seed=123)
+    resp = stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
+    assert resp.class_index == int(ref.argmax())
+    return resp
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Batching (no Ray)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_run_batch_regroups_mixed_splits_and_exits(model_file):
+    model, _, _ = model_file
+    samples, expected = [], []
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, split in enumerate([0, 3, 1, 3, model.num_stages - 1, 0, 2]):
+            image = torch.randn(1, 3, 32, 32, generator=gen)
+            exits = [k for k, s in enumerate(model.exit_stages) if s >= split]
+            exit_index = exits[i % len(exits)]
+            samples.append(Sample(split, exit_index, model.edge_part(image, split)))
+            expected.append(model.run_to_exit(image, exit_index)[0])
+    results = run_batch(model, samples)
+    assert [r.error for r in results] == [None] * len(samples)
+    for result, ref in zip(results, expected):
+        torch.testing.assert_close(result.logits, ref, rtol=1e-4, atol=1e-5)
+    assert sum(r.first_in_batch for r in results) == 1
+    assert sum(r.first_in_group for r in results) == len({s.split for s in samples})
+    assert all(r.batch_size == len(samples) for r in results)
+
+
+def test_replica_refuses_a_checkpoint_with_another_identity(model_file):
+    from cloud.app import CloudStages, IdentityMismatch
+
+    _, identity, path = model_file
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(IdentityMismatch, match="same checkpoint"):
+            CloudStages.func_or_class(path, "0" * 64, 8, 0.005)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Serving
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_health_is_serving(channel):
+    assert health_status(channel) == "SERVING"
+    assert health_status(channel, "rapnet.v1.Inference") == "SERVING"
+
+
+def test_each_split_point_matches_the_monolithic_model(stub, model_file, contract):
+    model, _, _ = model_file
+    for split in range(model.num_stages):
+        for exit_index in sorted({k for k, s in enumerate(model.exit_stages) if s >= split} & {split, model.num_exits - 1}):
+            req, ref = _request(model, contract, split, exit_index, seed=split)
+            resp = stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
+            assert resp.request_id == req.request_id
+            assert (resp.split_point, resp.exit_used) == (split, exit_index)
+            assert resp.model_identity == contract.identity
+            assert resp.class_index == int(ref.argmax()), f"split {split} exit {exit_index}"
+            assert resp.top_k[0].score == pytest.approx(float(ref.max()), abs=1e-4)
+
+
+def test_concurrent_mixed_requests_are_batched_and_correct(stub, model_file, contract, server):
+    model, _, _ = model_file
+    cases = [_request(model, contract, split=i % model.num_stages, seed=100 + i) for i in range(24)]
+    futures = [stub.Infer.future(req, metadata=auth_metadata(TOKEN), timeout=30) for req, _ in cases]
+    for (req, ref), fut in zip(cases, futures):
+        resp = fut.result()
+        assert resp.request_id == req.request_id and resp.class_index == int(ref.argmax())
+    reg = server.metrics.registry
+    batches, samples = reg.get_sample_value("rapnet_cloud_batch_size_count"), reg.get_sample_value("rapnet_cloud_batch_size_sum")
+    assert samples > batches  # some batch held more than one sample
+
+
+def test_infer_stream_answers_every_message(stub, model_file, contract):
+    model, _, _ = model_file
+    cases = [_request(model, contract, split=(2 * i) % model.num_stages, seed=200 + i) for i in range(10)]
+    answers = {r.request_id: r for r in stub.InferStream(iter([req for req, _ in cases]),
+                                                           metadata=auth_metadata(TOKEN), timeout=30)}
+    assert set(answers) == {req.request_id for req, _ in cases}
+    for req, ref in cases:
+        assert answers[req.request_id].class_index == int(ref.argmax())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Refusals: each gets its status and the server keeps serving
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_missing_or_wrong_token_is_unauthenticated(stub, model_file, contract):
+    model, _, _ = model_file
+    req, _ = _request(model, contract, split=4)
+    assert _code(lambda: stub.Infer(req, timeout=10)) == Code.UNAUTHENTICATED
+    assert _code(lambda: stub.Infer(req, metadata=auth_metadata("wrong-" + TOKEN), timeout=10)) == Code.UNAUTHENTICATED
+    assert _code(lambda: stub.Infer(req, metadata=(("authorization", TOKEN),), timeout=10)) == Code.UNAUTHENTICATED
+    assert _code(lambda: list(stub.InferStream(iter([req]), timeout=10))) == Code.UNAUTHENTICATED
+    _good(stub, model, contract)
+
+
+def test_wrong_model_identity_is_failed_precondition(stub, model_file, contract):
+    model, _, _ = model_file
+    req, _ = _request(model, contract, split=3)
+    req.model_identity = "f" * 64
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=10)
+    assert info.value.code() == Code.FAILED_PRECONDITION
+    assert "same checkpoint" in info.value.details()
+    _good(stub, model, contract)
+
+
+def test_garbage_bytes_are_invalid_argument(channel, stub, model_file, contract):
+    model, _, _ = model_file
+    raw = channel.unary_unary("/rapnet.v1.Inference/Infer", request_serializer=None, response_deserializer=None)
+    for garbage in (b"\xff" * 64, os.urandom(3000), b"\x0a\x05hello\x32\x03abc\x18\x99"):
+        with pytest.raises(grpc.RpcError) as info:
+            raw(garbage, metadata=auth_metadata(TOKEN), timeout=10)
+        assert info.value.code() in (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
+    with pytest.raises(grpc.RpcError) as info:
+        raw(b"\xff" * 64, metadata=auth_metadata(TOKEN), timeout=10)
+    assert info.value.code() == Code.INVALID_ARGUMENT
+    # A well-formed message whose payload does not match its declared shape.
+    req, _ = _request(model, contract, split=4)
+    req.tensors[0].data = req.tensors[0].data[:-4]
+    assert _code(lambda: stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=10)) == Code.INVALID_ARGUMENT
+    _good(stub, model, contract)
+
+
+def test_oversized_message_is_resource_exhausted(server, certs, stub, model_file, contract):
+    model, _, _ = model_file
+    big = open_channel(server.address, ca=str(certs.ca), max_message_bytes=8 << 20)
+    try:
+        req, _ = _request(model, contract, split=4)
+        req.policy.name = "x" * (2 << 20)  # 2 MiB > the server's 1 MiB limit
+        assert _code(lambda: InferenceStub(big).Infer(req, metadata=auth_metadata(TOKEN), timeout=10)) == Code.RESOURCE_EXHAUSTED
+    finally:
+        big.close()
+    _good(stub, model, contract)
+
+
+def test_expired_deadline_is_deadline_exceeded(stub, model_file, contract):
+    model, _, _ = model_file
+    # The request's own budget ran out before it arrived (deadline_ms from client_sent_unix_ns).
+    req, _ = _request(model, contract, split=3, deadline_ms=5)
+    req.client_sent_unix_ns -= 10 * 10**9
+    assert _code(lambda: stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=10)) == Code.DEADLINE_EXCEEDED
+    # A gRPC deadline far too short for the work.
+    req, _ = _request(model, contract, split=0)
+    assert _code(lambda: stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=0.001)) == Code.DEADLINE_EXCEEDED
+    _good(stub, model, contract)
+
+
+def test_overload_is_refused_quickly(server, ray_instance, model_file, contract):
+    model, _, path = model_file
+    front = CloudServer(path, _config(max_in_flight=2).with_overrides(metrics={"port": None}), token=TOKEN,
+                        deploy=False).start()
+    try:
+        ch = open_channel(front.address)
+        stub = InferenceStub(ch)
+        cases = [_request(model, contract, split=0, seed=i)[0] for i in range(32)]
+
+        def call(req):
+            t0 = time.perf_counter()
+            try:
+                stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
+                return Code.OK, time.perf_counter() - t0
+            except grpc.RpcError as err:
+                return err.code(), time.perf_counter() - t0
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, cases))
+        codes = [c for c, _ in outcomes]
+        assert set(codes) <= {Code.OK, Code.RESOURCE_EXHAUSTED}
+        assert Code.RESOURCE_EXHAUSTED in codes and Code.OK in codes
+        refused = [s for c, s in outcomes if c == Code.RESOURCE_EXHAUSTED]
+        assert max(refused) < 5.0  # answered at once, not queued behind the work
+        assert stub.Infer(cases[0], metadata=auth_metadata(TOKEN), timeout=30).request_id == cases[0].request_id
+        ch.close()
+    finally:
+        front.stop()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Security
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_plaintext_to_the_tls_port_fails(server, model_file, contract):
+    model, _, _ = model_file
+    ch = open_channel(server.address)
+    try:
+        req, _ = _request(model, contract, split=4)
+        assert _code(lambda: InferenceStub(ch).Infer(req, metadata=auth_metadata(TOKEN), timeout=5)) == Code.UNAVAILABLE
+    finally:
+        ch.close()
+
+
+def test_mutual_tls_requires_a_client_certificate(server, ray_instance, model_file, contract, certs):
+    model, _, path = model_file
+    tls = TLSFiles(str(certs.cert), str(certs.key), client_ca=str(certs.ca))
+    front = CloudServer(path, _config().with_overrides(metrics={"port": None}), token=TOKEN, tls=tls, deploy=False).start()
+    try:
+        req, ref = _request(model, contract, split=4)
+        anonymous = open_channel(front.address, ca=str(certs.ca))
+        assert _code(lambda: InferenceStub(anonymous).Infer(req, metadata=auth_metadata(TOKEN), timeout=5)) == Code.UNAVAILABLE
+        anonymous.close()
+        with open_channel(front.address, ca=str(certs.ca), client_cert=str(certs.client_cert),
+                          client_key=str(certs.client_key)) as ch:
+            assert InferenceStub(ch).Infer(req, metadata=auth_metadata(TOKEN), timeout=30).class_index == int(ref.argmax())
+    finally:
+        front.stop()
+
+
+def test_token_never_reaches_the_logs(stub, model_file, contract):
+    model, _, _ = model_file
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("rapnet.cloud")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        req, _ = _request(model, contract, split=4)
+        wrong = "leaked-secret-" + "y" * 20
+        _code(lambda: stub.Infer(req, metadata=auth_metadata(wrong), timeout=10))
+        _code(lambda: stub.Infer(req, timeout=10))
+        stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
+        time.sleep(0.2)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    text = stream.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(e.get("code") == "UNAUTHENTICATED" for e in lines)
+    assert TOKEN not in text and wrong not in text
+    assert "[redacted]" in redact(f"authorization: Bearer {TOKEN}") and TOKEN not in redact(f"Bearer {TOKEN}")
+    assert TOKEN not in repr(BearerToken(TOKEN))
+
+
+def test_metrics_are_exported(server, stub, model_file, contract):
+    _good(stub, *model_file[:1], contract)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'rapnet_cloud_requests_total{code="OK",method="Infer"}' in body
+    assert 'rapnet_cloud_requests_total{code="UNAUTHENTICATED",method="Infer"}' in body
+    for name in ("rapnet_cloud_batch_size_count", 'rapnet_cloud_compute_seconds_count{split="4"}',
+                 'rapnet_cloud_queue_seconds_count{split="4"}', "rapnet_cloud_in_flight"):
+        assert name in body
+
+
+# ------------------------------------------------------------------------------------------------------
+# A replica dies during a burst (last: it disturbs the deployment)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_killing_a_replica_loses_no_request_silently(server, stub, model_file, contract):
+    model, _, _ = model_file
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if "SERVE_REPLICA" in a["name"] and "CloudStages" in a["name"]]
+    assert len(names) == 2, names
+    victim = ray.get_actor(names[0], namespace="serve")
+    cases = [_request(model, contract, split=i % model.num_stages, seed=300 + i)[0] for i in range(60)]
+    futures = []
+    for i, req in enumerate(cases):
+        futures.append(stub.Infer.future(req, metadata=auth_metadata(TOKEN), timeout=40))
+        if i == 15:
+            ray.kill(victim, no_restart=True)
+        time.sleep(0.02)
+    codes = []
+    for fut in futures:
+        try:
+            fut.result(timeout=60)  # never hangs: every call ends with an answer or a status
+            codes.append(Code.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    assert len(codes) == len(cases)
+    assert set(codes) <= {Code.OK, Code.UNAVAILABLE}, codes
+    assert codes.count(Code.OK) > 0
+    # Ray Serve replaces the replica; the service keeps answering meanwhile and afterwards.
+    deadline = time.time() + 90
+    while time.time() < deadline and server._running_replicas() < 2:
+        time.sleep(1)
+    assert server._running_replicas() == 2
+    _good(stub, model, contract)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Configuration, cluster files, CLI (no Ray)
+# ------------------------------------------------------------------------------------------------------
+
+CLUSTER_DIR = os.path.join(os.path.dirname(__file__), "..", "cloud", "cluster")
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "onprem.yaml"])
+def test_cluster_files_match_rays_schema(name):
+    import jsonschema
+
+    schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    with open(schema_path) as f:
+        schema = json.load(f)
+    with open(os.path.join(CLUSTER_DIR, name)) as f:
+        config = yaml.safe_load(f)
+    jsonschema.validate(config, schema)
+    start = " ".join(config["head_start_ray_commands"])
+    assert "ray start --head" in start and "rapnet-cloud serve --address auto" in start
+    assert "--tls-cert" in start and "--token-file" in start
+    assert any("torch==2.13.0" in c for c in config["setup_commands"])
+    if name == "onprem.yaml":
+        assert config["provider"]["type"] == "local" and config["provider"]["worker_ips"]
+
+
+def test_config_yaml_is_strict(tmp_path):
+    cfg = CloudConfig.from_yaml(os.path.join(CLUSTER_DIR, "serve-config.yaml"))
+    assert cfg.autoscaling.serve_options()["autoscaling_config"]["max_replicas"] == cfg.autoscaling.max_replicas
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch: {max_batch_sise: 4}\n")
+    with pytest.raises(ValueError, match="max_batch_sise"):
+        CloudConfig.from_yaml(bad)
+    with pytest.raises(ValueError):
+        CloudConfig.from_dict({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    assert CloudConfig().with_overrides(autoscaling={"min_replicas": 2, "max_replicas": 2}).autoscaling.serve_options() == {"num_replicas": 2}
+
+
+def test_cli_helpers(tmp_path, monkeypatch, model_file):
+    from cloud.cli import main
+
+    assert main(["make-dev-cert", "--out", str(tmp_path / "c")]) == 0
+    assert {p.name for p in (tmp_path / "c").iterdir()} >= {"ca.pem", "server.pem", "server.key", "client.pem", "client.key"}
+    assert main(["make-token", "--out", str(tmp_path / "token.txt")]) == 0
+    assert oct((tmp_path / "token.txt").stat().st_mode & 0o777) == "0o600"
+    monkeypatch.delenv("RAPNET_TOKEN", raising=False)
+    assert main(["serve", "--checkpoint", model_file[2]]) == 2  # no token: refuses with a message
+    assert main(["serve", "--checkpoint", model_file[2], "--token-file", str(tmp_path / "token.txt"),
+                 "--host", "192.0.2.1"]) == 2  # plaintext on a non-loopback address: refused before binding
