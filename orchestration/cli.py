@@ -1,6 +1,306 @@
-"""rapnet-sim: not implemented yet (issue 7)."""
+"""rapnet-sim: trace-driven simulation of edge-cloud policies (RAPNet split vs baselines) over the real test set.
+
+  rapnet-sim traces            build (or refresh) the cached traces: runs/sim_traces.npz
+  rapnet-sim run  --bandwidth-mbps 10 --rtt-ms 20 --device-gflops 2
+                               every policy under one condition, as a table
+  rapnet-sim sweep             bandwidth x device compute x RTT grid: CSV, markdown, JSON, heatmaps
+  rapnet-sim live              (not available yet: needs the edge agent, issue 6)
+
+Traces are rebuilt automatically when a checkpoint changes (keyed by the models' identities), so after a
+new model lands `rapnet-sim sweep` is the one command to rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sim_sweep"
+DEFAULT_FIGURES = ROOT / "docs"
+DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
+DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
+DEFAULT_RTTS = (5, 20, 80)
 
 
-def main() -> None:
-    sys.exit("rapnet-sim: not implemented yet (see issue 7)")
+def _world(args):
+    import torch
+
+    torch.set_num_threads(1)
+    from .simulator import SimConfig, World
+    from .traces import DEFAULT_CACHE, default_checkpoints, ensure_traces
+
+    checkpoints = default_checkpoints(Path(args.models))
+    traces, meta = ensure_traces(checkpoints, args.data, Path(args.cache or DEFAULT_CACHE), rebuild=getattr(args, "rebuild", False),
+                                 log=lambda m: print(m, file=sys.stderr))
+    config = SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
+                       encodings=tuple(args.encodings), seed=args.seed)
+    return World(traces, config), meta
+
+
+def _conditions(args, bandwidth, gflops, rtt):
+    from .planner import Conditions
+
+    return Conditions(bandwidth_mbps=bandwidth, rtt_ms=rtt, device_gflops=gflops, cloud_gflops=args.cloud_gflops,
+                      jitter_ms=args.jitter_ms, loss=args.loss)
+
+
+def cmd_traces(args) -> None:
+    world, meta = _world(args)
+    print(json.dumps({"cache": meta, **world.describe()}, indent=1, default=str))
+
+
+def cmd_run(args) -> None:
+    from .simulator import DESCRIPTIONS, compare
+
+    world, _ = _world(args)
+    c = _conditions(args, args.bandwidth_mbps, args.device_gflops, args.rtt_ms)
+    results = world.run_all(c)
+    print(f"conditions: {c}")
+    print(f"accuracy target {world.accuracy_target:.4f} (calibration split): RAPNet threshold {world.rapnet_threshold}, "
+          f"SDN threshold {world.sdn_threshold}\n")
+    print("| policy | accuracy % | mean ms | p50 ms | p95 ms | offloaded % | mean bytes | queue ms | what |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, r in results.items():
+        print(f"| {name} | {100 * r.accuracy:.2f} | {r.mean_ms:.2f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | "
+              f"{100 * r.offload_share:.1f} | {r.mean_bytes:.0f} | {r.mean_queue_ms:.2f} | {DESCRIPTIONS[name]} |")
+    print("\n" + json.dumps(compare(results), indent=1))
+
+
+def sweep(world, args, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    from .simulator import compare
+
+    cells = [(b, g, r) for r in args.rtt_ms for g in args.device_gflops for b in args.bandwidth_mbps]
+    rows = []
+    for b, g, r in tqdm(cells, desc="rapnet-sim sweep", unit="cell", disable=not progress):
+        results = world.run_all(_conditions(args, b, g, r))
+        verdict = compare(results)
+        for name, res in results.items():
+            row = {"bandwidth_mbps": b, "device_gflops": g, "rtt_ms": r, **{k: v for k, v in asdict(res).items() if k != "detail"}}
+            row["exit_histogram"] = " ".join(map(str, res.exit_histogram))
+            row["detail"] = json.dumps(res.detail)
+            rows.append(row)
+        rows.append({"bandwidth_mbps": b, "device_gflops": g, "rtt_ms": r, "policy": "_verdict", "detail": json.dumps(verdict)})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    verdicts = [dict(json.loads(r["detail"]), bandwidth_mbps=r["bandwidth_mbps"], device_gflops=r["device_gflops"], rtt_ms=r["rtt_ms"])
+                for r in rows if r["policy"] == "_verdict"]
+    n = len(verdicts)
+    ratios = np.array([v["oracle_ratio"] for v in verdicts])
+    by_policy: dict[str, dict] = {}
+    for r in rows:
+        if r["policy"] == "_verdict":
+            continue
+        p = by_policy.setdefault(r["policy"], {"accuracy": r["accuracy"], "mean_ms": []})
+        p["mean_ms"].append(r["mean_ms"])
+    fastest_counts: dict[str, int] = {}
+    for v in verdicts:
+        fastest_counts[v["fastest_baseline"]] = fastest_counts.get(v["fastest_baseline"], 0) + 1
+    return {
+        "cells": n,
+        "wins_strict": sum(v["wins_strict"] for v in verdicts),
+        "fastest_overall": sum(v["fastest_overall"] for v in verdicts),
+        "not_dominated": sum(v["not_dominated"] for v in verdicts),
+        "oracle_ratio_median": float(np.median(ratios)),
+        "oracle_ratio_max": float(ratios.max()),
+        "within_15pct_of_oracle": int((ratios <= 1.15).sum()),
+        "latency_vs_fastest_median": float(np.median([v["latency_vs_fastest"] for v in verdicts])),
+        "fastest_baseline_counts": fastest_counts,
+        "policy_accuracy": {k: v["accuracy"] for k, v in by_policy.items()},
+        "policy_geomean_ms": {k: float(np.exp(np.mean(np.log(v["mean_ms"])))) for k, v in by_policy.items()},
+        "losing_cells": [v for v in verdicts if not v["fastest_overall"]],
+    }
+
+
+def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["bandwidth_mbps", "device_gflops", "rtt_ms", "policy", "accuracy", "mean_ms", "p50_ms", "p95_ms",
+              "offload_share", "mean_bytes", "mean_queue_ms", "exit_histogram", "detail"]
+    csv_path = out.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    from rapnet.evaluate import machine_info
+
+    info = {"summary": {k: v for k, v in summary.items() if k != "losing_cells"}, "losing_cells": summary["losing_cells"],
+            "world": world.describe(), "traces": meta, "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "machine": machine_info(), "wall_s": wall_s}
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(info, indent=1, default=str))
+    md_path = out.with_suffix(".md")
+    md_path.write_text(markdown(rows, summary, world))
+    figures = heatmaps(rows, Path(args.figures_dir), args)
+    return [csv_path, json_path, md_path, *figures]
+
+
+def markdown(rows, summary, world) -> str:
+    from .simulator import DESCRIPTIONS
+
+    s = summary
+    lines = [f"# rapnet-sim sweep: {s['cells']} cells", "",
+             f"Accuracy target (calibration split) {world.accuracy_target:.4f}: RAPNet threshold {world.rapnet_threshold}, "
+             f"SDN threshold {world.sdn_threshold}. Test images: {world.n}.", "",
+             "| policy | test accuracy % | geometric mean of mean latency over cells, ms | what |", "|---|---:|---:|---|"]
+    for p, acc in s["policy_accuracy"].items():
+        lines.append(f"| {p} | {100 * acc:.2f} | {s['policy_geomean_ms'][p]:.2f} | {DESCRIPTIONS[p]} |")
+    lines += ["", f"- RAPNet split fastest of all policies except the oracle: {s['fastest_overall']}/{s['cells']} cells",
+              f"- ... and at equal or better accuracy than every baseline (issue 7's criterion): {s['wins_strict']}/{s['cells']}",
+              f"- not dominated (no baseline at least as accurate and faster): {s['not_dominated']}/{s['cells']}",
+              f"- latency / oracle latency: median {s['oracle_ratio_median']:.3f}, max {s['oracle_ratio_max']:.3f}; "
+              f"within 15%: {s['within_15pct_of_oracle']}/{s['cells']}",
+              f"- fastest baseline per cell: {s['fastest_baseline_counts']}", "",
+              "| RTT ms | device GFLOP/s | bandwidth Mbit/s | ours ms | ours acc % | fastest baseline | its ms | its acc % | ours/oracle |",
+              "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    index = {(r["bandwidth_mbps"], r["device_gflops"], r["rtt_ms"], r["policy"]): r for r in rows}
+    for r in rows:
+        if r["policy"] != "_verdict":
+            continue
+        v = json.loads(r["detail"])
+        key = (r["bandwidth_mbps"], r["device_gflops"], r["rtt_ms"])
+        o, b = index[(*key, "rapnet_split")], index[(*key, v["fastest_baseline"])]
+        lines.append(f"| {key[2]} | {key[1]} | {key[0]} | {o['mean_ms']:.2f} | {100 * o['accuracy']:.2f} | {v['fastest_baseline']} | "
+                     f"{b['mean_ms']:.2f} | {100 * b['accuracy']:.2f} | {v['oracle_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmaps(rows, folder: Path, args) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bws, gfs, rtts = list(args.bandwidth_mbps), list(args.device_gflops), list(args.rtt_ms)
+    verdict = {(r["bandwidth_mbps"], r["device_gflops"], r["rtt_ms"]): json.loads(r["detail"]) for r in rows if r["policy"] == "_verdict"}
+    short = {"sdn_edge": "SDN", "rapnet_edge": "RAPe", "cloud_png": "CldP", "cloud_jpeg": "CldJ", "neurosurgeon": "NS", "spinn": "SPINN"}
+    paths = []
+    for key, title, fname, cmap, center in (
+        ("latency_vs_fastest", "RAPNet split mean latency / fastest baseline's (label: that baseline)", "sim_latency_ratio.png", "RdYlGn_r", 1.0),
+        ("accuracy_vs_fastest", "RAPNet split accuracy minus the fastest baseline's (percentage points)", "sim_accuracy_delta.png", "RdYlGn", 0.0),
+        ("oracle_ratio", "RAPNet split mean latency / oracle's", "sim_oracle_ratio.png", "Reds", None),
+    ):
+        fig, axes = plt.subplots(1, len(rtts), figsize=(4.6 * len(rtts), 4.2), squeeze=False)
+        vals_all = np.array([[[verdict[b, g, r][key] for b in bws] for g in gfs] for r in rtts], dtype=float)
+        if key == "accuracy_vs_fastest":
+            vals_all = vals_all * 100
+        if center is None:
+            norm = matplotlib.colors.Normalize(1.0, max(1.3, np.nanmax(vals_all)))
+        elif key == "latency_vs_fastest":
+            span = max(abs(np.log(np.nanmax(vals_all))), abs(np.log(np.nanmin(vals_all))), 0.05)
+            norm = matplotlib.colors.LogNorm(np.exp(-span), np.exp(span))
+        else:
+            span = max(np.nanmax(np.abs(vals_all)), 0.5)
+            norm = matplotlib.colors.TwoSlopeNorm(0.0, -span, span)
+        for ax, r, vals in zip(axes[0], rtts, vals_all):
+            im = ax.imshow(vals, origin="lower", cmap=cmap, norm=norm, aspect="auto")
+            for i, g in enumerate(gfs):
+                for j, b in enumerate(bws):
+                    label = f"{vals[i, j]:.2f}"
+                    if key != "oracle_ratio":
+                        label += "\n" + short.get(verdict[b, g, r]["fastest_baseline"], "?")
+                    ax.text(j, i, label, ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(len(bws)), [f"{b:g}" for b in bws])
+            ax.set_yticks(range(len(gfs)), [f"{g:g}" for g in gfs])
+            ax.set_xlabel("uplink bandwidth, Mbit/s")
+            ax.set_ylabel("device GFLOP/s")
+            ax.set_title(f"RTT {r:g} ms", fontsize=10)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle(title, fontsize=10)
+        path = folder / fname
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def cmd_sweep(args) -> None:
+    started = time.time()
+    world, meta = _world(args)
+    rows = sweep(world, args, progress=not args.no_progress)
+    summary = summarize(rows)
+    paths = write_outputs(rows, summary, world, meta, args, time.time() - started)
+    print(markdown(rows, summary, world).split("\n| RTT ms")[0])
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_live(args) -> None:
+    sys.exit(
+        "rapnet-sim live: not available yet. It needs the edge agent (issue 6, edge/agent.py) to accept the planner's "
+        "decision per frame and to report per-frame latency; then it will run the agent against the local cloud at "
+        ">= 6 sweep points with bandwidth/RTT shaped (tc netem in a namespace, or in-transport shaping) and compare "
+        "measured with simulated latency. See docs/simulation.md, 'Live validation'.")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.replace(",", " ").split()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rapnet-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{traces,run,sweep,live}")
+    common = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = common.add_argument_group("models and traces")
+    g.add_argument("--models", default=str(ROOT / "models"), help="folder with rapnet-/sdn-/static-cifar10.pt")
+    g.add_argument("--data", help="dataset path (default: rapnet.data's search: $RAPNET_DATA, ../shared/datasets)")
+    g.add_argument("--cache", help="trace cache (default runs/sim_traces.npz)")
+    g.add_argument("--rebuild", action="store_true", help="rebuild the traces even if the cache matches")
+    g = common.add_argument_group("world")
+    g.add_argument("--cloud-gflops", type=float, default=100.0, help="cloud worker speed")
+    g.add_argument("--devices", type=int, default=16, help="edge devices sharing the cloud workers")
+    g.add_argument("--workers", type=int, default=1, help="cloud workers (FIFO queue servers)")
+    g.add_argument("--fps", type=float, default=15.0, help="frames per second each device starts")
+    g.add_argument("--jitter-ms", type=float, default=2.0, help="std of the per-request delay noise (half-normal)")
+    g.add_argument("--loss", type=float, default=0.001, help="packet loss probability (each loss costs one RTO)")
+    g.add_argument("--accuracy-target", type=float, default=None,
+                   help="calibration accuracy both early-exit rules are tuned to (default: RAPNet's best minus 1 point)")
+    g.add_argument("--encodings", nargs="+", default=["png", "fp32+zstd", "fp16+zstd", "int8+zstd"],
+                   help="planner's encoding menu (png/jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later)")
+    g.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("traces", parents=[common], help="build or refresh the trace cache and print what it holds",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.set_defaults(func=cmd_traces)
+    r = sub.add_parser("run", parents=[common], help="all policies under one condition",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--bandwidth-mbps", type=float, default=10.0)
+    r.add_argument("--rtt-ms", type=float, default=20.0)
+    r.add_argument("--device-gflops", type=float, default=2.0)
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("sweep", parents=[common], help="grid over bandwidth x device compute x RTT",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--bandwidth-mbps", type=_floats, default=list(DEFAULT_BANDWIDTHS), help="list, e.g. '0.5 1 10'")
+    s.add_argument("--device-gflops", type=_floats, default=list(DEFAULT_GFLOPS), help="list")
+    s.add_argument("--rtt-ms", type=_floats, default=list(DEFAULT_RTTS), help="list")
+    s.add_argument("--out", default=str(DEFAULT_OUT), help="prefix for .csv, .md and .json")
+    s.add_argument("--figures-dir", default=str(DEFAULT_FIGURES), help="folder for the heatmap PNGs")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_sweep)
+    live = sub.add_parser("live", help="validate against the real edge agent + cloud (needs issue 6)")
+    live.set_defaults(func=cmd_live)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FileNotFoundError as err:
+        raise SystemExit(f"rapnet-sim: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("rapnet-sim: interrupted") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The offload planner: THE one place that decides exit, split point and encoding for a frame.
+
+The edge agent calls `Planner.plan(scores, conditions)` per frame; the simulator calls the same planner
+(`plan_exits` + `option_table`, which `plan` itself uses), so the simulator predicts what the agent does.
+
+Latency model (expected values; all times in ms):
+
+    local  = device(predictor + stages up to exit k + head k)
+    offload(s, enc) = device(predictor + stages [0, s)) + encode(s, enc) + bytes(s, enc) * 8 / bandwidth
+                      + rtt + E[jitter] + E[retransmission] + cloud_queue + decode(s, enc)
+                      + cloud(stages [s, stage of k] + head k)
+
+    device(flops, layers) = flops / device_gflops + layers * device_layer_us      (and the same for the cloud)
+
+The per-layer-call term is there because at batch 1 on a CPU, early exits cost ~2x what their FLOPs say
+(benchmarks/results/exit_latency.json: FLOPs + per-layer cost fits within 12%, FLOPs alone within 58%).
+Codec times are measured on the reference machine and scaled by its speed over the target's.
+Retransmission (ours, TCP-like): each packet of the request is lost with probability `loss`; any loss costs
+one retransmission timeout, RTO = max(200 ms, rtt + 4 * jitter) (Linux's floor and RFC 6298's shape).
+
+Pure numpy/python. Per-exit option tables are cached per Conditions, so a plan is a table lookup after the
+first call with given conditions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rapnet.costs import CostTable
+from rapnet.evaluate import predictor_exits
+
+# The reference machine: benchmarks/results/exit_latency.json (AMD EPYC, 1 torch thread, batch 1):
+# median_ms ~ MFLOPs / 33.3 GFLOP/s + leaf layer calls * 20.7 us. A device of G GFLOP/s is modelled as a
+# scaled copy of it: per-layer cost 20.7 us * 33.3 / G unless given.
+REF_GFLOPS = 33.3
+REF_LAYER_US = 20.7
+MSS_BYTES = 1448
+MIN_RTO_MS = 200.0
+DEFAULT_ENCODINGS = ("png", "int8+zstd", "fp16+zstd", "fp32+zstd")
+HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the planner knows about the moment: network, device, cloud, and the objective."""
+
+    bandwidth_mbps: float  # uplink, Mbit/s (0: no network)
+    rtt_ms: float
+    device_gflops: float
+    device_layer_us: float | None = None  # per leaf-layer call on the device; None: scaled reference CPU
+    cloud_gflops: float = 100.0
+    cloud_queue_ms: float = 0.0  # expected wait for a cloud worker
+    latency_budget_ms: float | None = None  # objective: max accuracy s.t. this budget
+    accuracy_target: float | None = None  # objective: min latency s.t. the exit's predicted accuracy >= this
+    jitter_ms: float = 0.0  # std of the one-way-delay noise (half-normal added per request)
+    loss: float = 0.0  # packet loss probability
+    cloud_layer_us: float | None = None  # per layer call in the cloud; None: scaled reference CPU
+
+    def __post_init__(self):
+        for name in ("bandwidth_mbps", "rtt_ms", "cloud_queue_ms", "jitter_ms"):
+            if getattr(self, name) < 0 or math.isnan(getattr(self, name)):
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.device_gflops > 0 or not self.cloud_gflops > 0:
+            raise ValueError("device_gflops and cloud_gflops must be > 0")
+        if not 0 <= self.loss < 1:
+            raise ValueError(f"loss must lie in [0, 1), got {self.loss}")
+
+    @property
+    def device_layer(self) -> float:
+        return self.device_layer_us if self.device_layer_us is not None else REF_LAYER_US * REF_GFLOPS / self.device_gflops
+
+    @property
+    def cloud_layer(self) -> float:
+        return self.cloud_layer_us if self.cloud_layer_us is not None else REF_LAYER_US * REF_GFLOPS / self.cloud_gflops
+
+
+@dataclass
+class Plan:
+    exit_index: int
+    split: int  # edge runs stages [0, split); for a local answer, split = stage of the exit + 1
+    encoding: str | None  # None when nothing is sent
+    offload: bool
+    expected_latency_ms: float
+    expected_accuracy: float
+    breakdown: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """Leaf-layer calls per stage, exit head and predictor (orchestration.traces.leaf_layers)."""
+
+    stage_layers: tuple[int, ...]
+    exit_layers: tuple[int, ...]
+    predictor_layers: int = 0
+
+    @classmethod
+    def zeros(cls, costs: CostTable) -> "LayerCounts":
+        return cls((0,) * len(costs.stage_flops), (0,) * costs.num_exits, 0)
+
+
+@dataclass
+class OptionTable:
+    """For every exit: the best place to compute it under one set of conditions."""
+
+    latency: np.ndarray  # (K,) expected ms of the best option
+    split: np.ndarray  # (K,) int
+    encoding: list  # (K,) str | None
+    offload: np.ndarray  # (K,) bool
+    local_latency: np.ndarray  # (K,)
+    parts: list  # (K,) dict breakdown of the chosen option
+
+
+class Planner:
+    """Decides exit, split point and encoding.
+
+    costs: the model's cost table. payload_bytes: (split, encoding) -> real serialized request bytes (mean).
+    exit_accuracy: per-exit accuracy (used without predictor scores, and for reports). encodings: the menu
+    (an encoding is available at a split when payload_bytes has that key). threshold: the predictor rule's
+    threshold (rapnet.evaluate.predictor_exits). layers: leaf-layer counts for the per-layer device term.
+    codec_ms: (split, encoding) -> (encode ms, decode ms) on the reference machine. agreement: (split,
+    encoding) -> share of answers a lossy encoding leaves unchanged (expected accuracy is scaled by it).
+    sequential: SDN-style costs (every head up to the exit runs). predictor_on_edge: add the predictor's
+    cost on the edge (default: when the cost table has one).
+    """
+
+    def __init__(self, costs: CostTable, payload_bytes: Mapping[tuple[int, str], int], exit_accuracy: Sequence[float],
+                 encodings: Sequence[str] = DEFAULT_ENCODINGS, threshold: float = 0.5, *,
+                 layers: LayerCounts | None = None, codec_ms: Mapping[tuple[int, str], tuple[float, float]] | None = None,
+                 agreement: Mapping[tuple[int, str], float] | None = None, sequential: bool = False,
+                 predictor_on_edge: bool | None = None, max_cached: int = 4096):
+        if len(exit_accuracy) != costs.num_exits:
+            raise ValueError(f"exit_accuracy has {len(exit_accuracy)} entries, the model has {costs.num_exits} exits")
+        self.costs = costs
+        self.exit_accuracy = np.asarray(exit_accuracy, dtype=float)
+        self.threshold = float(threshold)
+        self.encodings = tuple(encodings)
+        self.layers = layers or LayerCounts.zeros(costs)
+        self.sequential = sequential
+        self.codec_ms = dict(codec_ms or {})
+        self.agreement = dict(agreement or {})
+        use_pred = costs.predictor_flops > 0 if predictor_on_edge is None else predictor_on_edge
+        self.num_stages = len(costs.stage_flops)
+        K = costs.num_exits
+        ex_st = np.asarray(costs.exit_stages)
+        sf = np.asarray(costs.stage_flops, dtype=float)
+        sl = np.asarray(self.layers.stage_layers, dtype=float)
+        hf = np.asarray(costs.exit_flops, dtype=float)
+        hl = np.asarray(self.layers.exit_layers, dtype=float)
+        cum_f = np.concatenate([[0.0], np.cumsum(sf)])  # cum_f[s] = FLOPs of stages [0, s)
+        cum_l = np.concatenate([[0.0], np.cumsum(sl)])
+        pred_f = float(costs.predictor_flops) if use_pred else 0.0
+        pred_l = float(self.layers.predictor_layers) if use_pred else 0.0
+
+        def heads(lo_stage, hi_stage, upto_k, vec):  # heads of exits 0..upto_k whose stage lies in [lo, hi)
+            mask = (ex_st >= lo_stage) & (ex_st < hi_stage) & (np.arange(K) <= upto_k)
+            return float(vec[mask].sum())
+
+        # local[k]: FLOPs/layers to answer exit k on the edge
+        self._local_f = np.zeros(K)
+        self._local_l = np.zeros(K)
+        # options: list of (k, s, enc, edge_f, edge_l, cloud_f, cloud_l, bytes)
+        self._options: list[list[tuple]] = [[] for _ in range(K)]
+        for k in range(K):
+            end = ex_st[k] + 1
+            if sequential:
+                self._local_f[k] = pred_f + cum_f[end] + heads(0, end, k, hf)
+                self._local_l[k] = pred_l + cum_l[end] + heads(0, end, k, hl)
+            else:
+                self._local_f[k] = pred_f + cum_f[end] + hf[k]
+                self._local_l[k] = pred_l + cum_l[end] + hl[k]
+            for s in range(0, end):
+                for enc in self.encodings:
+                    if (s, enc) not in payload_bytes:
+                        continue
+                    edge_f, edge_l = pred_f + cum_f[s], pred_l + cum_l[s]
+                    cloud_f, cloud_l = cum_f[end] - cum_f[s] + hf[k], cum_l[end] - cum_l[s] + hl[k]
+                    if sequential:  # heads before the split ran on the edge, the rest in the cloud
+                        edge_f += heads(0, s, k, hf)
+                        edge_l += heads(0, s, k, hl)
+                        cloud_f += heads(s, end, k - 1, hf)
+                        cloud_l += heads(s, end, k - 1, hl)
+                    self._options[k].append((s, enc, edge_f, edge_l, cloud_f, cloud_l, float(payload_bytes[s, enc])))
+        self._cache: dict[Conditions, OptionTable] = {}
+        self._max_cached = max_cached
+
+    # --- timing model -----------------------------------------------------------------------------------
+    @staticmethod
+    def device_ms(flops: float, layers: float, c: Conditions) -> float:
+        return flops / (c.device_gflops * 1e6) + layers * c.device_layer / 1e3
+
+    @staticmethod
+    def cloud_ms(flops: float, layers: float, c: Conditions) -> float:
+        return flops / (c.cloud_gflops * 1e6) + layers * c.cloud_layer / 1e3
+
+    @staticmethod
+    def network_ms(nbytes: float, c: Conditions) -> dict:
+        """Expected transfer, propagation, jitter and retransmission delay of one request of `nbytes`."""
+        if c.bandwidth_mbps <= 0:
+            return {"transfer_ms": math.inf, "rtt_ms": c.rtt_ms, "jitter_ms": 0.0, "retransmit_ms": 0.0}
+        packets = math.ceil(nbytes / MSS_BYTES) + 1  # request packets + the answer
+        rto = max(MIN_RTO_MS, c.rtt_ms + 4 * c.jitter_ms)
+        return {"transfer_ms": nbytes * 8 / (c.bandwidth_mbps * 1e3), "rtt_ms": c.rtt_ms,
+                "jitter_ms": c.jitter_ms * HALF_NORMAL_MEAN, "retransmit_ms": (1 - (1 - c.loss) ** packets) * rto}
+
+    def codec_scaled(self, split: int, enc: str, c: Conditions) -> tuple[float, float]:
+        e, d = self.codec_ms.get((split, enc), (0.0, 0.0))
+        return e * REF_GFLOPS / c.device_gflops, d * REF_GFLOPS / c.cloud_gflops
+
+    def offload_parts(self, option: tuple, c: Conditions) -> dict:
+        s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = option
+        enc_ms, dec_ms = self.codec_scaled(s, enc, c)
+        parts = {"edge_ms": self.device_ms(edge_f, edge_l, c), "encode_ms": enc_ms, **self.network_ms(nbytes, c),
+                 "queue_ms": c.cloud_queue_ms, "decode_ms": dec_ms, "cloud_ms": self.cloud_ms(cloud_f, cloud_l, c),
+                 "bytes": nbytes}
+        parts["total_ms"] = sum(v for key, v in parts.items() if key.endswith("_ms"))
+        return parts
+
+    def option_table(self, c: Conditions) -> OptionTable:
+        """Best placement for every exit under conditions `c` (cached)."""
+        table = self._cache.get(c)
+        if table is not None:
+            return table
+        K = self.costs.num_exits
+        lat, split, enc, off, local, parts = np.zeros(K), np.zeros(K, dtype=int), [None] * K, np.zeros(K, dtype=bool), np.zeros(K), [None] * K
+        for k in range(K):
+            local[k] = self.device_ms(self._local_f[k], self._local_l[k], c)
+            best = {"edge_ms": local[k], "total_ms": local[k]}
+            lat[k], split[k] = local[k], self.costs.exit_stages[k] + 1
+            for option in self._options[k]:
+                p = self.offload_parts(option, c)
+                if p["total_ms"] < lat[k]:
+                    lat[k], split[k], enc[k], off[k], best = p["total_ms"], option[0], option[1], True, p
+            parts[k] = best
+        table = OptionTable(lat, split, enc, off, local, parts)
+        if len(self._cache) >= self._max_cached:
+            self._cache.clear()
+        self._cache[c] = table
+        return table
+
+    # --- exit choice -------------------------------------------------------------------------------------
+    def _probabilities(self, scores: np.ndarray | None, n: int) -> np.ndarray:
+        if scores is None:
+            return np.broadcast_to(self.exit_accuracy, (n, self.costs.num_exits))
+        scores = np.asarray(scores, dtype=float)
+        if scores.ndim != 2 or scores.shape[1] != self.costs.num_exits:
+            raise ValueError(f"scores must have shape (N, {self.costs.num_exits}), got {scores.shape}")
+        return scores
+
+    def plan_exits(self, scores: np.ndarray | None, c: Conditions, n: int | None = None) -> np.ndarray:
+        """Target exit per sample (vectorised; `plan` uses this on one row).
+
+        Default: the predictor rule at the planner's threshold (no scores: the last exit). With an accuracy
+        target: the shallowest exit predicted to reach it (= predictor_exits at the target). With a latency
+        budget: that exit if its best placement fits the budget, else the exit with the highest predicted
+        accuracy among those that fit (the fastest exit when none fits).
+        """
+        n = n if scores is None else len(scores)
+        K = self.costs.num_exits
+        probs = self._probabilities(scores, n)
+        if c.accuracy_target is not None:
+            exits = predictor_exits(probs, c.accuracy_target)
+        elif scores is not None:
+            exits = predictor_exits(probs, self.threshold)
+        else:
+            exits = np.full(n, K - 1)
+        if c.latency_budget_ms is not None:
+            table = self.option_table(c)
+            fits = table.latency <= c.latency_budget_ms
+            if not fits.all():
+                if fits.any():
+                    masked = np.where(fits[None, :], probs, -np.inf)
+                    # highest predicted accuracy within the budget; ties -> the shallowest (cheapest) exit
+                    fallback = masked.argmax(1)
+                else:
+                    fallback = np.full(n, int(table.latency.argmin()))
+                exits = np.where(fits[exits], exits, fallback)
+        return exits.astype(int)
+
+    def plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:
+        """One frame: scores are the predictor's per-exit probabilities (None: no predictor)."""
+        row = None if scores is None else np.asarray(scores, dtype=float).reshape(1, -1)
+        k = int(self.plan_exits(row, conditions, n=1)[0])
+        table = self.option_table(conditions)
+        prob = float(self._probabilities(row, 1)[0, k])
+        enc = table.encoding[k]
+        split = int(table.split[k])
+        accuracy = prob * self.agreement.get((split, enc), 1.0) if enc else prob
+        breakdown = dict(table.parts[k])
+        if conditions.latency_budget_ms is not None:
+            breakdown["within_budget"] = bool(table.latency[k] <= conditions.latency_budget_ms)
+        return Plan(k, split, enc, bool(table.offload[k]), float(table.latency[k]), accuracy, breakdown)
+
+    # --- helpers for the baselines --------------------------------------------------------------------
+    def plan_static(self, conditions: Conditions, exit_index: int | None = None) -> Plan:
+        """A fixed exit (default: the last, i.e. a network without early exit), best split (Neurosurgeon)."""
+        k = self.costs.num_exits - 1 if exit_index is None else exit_index
+        table = self.option_table(conditions)
+        return Plan(k, int(table.split[k]), table.encoding[k], bool(table.offload[k]), float(table.latency[k]),
+                    float(self.exit_accuracy[k]), dict(table.parts[k]))
+
+    def progressive_latency(self, exits: np.ndarray, split: int, encoding: str | None, c: Conditions) -> np.ndarray:
+        """SPINN-style progressive inference with a fixed split: exits before the split are answered on the
+        edge (it stops at the first confident one); later ones are computed in the cloud after sending the
+        carry at `split`. Requires sequential=True (every head on the way runs). Expected ms per exit."""
+        K = self.costs.num_exits
+        out = np.zeros(K)
+        for k in range(K):
+            if self.costs.exit_stages[k] < split or encoding is None:
+                out[k] = self.device_ms(self._local_f[k], self._local_l[k], c)
+            else:
+                option = next((o for o in self._options[k] if o[0] == split and o[1] == encoding), None)
+                out[k] = math.inf if option is None else self.offload_parts(option, c)["total_ms"]
+        return out[np.asarray(exits)]
+
+    def plan_progressive(self, exit_distribution: np.ndarray, c: Conditions) -> tuple[int, str | None, float]:
+        """The split and encoding minimising SPINN-style expected latency for a distribution over exits
+        (e.g. the confidence rule's exits on calibration data). Returns (split, encoding, expected ms);
+        split = num_stages and encoding None mean: all local."""
+        p = np.asarray(exit_distribution, dtype=float)
+        p = p / p.sum()
+        K = self.costs.num_exits
+        best = (self.num_stages, None, float(p @ self.progressive_latency(np.arange(K), self.num_stages, None, c)))
+        for s in range(self.num_stages):
+            for enc in self.encodings:
+                if not any(o[0] == s and o[1] == enc for opts in self._options for o in opts):
+                    continue
+                ms = float(p @ self.progressive_latency(np.arange(K), s, enc, c))
+                if ms < best[2]:
+                    best = (s, enc, ms)
+        return best
+
+    def with_threshold(self, threshold: float) -> "Planner":
+        other = object.__new__(Planner)
+        other.__dict__.update(self.__dict__)
+        other.threshold = float(threshold)
+        return other
+
+
+def conditions_with(c: Conditions, **changes) -> Conditions:
+    return replace(c, **changes)

@@ -1,0 +1,304 @@
+"""Trace-driven simulation of edge-cloud inference policies over the real test set.
+
+Per sample the traces hold every exit's correctness and confidence and the predictor's scores (real model
+outputs), and real serialized request sizes per split x encoding. A policy decides, per sample, an exit and
+where to compute it; the placement comes from orchestration.planner (the same code as the edge agent). The
+simulator then draws what the planner only expects: per-sample payload bytes, jitter, packet loss (a lost
+packet costs one retransmission timeout) and the cloud queue, a discrete-event FIFO queue with `workers`
+servers shared by `devices` edge devices that each start a frame every 1/fps seconds (open loop).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from rapnet.evaluate import THRESHOLDS, confidence_exits, oracle_exits, predictor_exits
+
+from .planner import MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, Conditions, LayerCounts, Planner
+from .traces import IMAGE_ENCODINGS, ModelTraces
+
+POLICIES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn", "rapnet_split", "oracle")
+BASELINES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn")
+DESCRIPTIONS = {
+    "sdn_edge": "edge only, SDN network, confidence exits",
+    "rapnet_edge": "edge only, RAPNet network, predictor exits",
+    "cloud_png": "cloud only, static network, image sent as PNG",
+    "cloud_jpeg": "cloud only, static network, image sent as JPEG q90",
+    "neurosurgeon": "static network, best single split + encoding per condition (Neurosurgeon)",
+    "spinn": "SDN network, confidence exits, progressive: best split per condition (SPINN-style)",
+    "rapnet_split": "RAPNet, predictor exit, planner picks local or split + encoding per frame (ours)",
+    "oracle": "RAPNet, earliest correct exit known, same planner placement",
+}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How the world is simulated (network and compute come per cell as planner Conditions)."""
+
+    devices: int = 16  # edge devices sharing the cloud
+    workers: int = 1  # cloud workers (servers of the FIFO queue)
+    fps: float = 15.0  # frames started per second per device
+    accuracy_target: float | None = None  # calibration accuracy both early-exit rules aim for; None: auto
+    min_agreement: float = 0.995  # lossy encodings allowed only when they change <= 0.5% of answers
+    encodings: tuple[str, ...] = ("png", "fp32+zstd", "fp16+zstd", "int8+zstd")
+    queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
+    seed: int = 0
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    accuracy: float
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    offload_share: float
+    mean_bytes: float
+    mean_queue_ms: float
+    exit_histogram: list
+    detail: dict = field(default_factory=dict)
+
+
+def calibrate_threshold(correct: np.ndarray, values: np.ndarray, rule, cost_per_exit: np.ndarray,
+                        target: float) -> tuple[float, float]:
+    """Threshold with the lowest mean cost whose accuracy reaches `target` on calibration data (the most
+    accurate one when none does). Returns (threshold, calibration accuracy)."""
+    rows = np.arange(len(correct))
+    best = None
+    for t in THRESHOLDS:
+        exits = rule(values, t)
+        acc, cost = float(correct[rows, exits].mean()), float(cost_per_exit[exits].mean())
+        key = (acc < target, cost if acc >= target else -acc, cost)
+        if best is None or key < best[0]:
+            best = (key, float(t), acc)
+    return best[1], best[2]
+
+
+def fifo_waits(arrival: np.ndarray, service: np.ndarray, workers: int) -> np.ndarray:
+    """Waiting time of each job in a FIFO queue with `workers` identical servers (discrete events)."""
+    order = np.argsort(arrival, kind="stable")
+    waits = np.zeros(len(arrival))
+    free = [0.0] * workers
+    for i in order:
+        t = arrival[i]
+        start = max(t, free[0])
+        waits[i] = start - t
+        heapq.heapreplace(free, start + service[i])
+    return waits
+
+
+@dataclass
+class Placement:
+    """Per exit: where it is computed and what it costs (ms), under one set of conditions."""
+
+    offload: np.ndarray  # (K,) bool
+    split: np.ndarray  # (K,)
+    encoding: list  # (K,) str | None
+    edge_ms: np.ndarray
+    encode_ms: np.ndarray
+    service_ms: np.ndarray  # cloud decode + compute
+
+    @classmethod
+    def from_parts(cls, offload, split, encoding, parts: list[dict]) -> "Placement":
+        get = lambda key: np.array([p.get(key, 0.0) for p in parts])  # noqa: E731
+        return cls(np.asarray(offload, bool), np.asarray(split), list(encoding), get("edge_ms"), get("encode_ms"),
+                   get("decode_ms") + get("cloud_ms"))
+
+
+class World:
+    """Traces + planners + calibrated thresholds: everything a sweep cell needs, built once."""
+
+    def __init__(self, traces: dict[str, ModelTraces], config: SimConfig = SimConfig()):
+        self.traces, self.config = traces, config
+        self.rapnet, self.sdn, self.static = traces["rapnet"], traces["sdn"], traces["static"]
+        n = {t.num_samples for t in traces.values()}
+        if len(n) != 1:
+            raise ValueError(f"traces disagree on the number of samples: {n}")
+        self.n = n.pop()
+        self.planners = {name: self._planner(t, sequential=(name == "sdn")) for name, t in traces.items()}
+        r, s = self.rapnet, self.sdn
+        rap_cost = self.planners["rapnet"]._local_f
+        sdn_cost = self.planners["sdn"]._local_f
+        rap_max = max(calibrate_threshold(r.cal_correct, r.cal_scores, predictor_exits, rap_cost, 2.0)[1], 0.0)
+        self.accuracy_target = config.accuracy_target if config.accuracy_target is not None else rap_max - 0.01
+        self.rapnet_threshold, self.rapnet_cal_acc = calibrate_threshold(
+            r.cal_correct, r.cal_scores, predictor_exits, rap_cost, self.accuracy_target)
+        self.sdn_threshold, self.sdn_cal_acc = calibrate_threshold(
+            s.cal_correct, s.cal_confidence, confidence_exits, sdn_cost, self.accuracy_target)
+        self.planners["rapnet"] = self.planners["rapnet"].with_threshold(self.rapnet_threshold)
+        self.rapnet_exits = predictor_exits(r.scores, self.rapnet_threshold)
+        self.sdn_exits = confidence_exits(s.confidence, self.sdn_threshold)
+        self.oracle_exits = oracle_exits(r.correct)
+        cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
+        self.sdn_cal_distribution = np.bincount(cal_sdn, minlength=s.correct.shape[1]).astype(float)
+        rng = np.random.default_rng(config.seed)
+        self.jitter_z = np.abs(rng.standard_normal(self.n))  # common random numbers for every policy
+        self.loss_u = rng.random(self.n)
+        self.phase = rng.random(config.devices) / config.fps
+        device = np.arange(self.n) % config.devices
+        self.frame_start_ms = ((np.arange(self.n) // config.devices) / config.fps + self.phase[device]) * 1e3
+
+    def _planner(self, t: ModelTraces, sequential: bool) -> Planner:
+        allowed = {key: v for key, v in t.mean_payload().items()
+                   if key[1] in self.config.encodings and t.agreement.get(key, 1.0) >= self.config.min_agreement}
+        if t.cal_correct is not None:
+            exit_acc = t.cal_correct.mean(0)
+        else:
+            exit_acc = t.correct.mean(0)
+        codec = {key: (t.encode_ms.get(key, 0.0), t.decode_ms.get(key, 0.0)) for key in allowed}
+        return Planner(t.costs, allowed, exit_acc, encodings=self.config.encodings, layers=LayerCounts(
+            t.stage_layers, t.exit_layers, t.predictor_layers), codec_ms=codec, agreement=t.agreement,
+            sequential=sequential)
+
+    # --- realisation -------------------------------------------------------------------------------------
+    def _payload(self, t: ModelTraces, split: int, encoding: str, idx: np.ndarray) -> np.ndarray:
+        sizes = t.payload[split, encoding]
+        return sizes[idx % len(sizes)].astype(float)
+
+    def realize(self, t: ModelTraces, exits: np.ndarray, placement: Placement, c: Conditions) -> dict:
+        """Per-sample latency (ms) of a decided policy, drawing bytes, jitter, loss and queueing."""
+        n = self.n
+        off = placement.offload[exits]
+        latency = placement.edge_ms[exits].copy()
+        nbytes = np.zeros(n)
+        waits = np.zeros(n)
+        if off.any():
+            for k in np.unique(exits[off]):
+                idx = np.flatnonzero(off & (exits == k))
+                nbytes[idx] = self._payload(t, int(placement.split[k]), placement.encoding[k], idx)
+            idx = np.flatnonzero(off)
+            b = nbytes[idx]
+            tx = b * 8 / (c.bandwidth_mbps * 1e3) if c.bandwidth_mbps > 0 else np.full(len(idx), math.inf)
+            jitter = self.jitter_z[idx] * c.jitter_ms
+            packets = np.ceil(b / MSS_BYTES) + 1
+            lost = self.loss_u[idx] < 1 - (1 - c.loss) ** packets
+            rto = max(MIN_RTO_MS, c.rtt_ms + 4 * c.jitter_ms)
+            before = latency[idx] + placement.encode_ms[exits[idx]] + tx + lost * rto
+            arrival = self.frame_start_ms[idx] + before + (c.rtt_ms + jitter) / 2
+            service = placement.service_ms[exits[idx]]
+            waits[idx] = fifo_waits(arrival, service, self.config.workers)
+            latency[idx] = before + c.rtt_ms + jitter + waits[idx] + service
+        return {"latency": latency, "offload": off, "bytes": nbytes, "wait": waits}
+
+    def _summarize(self, name: str, t_correct: np.ndarray, exits: np.ndarray, real: dict, detail: dict) -> PolicyResult:
+        lat = real["latency"]
+        off = real["offload"]
+        return PolicyResult(
+            policy=name, accuracy=float(t_correct.mean()), mean_ms=float(lat.mean()),
+            p50_ms=float(np.median(lat)), p95_ms=float(np.percentile(lat, 95)), offload_share=float(off.mean()),
+            mean_bytes=float(real["bytes"][off].mean()) if off.any() else 0.0,
+            mean_queue_ms=float(real["wait"][off].mean()) if off.any() else 0.0,
+            exit_histogram=np.bincount(exits, minlength=int(exits.max()) + 1).tolist(), detail=detail)
+
+    # --- policies ------------------------------------------------------------------------------------------
+    def _planned(self, name: str, t: ModelTraces, planner: Planner, exits_fn, c: Conditions, correct_fn=None):
+        """Planner-driven policy with the cloud-queue estimate iterated from the simulated wait."""
+        queue = 0.0
+        for _ in range(max(1, self.config.queue_iterations)):
+            cq = replace(c, cloud_queue_ms=queue)
+            exits = exits_fn(cq)
+            table = planner.option_table(cq)
+            placement = Placement.from_parts(table.offload, table.split, table.encoding, table.parts)
+            real = self.realize(t, exits, placement, c)
+            queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
+        rows = np.arange(self.n)
+        correct = correct_fn(exits, placement) if correct_fn else t.correct[rows, exits]
+        splits = placement.split[exits][real["offload"]]
+        return self._summarize(name, correct, exits, real, {
+            "split_histogram": np.bincount(splits, minlength=len(t.costs.stage_flops)).tolist() if len(splits) else [],
+            "encodings": sorted({placement.encoding[k] for k in np.unique(exits) if placement.offload[k]}),
+            "planner_queue_ms": cq.cloud_queue_ms})
+
+    def run_policy(self, name: str, c: Conditions) -> PolicyResult:
+        rows = np.arange(self.n)
+        if name in ("sdn_edge", "rapnet_edge"):
+            t = self.sdn if name == "sdn_edge" else self.rapnet
+            exits = self.sdn_exits if name == "sdn_edge" else self.rapnet_exits
+            table = self.planners[t.name].option_table(c)
+            K = len(table.latency)
+            placement = Placement(np.zeros(K, bool), np.asarray(t.costs.exit_stages) + 1, [None] * K,
+                                  table.local_latency, np.zeros(K), np.zeros(K))
+            return self._summarize(name, t.correct[rows, exits], exits, self.realize(t, exits, placement, c), {})
+        if name in ("cloud_png", "cloud_jpeg"):
+            t, planner = self.static, self.planners["static"]
+            enc = "png" if name == "cloud_png" else "jpeg"
+            option = (0, enc, 0.0, 0.0, float(sum(t.costs.stage_flops) + t.costs.exit_flops[0]),
+                      float(sum(t.stage_layers) + t.exit_layers[0]), float(t.payload[0, enc].mean()))
+            parts = planner.offload_parts(option, c)
+            placement = Placement.from_parts([True], [0], [enc], [parts])
+            exits = np.zeros(self.n, dtype=int)
+            correct = t.correct[:, 0] if enc == "png" else (t.jpeg_correct[:, 0] if t.jpeg_correct is not None else t.correct[:, 0])
+            return self._summarize(name, correct, exits, self.realize(t, exits, placement, c), {"encoding": enc})
+        if name == "neurosurgeon":
+            t = self.static
+            zeros = np.zeros(self.n, dtype=int)
+            return self._planned(name, t, self.planners["static"], lambda cq: zeros, c)
+        if name == "rapnet_split":
+            planner = self.planners["rapnet"]
+            return self._planned(name, self.rapnet, planner, lambda cq: planner.plan_exits(self.rapnet.scores, cq), c)
+        if name == "oracle":
+            return self._planned(name, self.rapnet, self.planners["rapnet"], lambda cq: self.oracle_exits, c)
+        if name == "spinn":
+            return self._spinn(c)
+        raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
+
+    def _spinn(self, c: Conditions) -> PolicyResult:
+        t, planner = self.sdn, self.planners["sdn"]
+        queue, K = 0.0, t.correct.shape[1]
+        for _ in range(max(1, self.config.queue_iterations)):
+            cq = replace(c, cloud_queue_ms=queue)
+            split, enc, _ = planner.plan_progressive(self.sdn_cal_distribution, cq)
+            parts, off, splits, encs = [], [], [], []
+            for k in range(K):
+                local = enc is None or t.costs.exit_stages[k] < split
+                if local:
+                    parts.append({"edge_ms": planner.device_ms(planner._local_f[k], planner._local_l[k], cq)})
+                else:
+                    option = next(o for o in planner._options[k] if o[0] == split and o[1] == enc)
+                    parts.append(planner.offload_parts(option, cq))
+                off.append(not local)
+                splits.append(split if not local else t.costs.exit_stages[k] + 1)
+                encs.append(None if local else enc)
+            placement = Placement.from_parts(off, splits, encs, parts)
+            real = self.realize(t, self.sdn_exits, placement, c)
+            queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
+        rows = np.arange(self.n)
+        return self._summarize("spinn", t.correct[rows, self.sdn_exits], self.sdn_exits, real,
+                               {"split": split, "encoding": enc})
+
+    def run_all(self, c: Conditions, policies=POLICIES) -> dict[str, PolicyResult]:
+        return {p: self.run_policy(p, c) for p in policies}
+
+    def describe(self) -> dict:
+        return {
+            "samples": self.n, "accuracy_target": self.accuracy_target,
+            "rapnet_threshold": self.rapnet_threshold, "rapnet_cal_accuracy": self.rapnet_cal_acc,
+            "sdn_threshold": self.sdn_threshold, "sdn_cal_accuracy": self.sdn_cal_acc,
+            "config": self.config.__dict__, "reference_gflops": REF_GFLOPS,
+            "image_encodings": IMAGE_ENCODINGS,
+        }
+
+
+def compare(results: dict[str, PolicyResult], ours: str = "rapnet_split", baselines=BASELINES, tol: float = 0.0) -> dict:
+    """Per-cell verdicts: latency vs the fastest baseline, and whether ours wins at equal or better accuracy."""
+    o = results[ours]
+    base = [results[b] for b in baselines if b in results]
+    fastest = min(base, key=lambda r: r.mean_ms)
+    matched = [r for r in base if r.accuracy >= o.accuracy - tol]
+    fastest_matched = min(matched, key=lambda r: r.mean_ms) if matched else None
+    return {
+        "fastest_baseline": fastest.policy,
+        "latency_vs_fastest": o.mean_ms / fastest.mean_ms,
+        "accuracy_vs_fastest": o.accuracy - fastest.accuracy,
+        # strict (issue 7): lowest mean latency AND accuracy >= every baseline's
+        "wins_strict": all(o.mean_ms <= r.mean_ms and o.accuracy >= r.accuracy - tol for r in base),
+        "fastest_overall": o.mean_ms <= fastest.mean_ms,
+        # no baseline is at least as accurate and faster (ours is on the latency/accuracy Pareto front)
+        "not_dominated": not any(r.accuracy >= o.accuracy - tol and r.mean_ms < o.mean_ms for r in base),
+        "fastest_matched_baseline": fastest_matched.policy if fastest_matched else None,
+        "latency_vs_matched": o.mean_ms / fastest_matched.mean_ms if fastest_matched else None,
+        "oracle_ratio": o.mean_ms / results["oracle"].mean_ms if "oracle" in results else None,
+    }

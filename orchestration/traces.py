@@ -1,0 +1,285 @@
+"""Per-sample traces the simulator replays: what each model answers at each exit, the predictor's scores,
+the cost table, layer counts (for the device profile) and the real serialized request sizes.
+
+Everything expensive (running the models over the test set) happens once here and is cached in
+runs/sim_traces.npz, keyed by the checkpoints' identities and the dataset, so replacing a checkpoint and
+running `rapnet-sim sweep` again rebuilds exactly what changed hands (one command).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rapnet.costs import CostTable
+
+TRACE_VERSION = 2
+MODEL_NAMES = ("rapnet", "sdn", "static")
+DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
+DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+# Encodings the simulator knows (names shared with the planner). At split 0 the request carries the image
+# itself (an ImagePayload); at later splits the live feature tensors, plus the image as PNG where a later
+# stage still reads it (RAPNet's high-resolution path).
+IMAGE_ENCODINGS = ("png", "jpeg")
+FEATURE_ENCODINGS = ("fp32+zstd", "fp16+zstd", "int8+zstd")
+# Which encodings leave the model's answer unchanged: PNG and fp32 are exactly lossless. fp16 is checked
+# per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
+LOSSLESS = ("png", "fp32+zstd")
+
+
+def encode_options(encoding: str):
+    from rapnet.codec import EncodeOptions
+
+    if encoding == "png":
+        return EncodeOptions(image_format="png")
+    if encoding == "jpeg":
+        return EncodeOptions(image_format="jpeg", jpeg_quality=90)
+    base, _, codec = encoding.partition("+")
+    return EncodeOptions(encoding=base, zstd_level=3 if codec == "zstd" else None, image_format="png")
+
+
+def encodings_for_split(split: int) -> tuple[str, ...]:
+    return IMAGE_ENCODINGS if split == 0 else FEATURE_ENCODINGS
+
+
+def leaf_layers(module: torch.nn.Module) -> int:
+    """Leaf modules a call executes (conv, BN, activation, ...): the per-layer-call term of the device model."""
+    return sum(1 for m in module.modules() if not list(m.children()))
+
+
+@dataclass
+class ModelTraces:
+    """One model's per-sample behaviour on the test set (and on the calibration split, for thresholds)."""
+
+    name: str
+    identity: str
+    costs: CostTable
+    stage_layers: tuple[int, ...]
+    exit_layers: tuple[int, ...]
+    predictor_layers: int
+    correct: np.ndarray  # (N, K) bool
+    confidence: np.ndarray  # (N, K)
+    scores: np.ndarray | None  # (N, K) predictor probabilities (RAPNet only)
+    cal_correct: np.ndarray | None = None
+    cal_confidence: np.ndarray | None = None
+    cal_scores: np.ndarray | None = None
+    # (split, encoding) -> per-sample len(InferRequest.SerializeToString()) over the payload subset
+    payload: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    encode_ms: dict[tuple[int, str], float] = field(default_factory=dict)  # median, this machine, batch 1
+    decode_ms: dict[tuple[int, str], float] = field(default_factory=dict)
+    # (split, encoding) -> share of payload-subset samples whose answer at every exit >= split is unchanged
+    agreement: dict[tuple[int, str], float] = field(default_factory=dict)
+    jpeg_correct: np.ndarray | None = None  # (N, K): answers when the image travels as JPEG q90 (split 0)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.correct)
+
+    def mean_payload(self) -> dict[tuple[int, str], int]:
+        return {key: int(round(float(v.mean()))) for key, v in self.payload.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building (runs the real models; slow, cached)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _cache_key(identities: dict[str, str], data_path: str, payload_n: int) -> str:
+    blob = json.dumps({"v": TRACE_VERSION, "ids": identities, "data": data_path, "payload_n": payload_n}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_identities(checkpoints: dict[str, Path]) -> dict[str, str]:
+    from rapnet.checkpoint import read_checkpoint
+
+    return {name: read_checkpoint(path)["identity"] for name, path in checkpoints.items()}
+
+
+@torch.no_grad()
+def _payloads(model, name: str, pixels: np.ndarray, log) -> tuple[dict, dict, dict, dict]:
+    """Real request sizes per sample, encode/decode time, and lossy-encoding agreement, per split x encoding."""
+    from rapnet import codec
+    from rapnet.preprocess import to_model_input
+
+    contract = codec.ModelContract.from_model(model)
+    x = to_model_input(pixels)
+    payload, enc_ms, dec_ms, agreement = {}, {}, {}, {}
+    reference = [z.argmax(1) for z in model(x)]
+    for split in range(model.num_stages):
+        carry = model.edge_part(x, split)
+        last = model.num_exits - 1
+        first = next(k for k, st in enumerate(model.exit_stages) if st >= split)
+        for encoding in encodings_for_split(split):
+            options = encode_options(encoding)
+            sizes, t_enc, t_dec, decoded = [], [], [], []
+            for i in range(len(pixels)):
+                one = {k: v[i : i + 1] for k, v in carry.items()}
+                t0 = time.perf_counter()
+                req = codec.build_request(contract, one, split, last, options, image=pixels[i])
+                data = req.SerializeToString()
+                t1 = time.perf_counter()
+                parsed = codec.parse_request_bytes(data, contract)
+                t2 = time.perf_counter()
+                sizes.append(len(data))
+                t_enc.append((t1 - t0) * 1e3)
+                t_dec.append((t2 - t1) * 1e3)
+                if encoding not in LOSSLESS:
+                    decoded.append(parsed.carry)
+            key = (split, encoding)
+            payload[key] = np.asarray(sizes, dtype=np.int32)
+            enc_ms[key], dec_ms[key] = statistics.median(t_enc), statistics.median(t_dec)
+            if decoded:
+                batch = {k: torch.cat([d[k] for d in decoded]) for k in decoded[0]}
+                same = np.ones(len(pixels), dtype=bool)
+                for k in range(first, model.num_exits):
+                    same &= (model.cloud_part(batch, split, k).argmax(1) == reference[k]).numpy()
+                agreement[key] = float(same.mean())
+            else:
+                agreement[key] = 1.0
+        log(f"  {name} split {split}: " + ", ".join(
+            f"{e} {payload[split, e].mean():.0f} B (agree {agreement[split, e]:.3f})" for e in encodings_for_split(split)))
+    return payload, enc_ms, dec_ms, agreement
+
+
+@torch.no_grad()
+def _jpeg_correct(model, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> np.ndarray:
+    from rapnet import codec
+    from rapnet.preprocess import to_model_input
+
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = images[i : i + batch]
+        pixels = np.stack([codec.decode_image(codec.encode_image(p, "jpeg", 90)) for p in chunk])
+        logits = model(to_model_input(pixels))
+        out.append(torch.stack([(z.argmax(1) == torch.as_tensor(labels[i : i + batch])) for z in logits], 1).numpy())
+    return np.concatenate(out)
+
+
+def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_n: int = 1000,
+                 out: Path = DEFAULT_CACHE, log=print) -> dict[str, ModelTraces]:
+    """Run every model over the test set (and the calibration split) and write the cache."""
+    from rapnet.checkpoint import load_model
+    from rapnet.costs import measure_costs
+    from rapnet.data import load_dataset, locate_dataset, train_val_split
+    from rapnet.evaluate import collect_traces
+
+    torch.set_num_threads(1)
+    data_path = locate_dataset(data, "cifar10")
+    test = load_dataset(data_path, "test")
+    train = load_dataset(data_path, "train")
+    traces: dict[str, ModelTraces] = {}
+    identities = {}
+    for name, path in checkpoints.items():
+        started = time.time()
+        model, meta = load_model(path)
+        model.eval()
+        identities[name] = meta["identity"]
+        split = meta.get("split", {})
+        _, val_idx = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
+        cal_idx = val_idx[split.get("predictor_fit", int(0.8 * len(val_idx))):]  # as rapnet-eval: never fitted on
+        log(f"{name}: test traces ({len(test)} images)")
+        t = collect_traces(model, test.images, test.labels)
+        c = collect_traces(model, train.images[cal_idx], train.labels[cal_idx])
+        payload, enc_ms, dec_ms, agreement = _payloads(model, name, test.images[:payload_n], log)
+        jpeg = _jpeg_correct(model, test.images, test.labels) if name == "static" else None
+        traces[name] = ModelTraces(
+            name=name, identity=meta["identity"], costs=measure_costs(model),
+            stage_layers=tuple(leaf_layers(s) for s in model.stages),
+            exit_layers=tuple(leaf_layers(e) for e in model.exits),
+            predictor_layers=leaf_layers(model.predictor) if model.predictor is not None else 0,
+            correct=t.correct, confidence=t.confidence.astype(np.float32), scores=None if t.scores is None else t.scores.astype(np.float32),
+            cal_correct=c.correct, cal_confidence=c.confidence.astype(np.float32),
+            cal_scores=None if c.scores is None else c.scores.astype(np.float32),
+            payload=payload, encode_ms=enc_ms, decode_ms=dec_ms, agreement=agreement, jpeg_correct=jpeg,
+        )
+        log(f"{name}: done in {time.time() - started:.0f} s")
+    key = _cache_key(identities, str(data_path), payload_n)
+    save_traces(traces, out, {"key": key, "data": str(data_path), "payload_n": payload_n,
+                              "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "identities": identities})
+    return traces
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cache file
+# --------------------------------------------------------------------------------------------------------
+
+
+def save_traces(traces: dict[str, ModelTraces], path: Path, meta: dict) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    info = {"meta": meta, "models": {}}
+    for name, t in traces.items():
+        m = {"identity": t.identity, "costs": t.costs.to_dict(), "stage_layers": list(t.stage_layers),
+             "exit_layers": list(t.exit_layers), "predictor_layers": t.predictor_layers,
+             "payload_keys": [[s, e] for s, e in t.payload],
+             "encode_ms": [[s, e, v] for (s, e), v in t.encode_ms.items()],
+             "decode_ms": [[s, e, v] for (s, e), v in t.decode_ms.items()],
+             "agreement": [[s, e, v] for (s, e), v in t.agreement.items()]}
+        info["models"][name] = m
+        for field_name in ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores", "jpeg_correct"):
+            value = getattr(t, field_name)
+            if value is not None:
+                arrays[f"{name}.{field_name}"] = value
+        for (s, e), v in t.payload.items():
+            arrays[f"{name}.payload.{s}.{e}"] = v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, info=np.array(json.dumps(info)), **arrays)
+    tmp.replace(path)
+
+
+def load_traces(path: Path) -> tuple[dict[str, ModelTraces], dict]:
+    with np.load(path, allow_pickle=False) as z:
+        info = json.loads(str(z["info"]))
+        arrays = {k: z[k] for k in z.files if k != "info"}
+    traces = {}
+    for name, m in info["models"].items():
+        c = m["costs"]
+        costs = CostTable(
+            tuple(c["stage_flops"]), tuple(c["exit_flops"]), tuple(c["exit_stages"]), c["predictor_flops"],
+            tuple(tuple(k) for k in c["split_keys"]), tuple(tuple(tuple(s) for s in ss) for ss in c["split_shapes"]),
+            tuple(c["split_fp32_bytes"]))
+        get = lambda f: arrays.get(f"{name}.{f}")  # noqa: E731
+        traces[name] = ModelTraces(
+            name=name, identity=m["identity"], costs=costs, stage_layers=tuple(m["stage_layers"]),
+            exit_layers=tuple(m["exit_layers"]), predictor_layers=m["predictor_layers"],
+            correct=get("correct").astype(bool), confidence=get("confidence"), scores=get("scores"),
+            cal_correct=None if get("cal_correct") is None else get("cal_correct").astype(bool),
+            cal_confidence=get("cal_confidence"), cal_scores=get("cal_scores"),
+            payload={(s, e): arrays[f"{name}.payload.{s}.{e}"] for s, e in m["payload_keys"]},
+            encode_ms={(s, e): v for s, e, v in m["encode_ms"]}, decode_ms={(s, e): v for s, e, v in m["decode_ms"]},
+            agreement={(s, e): v for s, e, v in m["agreement"]},
+            jpeg_correct=None if get("jpeg_correct") is None else get("jpeg_correct").astype(bool),
+        )
+    return traces, info["meta"]
+
+
+def default_checkpoints(models_dir: Path = DEFAULT_MODELS) -> dict[str, Path]:
+    return {name: Path(models_dir) / f"{name}-cifar10.pt" for name in MODEL_NAMES}
+
+
+def ensure_traces(checkpoints: dict[str, Path], data: str | None = None, cache: Path = DEFAULT_CACHE,
+                  payload_n: int = 1000, rebuild: bool = False, log=print) -> tuple[dict[str, ModelTraces], dict]:
+    """Load the cached traces if they were made from these checkpoints (identity) and data; rebuild otherwise."""
+    from rapnet.data import locate_dataset
+
+    missing = [str(p) for p in checkpoints.values() if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoints not found: {', '.join(missing)} (train them with rapnet-train, or pass --models DIR)")
+    identities = checkpoint_identities(checkpoints)
+    key = _cache_key(identities, str(locate_dataset(data, "cifar10")), payload_n)
+    if not rebuild and Path(cache).exists():
+        traces, meta = load_traces(cache)
+        if meta.get("key") == key:
+            return traces, meta
+        log(f"{cache} was made from other checkpoints or data: rebuilding")
+    log(f"building simulator traces into {cache} (runs every model over the test set once; minutes on CPU)")
+    build_traces(checkpoints, data, payload_n, cache, log)
+    return load_traces(cache)

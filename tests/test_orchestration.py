@@ -1,0 +1,297 @@
+"""Planner limiting cases and simulator-vs-offline-evaluation equality, on synthetic traces and tiny untrained
+models (no checkpoints or dataset needed). One optional test replays the real cached traces when present."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestration.planner import Conditions, LayerCounts, Planner
+from orchestration.simulator import POLICIES, SimConfig, World, compare, fifo_waits
+from orchestration.traces import ModelTraces, _payloads, leaf_layers, load_traces, save_traces
+from rapnet.costs import CostTable, measure_costs
+from rapnet.evaluate import (Traces, confidence_exits, oracle_exits, point, predictor_exits, rapnet_curve,
+                             sdn_curve)
+
+torch.set_num_threads(1)
+
+
+# --- a hand-made cost table (6 stages, 4 exits) ----------------------------------------------------------
+def toy_costs() -> CostTable:
+    return CostTable(
+        stage_flops=(4_000_000, 4_000_000, 10_000_000, 30_000_000, 30_000_000, 40_000_000),
+        exit_flops=(100_000, 200_000, 400_000, 10_000_000),
+        exit_stages=(0, 2, 3, 5),
+        predictor_flops=2_000_000,
+        split_keys=((),) * 7, split_shapes=((),) * 7,
+        split_fp32_bytes=(12288, 30000, 20000, 16000, 24000, 10000, 0),
+    )
+
+
+def toy_planner(**kw) -> Planner:
+    costs = toy_costs()
+    payload = {(0, "png"): 2400}
+    for s, b in enumerate((None, 8000, 5000, 4000, 6000, 2600)):
+        if b:
+            payload[s, "int8+zstd"] = b
+            payload[s, "fp32+zstd"] = 4 * b
+    layers = LayerCounts((24, 16, 40, 38, 16, 24), (4, 4, 4, 5), 10)
+    return Planner(costs, payload, [0.6, 0.75, 0.85, 0.9], encodings=("png", "int8+zstd", "fp32+zstd"),
+                   threshold=0.8, layers=layers, **kw)
+
+
+SCORES = np.array([0.3, 0.5, 0.9, 0.95])  # predictor: exit 2 is the shallowest trusted at 0.8
+
+
+def test_infinite_bandwidth_slow_device_offloads_at_split_zero():
+    plan = toy_planner().plan(SCORES, Conditions(bandwidth_mbps=1e12, rtt_ms=0, device_gflops=0.01, cloud_gflops=1000))
+    assert plan.offload and plan.split == 0 and plan.encoding == "png"
+    assert plan.exit_index == 2
+    assert plan.expected_latency_ms < plan.breakdown["edge_ms"] + 1  # edge part is only the predictor
+
+
+def test_zero_bandwidth_answers_locally():
+    plan = toy_planner().plan(SCORES, Conditions(bandwidth_mbps=0, rtt_ms=10, device_gflops=0.5))
+    assert not plan.offload and plan.encoding is None
+    assert plan.split == toy_costs().exit_stages[plan.exit_index] + 1
+    assert math.isfinite(plan.expected_latency_ms)
+
+
+def test_very_fast_device_answers_locally():
+    plan = toy_planner().plan(SCORES, Conditions(bandwidth_mbps=1000, rtt_ms=1, device_gflops=1e6, device_layer_us=0.0))
+    assert not plan.offload
+
+
+def test_expected_latency_never_rises_with_bandwidth_and_falls_back_to_local():
+    p = toy_planner()
+    lat = [p.plan(SCORES, Conditions(b, 20, 1.0)).expected_latency_ms for b in (0, 0.1, 1, 10, 100, 1e4)]
+    assert all(a >= b - 1e-9 for a, b in zip(lat, lat[1:]))
+    local = p.option_table(Conditions(0, 20, 1.0)).local_latency[2]
+    assert lat[0] == pytest.approx(local)
+
+
+def test_latency_breakdown_adds_up_and_loss_costs_time():
+    p = toy_planner()
+    c = Conditions(bandwidth_mbps=1e3, rtt_ms=30, device_gflops=0.2, jitter_ms=5, loss=0.0)
+    plan = p.plan(SCORES, c)
+    assert plan.offload
+    parts = plan.breakdown
+    assert plan.expected_latency_ms == pytest.approx(sum(v for k, v in parts.items() if k.endswith("_ms") and k != "total_ms"))
+    lossy = p.plan(SCORES, Conditions(bandwidth_mbps=1e3, rtt_ms=30, device_gflops=0.2, jitter_ms=5, loss=0.2))
+    assert lossy.expected_latency_ms > plan.expected_latency_ms
+
+
+def test_objectives_accuracy_target_and_latency_budget():
+    p = toy_planner()
+    c = Conditions(bandwidth_mbps=0, rtt_ms=10, device_gflops=1.0)
+    assert p.plan(SCORES, Conditions(0, 10, 1.0, accuracy_target=0.4)).exit_index == 1
+    assert p.plan(SCORES, Conditions(0, 10, 1.0, accuracy_target=0.99)).exit_index == 3  # none reaches: last
+    assert p.plan(None, Conditions(0, 10, 1.0, accuracy_target=0.8)).exit_index == 2  # population accuracy
+    local = p.option_table(c).local_latency
+    budget = (local[0] + local[1]) / 2  # only exit 0 fits
+    plan = p.plan(SCORES, Conditions(0, 10, 1.0, latency_budget_ms=budget))
+    assert plan.exit_index == 0 and plan.expected_latency_ms <= budget
+    plan = p.plan(SCORES, Conditions(0, 10, 1.0, latency_budget_ms=local[0] / 10))  # nothing fits: fastest
+    assert plan.exit_index == 0 and plan.breakdown["within_budget"] is False
+
+
+def test_plan_agrees_with_vectorised_plan_exits():
+    p = toy_planner()
+    rng = np.random.default_rng(0)
+    scores = rng.random((200, 4))
+    for c in (Conditions(5, 20, 1.0), Conditions(5, 20, 1.0, accuracy_target=0.7), Conditions(0.5, 80, 0.5, latency_budget_ms=50)):
+        exits = p.plan_exits(scores, c)
+        assert [p.plan(s, c).exit_index for s in scores] == exits.tolist()
+    assert (p.plan_exits(scores, Conditions(5, 20, 1.0)) == predictor_exits(scores, 0.8)).all()
+
+
+def test_sequential_costs_include_every_head():
+    costs = toy_costs()
+    seq = Planner(costs, {}, [0.5] * 4, sequential=True, predictor_on_edge=False)
+    jump = Planner(costs, {}, [0.5] * 4, predictor_on_edge=False)
+    assert seq._local_f[3] == costs.sequential_exit_cost(3)
+    assert jump._local_f[3] == costs.exit_cost(3)
+
+
+def test_static_and_progressive_helpers():
+    p = toy_planner()
+    fast_net = Conditions(1e4, 1, 0.05)
+    assert p.plan_static(fast_net).offload
+    assert not p.plan_static(Conditions(0, 1, 0.05)).offload
+    split, enc, ms = p.plan_progressive(np.array([1.0, 0, 0, 0]), Conditions(1e4, 50, 5.0))  # all exit at 0: local
+    assert enc is None and split == len(toy_costs().stage_flops)
+    split, enc, ms = p.plan_progressive(np.array([0, 0, 0, 1.0]), fast_net)
+    assert enc is not None and split <= 5
+
+
+def test_fifo_waits():
+    w = fifo_waits(np.array([0.0, 1.0, 2.0, 10.0]), np.array([5.0, 5.0, 5.0, 1.0]), workers=1)
+    assert w.tolist() == [0.0, 4.0, 8.0, 5.0]
+    w = fifo_waits(np.array([0.0, 1.0, 2.0]), np.array([5.0, 5.0, 5.0]), workers=2)
+    assert w.tolist() == [0.0, 0.0, 3.0]
+
+
+# --- synthetic traces over tiny untrained models (real cost tables and real request sizes) ---------------
+N = 400
+
+
+def _synthetic(kind: str, seed: int) -> ModelTraces:
+    from rapnet.build import build_model
+    from rapnet.config import ModelConfig
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(kind=kind, width=0.25)).eval()
+    costs = measure_costs(model)
+    K = costs.num_exits
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        difficulty = rng.random(n)
+        correct = difficulty[:, None] < np.linspace(0.55, 0.9, K)[None, :] + 0.05 * rng.standard_normal((n, K))
+        confidence = np.clip(0.5 + 0.4 * correct + 0.15 * rng.standard_normal((n, K)), 0, 1).astype(np.float32)
+        scores = np.clip(correct + 0.3 * rng.standard_normal((n, K)), 0, 1).astype(np.float32) if kind == "rapnet" else None
+        return correct, confidence, scores
+
+    c, f, s = draw(N)
+    cc, cf, cs = draw(200)
+    pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    payload, enc, dec, agree = _payloads(model, kind, pixels, lambda m: None)
+    return ModelTraces(kind, f"synthetic-{kind}", costs, tuple(leaf_layers(x) for x in model.stages),
+                       tuple(leaf_layers(x) for x in model.exits),
+                       leaf_layers(model.predictor) if model.predictor is not None else 0,
+                       c, f, s, cc, cf, cs, payload, enc, dec, {k: 1.0 for k in agree},
+                       jpeg_correct=c if kind == "static" else None)
+
+
+@pytest.fixture(scope="module")
+def traces():
+    return {name: _synthetic(name, i) for i, name in enumerate(("rapnet", "sdn", "static"))}
+
+
+@pytest.fixture(scope="module")
+def world(traces):
+    return World(traces, SimConfig(devices=4, workers=1, fps=10.0, accuracy_target=0.7))
+
+
+def _offline(t: ModelTraces) -> Traces:
+    return Traces(t.correct, t.confidence, t.scores)
+
+
+@pytest.mark.parametrize("cond", [Conditions(10, 20, 1.0), Conditions(0.5, 80, 0.5, jitter_ms=3, loss=0.01), Conditions(100, 5, 20.0)])
+def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
+    results = world.run_all(cond)
+    assert set(results) == set(POLICIES)
+    rap = next(p for p in rapnet_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["threshold"] == world.rapnet_threshold)
+    sdn = next(p for p in sdn_curve(_offline(traces["sdn"]), traces["sdn"].costs) if p["threshold"] == world.sdn_threshold)
+    flops = np.array([traces["rapnet"].costs.exit_cost(k) for k in range(traces["rapnet"].costs.num_exits)])
+    oracle = point(_offline(traces["rapnet"]), oracle_exits(traces["rapnet"].correct), flops)
+    static = traces["static"].correct[:, 0].mean()
+    for name in ("rapnet_edge", "rapnet_split"):
+        assert results[name].accuracy == pytest.approx(rap["accuracy"], abs=1e-12)
+        assert results[name].exit_histogram == rap["exit_histogram"]
+    for name in ("sdn_edge", "spinn"):
+        assert results[name].accuracy == pytest.approx(sdn["accuracy"], abs=1e-12)
+    assert results["oracle"].accuracy == pytest.approx(oracle["accuracy"], abs=1e-12)
+    for name in ("neurosurgeon", "cloud_png"):
+        assert results[name].accuracy == pytest.approx(static, abs=1e-12)
+    v = compare(results)
+    assert v["oracle_ratio"] > 0 and v["fastest_baseline"] in results
+
+
+def test_thresholds_come_from_calibration_not_test(traces, world):
+    t = traces["rapnet"]
+    rows = np.arange(len(t.cal_correct))
+    acc = t.cal_correct[rows, predictor_exits(t.cal_scores, world.rapnet_threshold)].mean()
+    assert acc == pytest.approx(world.rapnet_cal_acc)
+    t = traces["sdn"]
+    acc = t.cal_correct[np.arange(len(t.cal_correct)), confidence_exits(t.cal_confidence, world.sdn_threshold)].mean()
+    assert acc == pytest.approx(world.sdn_cal_acc)
+
+
+def test_simulated_latency_matches_planner_without_noise(traces, world):
+    c = Conditions(bandwidth_mbps=0, rtt_ms=10, device_gflops=2.0)  # no network: everything local, no noise
+    res = world.run_policy("rapnet_split", c)
+    table = world.planners["rapnet"].option_table(c)
+    assert res.offload_share == 0
+    assert res.mean_ms == pytest.approx(table.latency[world.rapnet_exits].mean())
+    # with a network and a lightly loaded cloud, simulated latency ~ planner expectation (+ real byte spread)
+    lone = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7))
+    c = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05)
+    res = lone.run_policy("rapnet_split", c)
+    table = lone.planners["rapnet"].option_table(c)
+    assert res.offload_share > 0.5
+    assert res.mean_ms == pytest.approx(table.latency[lone.rapnet_exits].mean(), rel=0.02)
+
+
+def test_offload_when_network_is_free_and_device_is_slow(world):
+    res = world.run_all(Conditions(bandwidth_mbps=1e6, rtt_ms=0.1, device_gflops=0.05, cloud_gflops=1000))
+    assert res["rapnet_split"].offload_share == 1.0
+    assert res["rapnet_split"].mean_ms < res["rapnet_edge"].mean_ms
+    res = world.run_all(Conditions(bandwidth_mbps=0.01, rtt_ms=200, device_gflops=50))
+    assert res["rapnet_split"].offload_share == 0.0
+    assert res["rapnet_split"].mean_ms == pytest.approx(res["rapnet_edge"].mean_ms)
+
+
+def test_trace_cache_roundtrip(traces, tmp_path):
+    path = tmp_path / "t.npz"
+    save_traces(traces, path, {"key": "k"})
+    loaded, meta = load_traces(path)
+    assert meta == {"key": "k"}
+    for name, t in traces.items():
+        u = loaded[name]
+        assert u.costs == t.costs and u.stage_layers == t.stage_layers
+        assert (u.correct == t.correct).all() and (u.confidence == t.confidence).all()
+        assert set(u.payload) == set(t.payload) and all((u.payload[k] == t.payload[k]).all() for k in t.payload)
+        assert u.encode_ms == t.encode_ms
+
+
+def test_payloads_are_real_serialized_sizes(traces):
+    t = traces["rapnet"]
+    assert set(k for k in t.payload if k[0] == 0) == {(0, "png"), (0, "jpeg")}
+    assert all((v > 0).all() for v in t.payload.values())
+    # fp32 features are bigger than fp16 and int8 at the same split
+    for s in range(1, len(t.costs.stage_flops)):
+        assert t.payload[s, "fp32+zstd"].mean() > t.payload[s, "fp16+zstd"].mean() > t.payload[s, "int8+zstd"].mean()
+
+
+def test_cli_help_and_live_note(capsys):
+    from orchestration.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "sweep" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["live"])
+    assert "edge agent" in str(e.value.code)
+
+
+def test_sweep_outputs(world, tmp_path):
+    from orchestration import cli
+
+    args = cli.build_parser().parse_args(["sweep", "--bandwidth-mbps", "1 100", "--device-gflops", "0.5 20", "--rtt-ms", "10",
+                                          "--out", str(tmp_path / "s"), "--figures-dir", str(tmp_path)])
+    rows = cli.sweep(world, args, progress=False)
+    summary = cli.summarize(rows)
+    assert summary["cells"] == 4
+    paths = cli.write_outputs(rows, summary, world, {}, args, 0.0)
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+# --- optional: the real cached traces --------------------------------------------------------------------
+REAL = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="no cached real traces (run rapnet-sim traces)")
+def test_real_traces_accuracy_equals_offline_evaluation():
+    traces, _ = load_traces(REAL)
+    world = World(traces)
+    results = world.run_all(Conditions(10, 20, 2.0))
+    rap = next(p for p in rapnet_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["threshold"] == world.rapnet_threshold)
+    sdn = next(p for p in sdn_curve(_offline(traces["sdn"]), traces["sdn"].costs) if p["threshold"] == world.sdn_threshold)
+    assert results["rapnet_split"].accuracy == pytest.approx(rap["accuracy"], abs=1e-12)
+    assert results["sdn_edge"].accuracy == pytest.approx(sdn["accuracy"], abs=1e-12)
+    assert results["neurosurgeon"].accuracy == pytest.approx(traces["static"].correct.mean(), abs=1e-12)
