@@ -1,7 +1,7 @@
 """The Ray Serve application: replicas that hold the model and run the cloud stages with dynamic batching.
 
 Each replica loads the checkpoint once, refuses to start unless its model identity equals the one the front
-expects, and answers `Sample`s through `@serve.batch` (size and wait from `BatchSettings`). A batch that mixes
+expects, and answers chunks of `Sample`s (coalesced by the front) through `@serve.batch` (size and wait from `BatchSettings`). A batch that mixes
 split points and exits is regrouped by `cloud.batching.run_batch`. Replica count and autoscaling come from
 `CloudConfig` (see `build_app`), never from code.
 """
@@ -50,13 +50,21 @@ class CloudStages:
         # Compute off the replica's event loop, so the next batch gathers while this one runs.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapnet-compute")
 
-    async def __call__(self, sample: Sample) -> SampleResult:
-        return await self.infer(sample)
+    async def __call__(self, chunk: list[Sample]) -> list[SampleResult]:
+        """One call carries a chunk of samples the front coalesced; @serve.batch merges chunks up to
+        max_batch_size samples, so the per-call overhead of Ray is paid per chunk, not per sample."""
+        return await self.infer(chunk)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def infer(self, samples: list[Sample]) -> list[SampleResult]:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=lambda chunks: sum(map(len, chunks)))
+    async def infer(self, chunks: list[list[Sample]]) -> list[list[SampleResult]]:
+        samples = [sample for chunk in chunks for sample in chunk]
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, run_batch, self.model, samples, self.device)
+        results = await loop.run_in_executor(self._pool, run_batch, self.model, samples, self.device)
+        out, pos = [], 0
+        for chunk in chunks:
+            out.append(results[pos : pos + len(chunk)])
+            pos += len(chunk)
+        return out
 
     def model_identity(self) -> str:
         return self.identity

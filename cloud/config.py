@@ -102,6 +102,7 @@ class FrontSettings:
     request_timeout_s: float = 30.0  # cap for requests that carry no gRPC deadline
     retries: int = 1  # retries of a request whose replica died under it
     honour_request_deadline_ms: bool = True  # also honour InferRequest.deadline_ms (same-clock assumption)
+    pipeline_per_replica: int = 2  # chunks the front keeps outstanding per running replica (see front.py)
     stream_window: int = 64  # outstanding messages per InferStream before the server stops reading
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
 
@@ -110,8 +111,8 @@ class FrontSettings:
             raise ValueError(f"front.port {self.port} is outside 0..65535")
         if self.max_message_bytes < 1024:
             raise ValueError("front.max_message_bytes must be at least 1024")
-        if self.max_in_flight < 1 or self.retries < 0 or self.stream_window < 1:
-            raise ValueError("front: max_in_flight and stream_window must be >= 1, retries >= 0")
+        if self.max_in_flight < 1 or self.retries < 0 or self.stream_window < 1 or self.pipeline_per_replica < 1:
+            raise ValueError("front: max_in_flight, stream_window and pipeline_per_replica must be >= 1, retries >= 0")
 
     @property
     def is_loopback(self) -> bool:

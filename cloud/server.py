@@ -105,6 +105,7 @@ class CloudServer:
         self._failure: BaseException | None = None
         self._health: health.aio.HealthServicer | None = None
         self._handle = None
+        self._front = None
         self._stopped = False
 
     # ---- public ---------------------------------------------------------------------------------------
@@ -232,7 +233,10 @@ class CloudServer:
             ("grpc.max_send_message_length", front_cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        front = InferenceFront(contract, self._handle, front_cfg, self._token, self.metrics)
+        front = InferenceFront(contract, self._handle, front_cfg, self._token, self.metrics,
+                               max_chunk=self.config.batch.max_batch_size)
+        front.coalescer.replicas = self.config.autoscaling.min_replicas
+        self._front = front
         server.add_generic_rpc_handlers((front.generic_handler(),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -272,6 +276,8 @@ class CloudServer:
             except Exception as err:  # noqa: BLE001 - a failed status poll must not kill the front
                 log.warning("status poll failed", extra=fields(error=str(err)))
                 continue
+            if running > 0:
+                self._front.coalescer.replicas = running
             state = SERVING if running > 0 else NOT_SERVING
             if state != last:
                 for name in SERVICE_NAMES:

@@ -1,0 +1,294 @@
+"""Cloud tier throughput and latency over real gRPC on loopback vs a bare in-process torch forward.
+
+For 1, 8 and 32 concurrent clients: samples/s and p50/p99 latency of `Infer` calls (a client subprocess
+running grpc.aio, TLS off, bearer token on, pre-encoded requests), and of a bare torch forward of the same
+stages (`continue_mixed` from the split to the exit) at the same batch size, with the same torch thread count
+as a replica. Runs are interleaved (bare, served, bare, served, ...) and repeated; medians are reported.
+The server's own metrics (decode, queue, compute per batch, batch sizes) say where the time goes.
+
+    python benchmarks/cloud_bench.py                      # ~3 minutes on 2 cores
+    python benchmarks/cloud_bench.py --checkpoint models/rapnet-cifar10.pt --split 4 --seconds 5
+Writes benchmarks/results/cloud.json and prints a markdown table (copied into docs/cloud.md).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TOKEN = "bench-token-" + "z" * 24
+
+
+# ------------------------------------------------------------------------------------------------------
+# Client subprocess
+# ------------------------------------------------------------------------------------------------------
+
+
+def _read_payloads(path: str) -> list[bytes]:
+    data = Path(path).read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        (n,) = struct.unpack_from("<I", data, pos)
+        out.append(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+async def _client(address: str, payloads: list[bytes], clients: int, warmup_s: float, seconds: float) -> dict:
+    import grpc
+
+    options = [("grpc.max_send_message_length", 1 << 20), ("grpc.max_receive_message_length", 1 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        call = channel.unary_unary("/rapnet.v1.Inference/Infer", request_serializer=None, response_deserializer=None)
+        metadata = (("authorization", f"Bearer {TOKEN}"),)
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+
+        async def worker(k: int) -> None:
+            i = k
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                try:
+                    await call(payloads[i % len(payloads)], metadata=metadata, timeout=30)
+                    t1 = time.perf_counter()
+                    if t0 >= measure_from and t1 <= stop_at:
+                        latencies.append(t1 - t0)
+                except grpc.aio.AioRpcError as err:
+                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                i += clients
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+    return {"latencies": latencies, "seconds": seconds, "errors": errors}
+
+
+def client_main(args) -> None:
+    result = asyncio.run(_client(args.address, _read_payloads(args.payloads), args.clients, args.warmup, args.seconds))
+    print(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def bare_torch(model, carries, split: int, exit_index: int, batch: int, warmup_s: float, seconds: float) -> dict:
+    import torch
+
+    keys = carries[0].keys()
+    batches = []
+    for b in range(8):
+        chunk = [carries[(b * batch + j) % len(carries)] for j in range(batch)]
+        batches.append({k: torch.cat([c[k] for c in chunk]) for k in keys})
+    exits = torch.full((batch,), exit_index, dtype=torch.long)
+    latencies, samples = [], 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+    i = 0
+    with torch.inference_mode():
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            model.continue_mixed(batches[i % len(batches)], split, exits)
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                latencies.append(t1 - t0)
+                samples += batch
+            i += 1
+    measured = sum(latencies)
+    return {"samples_per_s": samples / measured if measured else 0.0, "p50_ms": _pct(latencies, 0.5) * 1e3,
+            "p99_ms": _pct(latencies, 0.99) * 1e3, "calls": len(latencies)}
+
+
+def _metric_totals(registry) -> dict:
+    def total(name: str) -> float:
+        value = 0.0
+        for metric in registry.collect():
+            for sample in metric.samples:
+                if sample.name == name:
+                    value += sample.value
+        return value
+
+    return {k: total(k) for k in (
+        "rapnet_cloud_batch_size_count", "rapnet_cloud_batch_size_sum", "rapnet_cloud_compute_seconds_sum",
+        "rapnet_cloud_compute_seconds_count", "rapnet_cloud_queue_seconds_sum", "rapnet_cloud_queue_seconds_count",
+        "rapnet_cloud_decode_seconds_sum", "rapnet_cloud_decode_seconds_count", "rapnet_cloud_request_seconds_sum",
+    )}
+
+
+def served(server, payload_file: str, clients: int, warmup_s: float, seconds: float) -> dict:
+    before = _metric_totals(server.metrics.registry)
+    cmd = [sys.executable, __file__, "--client", "--address", server.address, "--payloads", payload_file,
+           "--clients", str(clients), "--warmup", str(warmup_s), "--seconds", str(seconds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=warmup_s + seconds + 120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    after = _metric_totals(server.metrics.registry)
+    d = {k: after[k] - before[k] for k in after}
+    lat = result["latencies"]
+    batches = max(d["rapnet_cloud_batch_size_count"], 1)
+    requests = max(d["rapnet_cloud_queue_seconds_count"], 1)
+    wall = warmup_s + seconds
+    return {
+        "samples_per_s": len(lat) / seconds, "p50_ms": _pct(lat, 0.5) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3,
+        "calls": len(lat), "errors": result["errors"],
+        # Server side, over warm-up + measurement (what the metrics saw):
+        "mean_batch": d["rapnet_cloud_batch_size_sum"] / batches,
+        "compute_ms_per_batch": d["rapnet_cloud_compute_seconds_sum"] / max(d["rapnet_cloud_compute_seconds_count"], 1) * 1e3,
+        "replica_busy": d["rapnet_cloud_compute_seconds_sum"] / wall,
+        "queue_ms_mean": d["rapnet_cloud_queue_seconds_sum"] / requests * 1e3,
+        "decode_ms_mean": d["rapnet_cloud_decode_seconds_sum"] / max(d["rapnet_cloud_decode_seconds_count"], 1) * 1e3,
+        "front_ms_mean": d["rapnet_cloud_request_seconds_sum"] / requests * 1e3,
+    }
+
+
+def machine_info(torch_threads: int) -> dict:
+    def sh(cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return ""
+
+    model = next((line.split(":", 1)[1].strip() for line in sh("lscpu").splitlines() if line.startswith("Model name")), "")
+    return {"cpu": model, "nproc": int(sh("nproc") or 0), "torch_threads": torch_threads,
+            "python": platform.python_version(), "git_commit": sh(f"git -C {ROOT} rev-parse --short HEAD"),
+            "loadavg_start": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--payloads", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help="default: models/rapnet-cifar10.pt, else runs/gpu-w1/rapnet.pt")
+    parser.add_argument("--split", type=int, default=4)
+    parser.add_argument("--exit", type=int, default=None, help="default: the last exit")
+    parser.add_argument("--encoding", default="fp16", help="carry encoding the edge sends (fp32/fp16/int8/int4)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
+    args = parser.parse_args()
+    if args.client:
+        args.clients = args.clients[0]
+        client_main(args)
+        return
+
+    import torch
+
+    from cloud.config import CloudConfig
+    from cloud.server import CloudServer, local_ray_environment
+    from rapnet.checkpoint import load_model
+    from rapnet.codec import EncodeOptions, ModelContract, build_request
+
+    local_ray_environment()
+    checkpoint = args.checkpoint or next(
+        (p for p in (ROOT / "models" / "rapnet-cifar10.pt", ROOT / "runs" / "gpu-w1" / "rapnet.pt") if p.is_file()), None)
+    if checkpoint is None:
+        sys.exit("no checkpoint: pass --checkpoint (models/rapnet-cifar10.pt is written by rapnet-train)")
+    torch.set_num_threads(args.torch_threads)
+    model, metadata = load_model(checkpoint)
+    exit_index = model.num_exits - 1 if args.exit is None else args.exit
+    contract = ModelContract.from_model(model, metadata["identity"])
+    gen = torch.Generator().manual_seed(0)
+    carries, payloads = [], []
+    with torch.inference_mode():
+        for _ in range(64):
+            carry = model.edge_part(torch.randn(1, 3, 32, 32, generator=gen), args.split)
+            carries.append(carry)
+            payloads.append(build_request(contract, carry, args.split, exit_index,
+                                          EncodeOptions(encoding=args.encoding)).SerializeToString())
+    payload_file = tempfile.NamedTemporaryFile(prefix="rapnet-bench-", suffix=".bin", delete=False)
+    payload_file.write(b"".join(struct.pack("<I", len(p)) + p for p in payloads))
+    payload_file.close()
+
+    temp = tempfile.mkdtemp(prefix="rapnet-ray-bench-", dir="/tmp")
+    config = CloudConfig().with_overrides(
+        batch={"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
+        replica={"torch_threads": args.torch_threads, "num_cpus": 1},
+        front={"port": 0, "max_in_flight": 1024}, metrics={"port": None}, ray={"temp_dir": temp},
+    )
+    info = machine_info(args.torch_threads)
+    t_start = time.perf_counter()
+    server = CloudServer(checkpoint, config, token=TOKEN).start()
+    runs: list[dict] = []
+    try:
+        for rep in range(args.repeats):
+            for clients in args.clients:
+                bare = bare_torch(model, carries, args.split, exit_index, min(clients, args.max_batch_size),
+                                  args.warmup, args.seconds)
+                srv = served(server, payload_file.name, clients, args.warmup, args.seconds)
+                runs.append({"repeat": rep, "clients": clients, "bare": bare, "served": srv})
+                print(f"rep {rep} clients {clients:>2}: bare {bare['samples_per_s']:8.1f}/s  served "
+                      f"{srv['samples_per_s']:8.1f}/s  ratio {srv['samples_per_s'] / bare['samples_per_s']:.2f}  "
+                      f"batch {srv['mean_batch']:.1f}  busy {srv['replica_busy']:.2f}  errors {srv['errors']}", flush=True)
+    finally:
+        server.stop()
+        os.unlink(payload_file.name)
+    summary = []
+    for clients in args.clients:
+        rows = [r for r in runs if r["clients"] == clients]
+
+        def med(side: str, key: str) -> float:
+            return statistics.median(r[side][key] for r in rows)
+
+        summary.append({
+            "clients": clients, "batch": min(clients, args.max_batch_size),
+            "bare_samples_per_s": med("bare", "samples_per_s"), "bare_p50_ms": med("bare", "p50_ms"),
+            "bare_p99_ms": med("bare", "p99_ms"),
+            "served_samples_per_s": med("served", "samples_per_s"), "served_p50_ms": med("served", "p50_ms"),
+            "served_p99_ms": med("served", "p99_ms"),
+            "ratio": statistics.median(r["served"]["samples_per_s"] / r["bare"]["samples_per_s"] for r in rows),
+            "mean_batch": med("served", "mean_batch"), "replica_busy": med("served", "replica_busy"),
+            "compute_ms_per_batch": med("served", "compute_ms_per_batch"), "queue_ms_mean": med("served", "queue_ms_mean"),
+            "decode_ms_mean": med("served", "decode_ms_mean"), "front_ms_mean": med("served", "front_ms_mean"),
+        })
+    result = {
+        "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
+        "split": args.split, "exit": exit_index, "encoding": args.encoding,
+        "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
+                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False},
+        "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
+        "loadavg_end": os.getloadavg()[0],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}\n")
+    print("| clients | batch | bare torch samples/s | served samples/s | served / bare | served p50 ms | served p99 ms "
+          "| bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch | queue ms | decode ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in summary:
+        print(f"| {s['clients']} | {s['batch']} | {s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
+              f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
+              f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "
+              f"{s['queue_ms_mean']:.1f} | {s['decode_ms_mean']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
