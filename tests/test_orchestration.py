@@ -295,3 +295,22 @@ def test_real_traces_accuracy_equals_offline_evaluation():
     assert results["rapnet_split"].accuracy == pytest.approx(rap["accuracy"], abs=1e-12)
     assert results["sdn_edge"].accuracy == pytest.approx(sdn["accuracy"], abs=1e-12)
     assert results["neurosurgeon"].accuracy == pytest.approx(traces["static"].correct.mean(), abs=1e-12)
+
+
+def test_planner_for_model_from_sample_frames():
+    from orchestration.factory import planner_for_model
+    from rapnet.build import build_model
+    from rapnet.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.25)).eval()
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    planner = planner_for_model(model, pixels, threshold=0.5)
+    with torch.no_grad():
+        scores = model.exit_scores(torch.zeros(1, 3, 32, 32)).numpy()[0]
+    # the deepest exit on a very slow device, free network: offload
+    slow = planner.plan(scores, Conditions(bandwidth_mbps=1e9, rtt_ms=0.0, device_gflops=0.01, accuracy_target=2.0))
+    assert slow.exit_index == planner.costs.num_exits - 1
+    assert slow.offload and slow.expected_latency_ms < planner.option_table(
+        Conditions(bandwidth_mbps=1e9, rtt_ms=0.0, device_gflops=0.01)).local_latency[-1]
+    assert not planner.plan(scores, Conditions(bandwidth_mbps=0.0, rtt_ms=10.0, device_gflops=1.0)).offload

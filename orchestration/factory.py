@@ -1,0 +1,53 @@
+"""Building a Planner for a loaded model: what the edge agent calls at start-up.
+
+    from orchestration.factory import planner_for_model
+    planner = planner_for_model(model, sample_pixels, threshold=0.9)
+    plan = planner.plan(model.exit_scores(x).numpy()[0], Conditions(bandwidth_mbps=..., rtt_ms=..., device_gflops=...))
+
+Cost table and layer counts come from the model itself; payload sizes are the real serialized InferRequest
+sizes on the sample frames (the same measurement the simulator's traces use), or, with `traces`, the cached
+ones for the same model identity (runs/sim_traces.npz).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .planner import DEFAULT_ENCODINGS, LayerCounts, Planner
+
+
+def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float = 0.5,
+                      exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
+                      traces: str | Path | None = None, min_agreement: float = 0.995) -> Planner:
+    """A planner for `model`: sample_pixels (N, H, W, 3) uint8 frames to measure request sizes on (a few
+    dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity)."""
+    from rapnet.checkpoint import model_identity
+    from rapnet.costs import measure_costs
+
+    from .traces import _payloads, leaf_layers, load_traces
+
+    costs = measure_costs(model)
+    layers = LayerCounts(tuple(leaf_layers(s) for s in model.stages), tuple(leaf_layers(e) for e in model.exits),
+                         leaf_layers(model.predictor) if model.predictor is not None else 0)
+    payload = codec_ms = agreement = None
+    if traces is not None and Path(traces).exists():
+        identity = model_identity(model)
+        for t in load_traces(Path(traces))[0].values():
+            if t.identity == identity:
+                payload, agreement = t.mean_payload(), t.agreement
+                codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
+                exit_accuracy = exit_accuracy if exit_accuracy is not None else (
+                    t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
+    if payload is None:
+        if sample_pixels is None:
+            raise ValueError("pass sample frames (uint8 N x H x W x 3) to measure request sizes, or a matching trace cache")
+        sizes, enc, dec, agreement = _payloads(model, model.config.kind, np.asarray(sample_pixels), lambda m: None)
+        payload = {k: int(round(float(v.mean()))) for k, v in sizes.items()}
+        codec_ms = {k: (enc[k], dec[k]) for k in sizes}
+    payload = {k: v for k, v in payload.items() if agreement.get(k, 1.0) >= min_agreement}
+    if exit_accuracy is None:
+        exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
+    return Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, layers=layers,
+                   codec_ms=codec_ms, agreement=agreement, sequential=model.config.kind == "sdn")
