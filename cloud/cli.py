@@ -108,13 +108,14 @@ def _serve(args) -> int:
         log.info("signal", extra=logs.fields(signal=signal.Signals(signum).name))
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
     except StartError as err:
         print(f"rapnet-cloud: {err}", file=sys.stderr)
         return 1
+    # After start: ray.init installs its own SIGTERM handler, which would skip the clean shutdown below.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     print(f"serving rapnet.v1.Inference on {server.address} (tls={'on' if tls else 'off'}"
           f"{', metrics on ' + str(config.metrics.host) + ':' + str(server.metrics_port) if server.metrics_port else ''})",
           flush=True)
