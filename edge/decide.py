@@ -1,0 +1,129 @@
+"""The edge agent's decision: which exit, and local or split, for one frame.
+
+The decision itself belongs to the planner (orchestration/planner.py, built by
+orchestration.factory.planner_for_model): this module only turns the agent's flags and its live network
+estimate into the planner's `Conditions`, and keeps those conditions on a coarse grid so the planner's
+per-Conditions option cache stays small and a noisy estimate does not flip decisions on every frame.
+
+    decider = build_decider(model, sample_pixels, DecisionSettings(threshold=0.9, device_gflops=5))
+    plan = decider.plan(scores, decider.conditions(estimate))        # scores: model.exit_scores(x)[0]
+    plan.exit_index, plan.split, plan.encoding, plan.offload
+
+`plan_offline(model, decider, pixels)` applies the same decision to frames offline (tests, docs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from orchestration.planner import DEFAULT_ENCODINGS, Conditions, Plan, Planner
+
+DEFAULT_THRESHOLD = 0.9  # used when the checkpoint's metadata names none (ours: see docs/edge.md)
+THRESHOLD_KEYS = ("predictor_threshold", "threshold", "operating_threshold")
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """What the device and the objective are; the network part is a prior until the agent measures it."""
+
+    threshold: float | None = None  # None: the checkpoint's, else DEFAULT_THRESHOLD
+    device_gflops: float = 5.0
+    device_layer_us: float | None = None
+    cloud_gflops: float = 100.0
+    latency_budget_ms: float | None = None
+    encodings: tuple[str, ...] = DEFAULT_ENCODINGS  # the menu the planner picks from
+    bandwidth_mbps: float = 50.0  # prior (or fixed, with fixed_network)
+    rtt_ms: float = 5.0
+    cloud_queue_ms: float = 0.0
+    fixed_network: bool = False  # True: plan with the prior, ignore the live estimate (reproducible runs)
+
+
+def checkpoint_threshold(metadata: dict | None) -> float | None:
+    for key in THRESHOLD_KEYS:
+        value = (metadata or {}).get(key)
+        if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+            return float(value)
+    return None
+
+
+def _grid(value: float, steps_per_decade: int = 20) -> float:
+    """Round onto a log grid (~12% steps): keeps Conditions few and decisions stable."""
+    if value <= 0 or not math.isfinite(value):
+        return max(0.0, value) if math.isfinite(value) else value
+    return float(10 ** (round(math.log10(value) * steps_per_decade) / steps_per_decade))
+
+
+class Decider:
+    """Conditions from flags + live estimate, decisions from the planner."""
+
+    def __init__(self, planner: Planner, settings: DecisionSettings, threshold: float):
+        self.planner = planner.with_threshold(threshold)
+        self.settings = settings
+        self.threshold = threshold
+
+    def conditions(self, bandwidth_mbps: float | None = None, rtt_ms: float | None = None,
+                   cloud_queue_ms: float | None = None, cloud_available: bool = True) -> Conditions:
+        s = self.settings
+        bw = s.bandwidth_mbps if (s.fixed_network or bandwidth_mbps is None) else bandwidth_mbps
+        rtt = s.rtt_ms if (s.fixed_network or rtt_ms is None) else rtt_ms
+        queue = s.cloud_queue_ms if (s.fixed_network or cloud_queue_ms is None) else cloud_queue_ms
+        if not cloud_available:
+            bw = 0.0  # no network: the planner answers every exit locally
+        return Conditions(bandwidth_mbps=_grid(bw), rtt_ms=round(max(rtt, 0.0), 1), device_gflops=s.device_gflops,
+                          device_layer_us=s.device_layer_us, cloud_gflops=s.cloud_gflops,
+                          cloud_queue_ms=round(max(queue, 0.0), 1), latency_budget_ms=s.latency_budget_ms)
+
+    def plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:
+        return self.planner.plan(scores, conditions)
+
+    def local_plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:
+        """The plan with the cloud out of reach (circuit open): same rule, every exit local."""
+        return self.planner.plan(scores, replace(conditions, bandwidth_mbps=0.0))
+
+    def fallback_exit(self, conditions: Conditions, target_exit: int, first_exit: int = 0) -> int:
+        """The deepest exit (>= first_exit, <= target) the device can compute within the budget, for a frame
+        whose offload failed and whose split left no local exit."""
+        local = self.planner.option_table(replace(conditions, bandwidth_mbps=0.0)).local_latency
+        budget = conditions.latency_budget_ms
+        fits = [k for k in range(first_exit, target_exit + 1) if budget is None or local[k] <= budget]
+        return fits[-1] if fits else first_exit
+
+
+def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSettings, metadata: dict | None = None,
+                  traces: str | Path | None = None) -> Decider:
+    """The planner for `model` (orchestration.factory: measured costs, layer counts, real request sizes on
+    `sample_pixels`, or a trace cache holding this model) behind the agent's settings."""
+    from orchestration.factory import planner_for_model
+
+    threshold = settings.threshold if settings.threshold is not None else checkpoint_threshold(metadata)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    accuracy = (metadata or {}).get("val_acc_per_exit")
+    if not (isinstance(accuracy, Sequence) and len(accuracy) == model.num_exits):
+        accuracy = None
+    planner = planner_for_model(model, sample_pixels, threshold=threshold, exit_accuracy=accuracy,
+                                encodings=tuple(settings.encodings), traces=traces)
+    return Decider(planner, settings, threshold)
+
+
+def plan_offline(model, decider: Decider, pixels: np.ndarray, conditions: Conditions | None = None):
+    """The policy applied offline, frame by frame at batch 1 (exit_scores -> plan -> run_to_exit).
+
+    Returns (plans, predicted classes). Offloaded frames are answered by the monolithic run_to_exit, which
+    equals the split execution for lossless encodings (the model's split invariant)."""
+    import torch
+
+    from rapnet.preprocess import to_model_input
+
+    conditions = conditions or decider.conditions()
+    plans, classes = [], []
+    with torch.no_grad():
+        for i in range(len(pixels)):
+            x = to_model_input(pixels[i])
+            plan = decider.plan(model.exit_scores(x).numpy()[0], conditions)
+            plans.append(plan)
+            classes.append(int(model.run_to_exit(x, plan.exit_index).argmax(1)[0]))
+    return plans, np.asarray(classes)
