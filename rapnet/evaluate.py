@@ -210,7 +210,6 @@ def run(args: argparse.Namespace) -> dict:
     test = load_dataset(data_path, "test", cache_dir=args.cache_dir, progress=True)
     train = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
     split = meta.get("split", {})
-    tcfg = meta.get("train_config", {})
     _, val_idx = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
     cal_idx = val_idx[split.get("predictor_fit", int(0.8 * len(val_idx))):]  # never seen by the predictor
     if args.limit:

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .build import build_model
-from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import ModelConfig
 from .data import DatasetError, load_dataset, locate_dataset, sha256_of_file, train_val_split
 from .network import MultiExitNetwork
@@ -46,7 +46,6 @@ class TrainConfig:
     predictor_fit_share: float = 0.8  # of the validation split: the rest calibrates thresholds
     seed: int = 0
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
-    num_workers_threads: int = 0  # 0 = all cores
 
 
 def exit_weights(num_exits: int) -> list[float]:
@@ -206,7 +205,7 @@ def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, devic
             idx = idx.to(device)
             x = random_crop_flip(to_model_input(fit.images[idx]), 4, aug_gen).contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), _autocast(device):
-                targets = (torch.stack([o.argmax(1) for o in _backbone_outputs(model, x)], 1) == fit.labels[idx][:, None]).float()
+                targets = (torch.stack([o.argmax(1) for o in model(x)], 1) == fit.labels[idx][:, None]).float()
             with _autocast(device):
                 loss = F.binary_cross_entropy_with_logits(predictor(x).float(), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -221,14 +220,6 @@ def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, devic
             log.append(entry)
             print(json.dumps(entry), flush=True)
     model.eval()
-
-
-def _backbone_outputs(model: MultiExitNetwork, x: torch.Tensor) -> list[torch.Tensor]:
-    predictor, model.predictor = model.predictor, None  # forward() never touches it; keep eval mode intact
-    try:
-        return model(x)
-    finally:
-        model.predictor = predictor
 
 
 def _git_commit() -> str:
