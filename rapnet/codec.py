@@ -203,8 +203,22 @@ def _raw_size(encoding: int, numel: int) -> int:
     return (numel + 1) // 2  # INT4
 
 
-def quantization_params(x: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel affine parameters covering [min(x, 0), max(x, 0)], zero exactly representable."""
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _round_up_f16(scale: np.ndarray) -> np.ndarray:
+    """float32 scales -> the nearest float16 values >= them (as float32), so the covered range never shrinks."""
+    s16 = scale.astype(np.float16)
+    low = s16.astype(np.float32) < scale
+    s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+    return s16.astype(np.float32)
+
+
+def quantization_params(x: np.ndarray, axis: int, qmax: int, half: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel affine parameters covering [min(x, 0), max(x, 0)], zero exactly representable.
+
+    half=True: scales rounded up to float16 values (sent as scale_f16); the caller checks they are finite.
+    """
     c = x.shape[axis]
     flat = np.moveaxis(x, axis, 0).reshape(c, -1)
     lo = np.minimum(flat.min(axis=1), 0.0).astype(np.float64)
@@ -212,6 +226,9 @@ def quantization_params(x: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray
     # Slightly widened so that float32 rounding of the scale never pushes the range past 0..qmax.
     scale = ((hi - lo) / qmax * (1 + 2.0**-20)).astype(np.float32)
     scale[scale <= np.finfo(np.float32).tiny] = 1.0  # all-zero channel (or subnormal range)
+    if half:
+        with np.errstate(over="ignore"):
+            scale = _round_up_f16(scale)  # > 65504 becomes Inf: the caller falls back to float32 parameters
     zero_point = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, qmax).astype(np.float32)
     return scale, zero_point
 
@@ -227,15 +244,22 @@ def encode_tensor(
     dictionary: zstandard.ZstdCompressionDict | None = None,
     name: str = "",
     per_channel: bool = True,
+    params: str = "f32",
 ) -> pb.Tensor:
     """Encode one float tensor into a wire `Tensor` (zstd_level=None: no entropy coding).
 
     Quantised encodings are per channel along axis 1 (NCHW; axis 0 for a 1-d tensor), or with
     per_channel=False one scale and zero point for the whole tensor (saves 8 bytes per channel of header,
     which matters for small maps: 160 channels x 4x4 carries 1280 bytes of int4 data and 1280 of parameters).
+    params="f16" sends the quantisation parameters compactly (scale_f16 + zero_point_u8: 3 bytes per channel
+    instead of 8 + tags); scales are rounded up to float16 before quantising, so the error bound (half a step
+    of the scale on the wire) holds. A tensor whose scales exceed the float16 range falls back to float32
+    parameters.
     Raises ValueError for inputs no encoding can carry (non-finite values, fp16 overflow).
     """
     enc = _encoding_value(encoding)
+    if params not in ("f32", "f16"):
+        raise ValueError(f"unknown quantisation parameter format {params!r}: choose 'f32' or 'f16'")
     x = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0 or x.size == 0:
@@ -252,20 +276,25 @@ def encode_tensor(
     else:
         qmax = _QMAX[enc]
         axis = 1 if x.ndim >= 2 else 0
-        if per_channel:
-            scale, zero_point = quantization_params(x, axis, qmax)
-            bs = _bshape(x.ndim, axis)
-        else:
-            scale, zero_point = quantization_params(x.reshape(1, -1), 0, qmax)
-            bs = (1,) * x.ndim
+        flat, fa = (x, axis) if per_channel else (x.reshape(1, -1), 0)
+        half = params == "f16"
+        scale, zero_point = quantization_params(flat, fa, qmax, half)
+        if half and not np.isfinite(scale).all():
+            half = False
+            scale, zero_point = quantization_params(flat, fa, qmax)
+        bs = _bshape(x.ndim, axis) if per_channel else (1,) * x.ndim
         q = np.clip(np.rint(x / scale.reshape(bs) + zero_point.reshape(bs)), 0, qmax).astype(np.uint8).reshape(-1)
         if enc == pb.ENCODING_INT4:
             if q.size % 2:
                 q = np.append(q, np.uint8(0))
             q = q[0::2] | (q[1::2] << 4)
         raw = q.tobytes()
-        msg.scale.extend(scale.tolist())
-        msg.zero_point.extend(zero_point.tolist())
+        if half:
+            msg.scale_f16 = scale.astype("<f2").tobytes()
+            msg.zero_point_u8 = zero_point.astype(np.uint8).tobytes()
+        else:
+            msg.scale.extend(scale.tolist())
+            msg.zero_point.extend(zero_point.tolist())
         msg.quant_axis = axis
     msg.raw_size = len(raw)
     if zstd_level is None:
@@ -309,13 +338,21 @@ def check_tensor_header(msg: pb.Tensor, limits: DecodeLimits = DEFAULT_LIMITS) -
         axis = msg.quant_axis
         if not 0 <= axis < len(shape):
             raise MalformedMessage(f"{what}: quant_axis {axis} outside 0..{len(shape) - 1}")
-        n = len(msg.scale)
-        if n not in (1, shape[axis]) or len(msg.zero_point) != n:
+        compact = bool(msg.scale_f16 or msg.zero_point_u8)
+        if compact and (len(msg.scale) or len(msg.zero_point)):
+            raise MalformedMessage(f"{what}: both float32 and compact (f16/u8) quantisation parameters")
+        if compact:
+            if len(msg.scale_f16) % 2:
+                raise MalformedMessage(f"{what}: scale_f16 holds {len(msg.scale_f16)} bytes, not whole float16s")
+            n, n_zp = len(msg.scale_f16) // 2, len(msg.zero_point_u8)
+        else:
+            n, n_zp = len(msg.scale), len(msg.zero_point)
+        if n not in (1, shape[axis]) or n_zp != n:
             raise MalformedMessage(
-                f"{what}: {n} scales and {len(msg.zero_point)} zero points for {shape[axis]} channels "
+                f"{what}: {n} scales and {n_zp} zero points for {shape[axis]} channels "
                 "(need one per channel, or one of each for the whole tensor)"
             )
-    elif len(msg.scale) or len(msg.zero_point) or msg.quant_axis:
+    elif len(msg.scale) or len(msg.zero_point) or msg.quant_axis or msg.scale_f16 or msg.zero_point_u8:
         raise MalformedMessage(f"{what}: quantisation parameters on an unquantised encoding")
     return shape, numel * 4
 
@@ -342,8 +379,12 @@ def _decode_tensor(msg, limits, expected_shape, dictionaries) -> torch.Tensor:
         raise MalformedMessage(f"{what}: shape {shape}, the model expects {tuple(expected_shape)} here")
     enc = msg.encoding
     if enc in _QMAX:
-        scale = np.asarray(msg.scale, dtype=np.float32)
-        zero_point = np.asarray(msg.zero_point, dtype=np.float32)
+        if msg.scale_f16:
+            scale = np.frombuffer(msg.scale_f16, dtype="<f2").astype(np.float32)
+            zero_point = np.frombuffer(msg.zero_point_u8, dtype=np.uint8).astype(np.float32)
+        else:
+            scale = np.asarray(msg.scale, dtype=np.float32)
+            zero_point = np.asarray(msg.zero_point, dtype=np.float32)
         if not (np.isfinite(scale).all() and (scale > 0).all()):
             raise MalformedMessage(f"{what}: scales must be finite and positive")
         if not (np.isfinite(zero_point).all() and (zero_point >= 0).all() and (zero_point <= _QMAX[enc]).all()):
@@ -566,6 +607,7 @@ class EncodeOptions:
     encoding: str = "int8"
     zstd_level: int | None = 3
     per_channel: bool = True
+    params: str = "f32"  # quantisation parameters: "f32" (repeated float) or "f16" (scale_f16 + zero_point_u8)
     dictionary: zstandard.ZstdCompressionDict | None = field(default=None, compare=False)
     image_format: str = "png"
     jpeg_quality: int = 90
@@ -612,7 +654,8 @@ def build_request(
             req.image.CopyFrom(encode_image(image, options.image_format, options.jpeg_quality))
             continue
         req.tensors.append(encode_tensor(
-            carry[key], options.encoding, options.zstd_level, options.dictionary, name=key, per_channel=options.per_channel
+            carry[key], options.encoding, options.zstd_level, options.dictionary, name=key,
+            per_channel=options.per_channel, params=options.params,
         ))
     return req
 

@@ -48,7 +48,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_RAW_ZSTD: ImageFormat
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "encoding", "codec", "scale", "zero_point", "quant_axis", "raw_size", "zstd_dict_id", "data")
+    __slots__ = ("name", "dtype", "shape", "encoding", "codec", "scale", "zero_point", "quant_axis", "raw_size", "zstd_dict_id", "data", "scale_f16", "zero_point_u8")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class Tensor(_message.Message):
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     ZSTD_DICT_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALE_F16_FIELD_NUMBER: _ClassVar[int]
+    ZERO_POINT_U8_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -71,7 +73,9 @@ class Tensor(_message.Message):
     raw_size: int
     zstd_dict_id: int
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., quant_axis: _Optional[int] = ..., raw_size: _Optional[int] = ..., zstd_dict_id: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    scale_f16: bytes
+    zero_point_u8: bytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., quant_axis: _Optional[int] = ..., raw_size: _Optional[int] = ..., zstd_dict_id: _Optional[int] = ..., data: _Optional[bytes] = ..., scale_f16: _Optional[bytes] = ..., zero_point_u8: _Optional[bytes] = ...) -> None: ...
 
 class ImagePayload(_message.Message):
     __slots__ = ("format", "width", "height", "channels", "data")
