@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", metavar="NAME|PATH", help="labelled dataset via rapnet.data (the agent reports accuracy)")
     src.add_argument("--split", default="test", help="dataset split")
     src.add_argument("--limit", type=int, default=0, help="stop after N frames (0: all)")
+    src.add_argument("--rate", type=float, default=0.0, metavar="FPS",
+                     help="pace a file/dataset source at FPS frames/s, as a camera would deliver it (0: as fast as read)")
 
     m = p.add_argument_group("model and policy")
     m.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="RAPNet checkpoint (edge and embedded cloud)")
@@ -50,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cloud-gflops", type=float, default=100.0)
     m.add_argument("--latency-budget-ms", type=float, default=None, help="per-frame latency budget the planner keeps")
     m.add_argument("--encoding", default="auto",
-                   help="feature encoding: auto (the planner picks from png,int8+zstd,fp16+zstd,fp32+zstd) or a "
-                        "comma-separated menu of those; png is always allowed for the image-only split")
+                   help="what the planner may send: auto (png,int8+zstd,fp16+zstd,fp32+zstd) or a comma-separated "
+                        "menu of those; png is the image-only split 0, the others encode features (splits >= 1)")
     m.add_argument("--bandwidth-mbps", type=float, default=50.0, help="uplink prior, until transfers are measured")
     m.add_argument("--rtt-ms", type=float, default=5.0, help="round-trip prior, until transfers are measured")
     m.add_argument("--fixed-network", action="store_true",
@@ -91,7 +93,7 @@ def _encodings(value: str) -> tuple[str, ...]:
     unknown = [e for e in chosen if e not in DEFAULT_ENCODINGS]
     if unknown or not chosen:
         raise SetupError(f"--encoding {value!r}: choose auto or from {', '.join(DEFAULT_ENCODINGS)}")
-    return tuple(dict.fromkeys(("png",) + chosen))  # split 0 sends only the image, always as PNG
+    return tuple(dict.fromkeys(chosen))
 
 
 class Display:
@@ -132,8 +134,8 @@ class Display:
 class _Peeked:
     """A source whose first n frames were read ahead (for the planner's request-size calibration)."""
 
-    def __init__(self, source, n: int):
-        self.source, self.live, self.classes = source, source.live, source.classes
+    def __init__(self, source, n: int, rate: float = 0.0):
+        self.source, self.live, self.classes, self.rate = source, source.live, source.classes, rate
         self._it = iter(source)
         self.head = []
         for frame in self._it:
@@ -142,11 +144,17 @@ class _Peeked:
                 break
 
     def __iter__(self):
-        for frame in self.head:  # read ahead before start-up: time them from when the pipeline takes them
-            frame.captured = time.perf_counter()
+        import itertools
+
+        head, self.head = self.head, []
+        period, t_next = (1.0 / self.rate if self.rate > 0 else 0.0), time.perf_counter()
+        for i, frame in enumerate(itertools.chain(head, self._it)):
+            if period:
+                time.sleep(max(0.0, t_next - time.perf_counter()))
+                t_next += period
+            if period or i < len(head):  # paced or read ahead at start-up: time it from its delivery
+                frame.captured = time.perf_counter()
             yield frame
-        self.head = []
-        yield from self._it
 
     def close(self):
         self.source.close()
@@ -165,6 +173,7 @@ class EdgeApp:
     cloud: object = None  # the embedded CloudServer when this process started one
     stop: threading.Event = field(default_factory=threading.Event)
     log: object = None
+    json_stream: object = None  # where --output - writes (main() keeps the real stdout for it)
     summary: dict | None = None
     agent: object = None
 
@@ -200,7 +209,7 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         raise SetupError(str(err)) from None
     spec = SourceSpec(args.camera, args.video, args.images, args.dataset, args.split, args.limit)
     try:
-        source = _Peeked(open_source(spec, model.config.image_size), max(1, args.calibration_frames))
+        source = _Peeked(open_source(spec, model.config.image_size), max(1, args.calibration_frames), args.rate)
     except SourceError as err:
         raise SetupError(str(err)) from None
     if not source.head:
@@ -278,7 +287,7 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
                                   AgentSettings(deadline_ms=args.deadline_ms, in_flight=args.in_flight,
                                                 network_threads=max(1, args.in_flight)), app.stop)
     classes = app.source.classes or app.metadata.get("classes")
-    out = JsonLines(args.output, classes)
+    out = JsonLines(args.output, classes, app.json_stream)
     stats = Stats(app.model.num_exits)
     status = StatusLine(status_stream, enabled=not args.quiet)
     display = Display(args.display, classes, app.log)
@@ -330,9 +339,24 @@ def _install_signals(app: EdgeApp):
     return previous
 
 
+def _reserve_stdout():
+    """For --output -: keep the real stdout for the JSON lines only and send everything else that writes to
+    fd 1 (Ray's raylet messages, library prints) to stderr. Returns the JSON stream."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    json_stream = None
+    if "-" in argv and any(a == "--output" and i + 1 < len(argv) and argv[i + 1] == "-" for i, a in enumerate(argv)) \
+            or "--output=-" in argv:
+        json_stream = _reserve_stdout()
     try:
         app = build_app(argv)
+        app.json_stream = json_stream
     except SetupError as err:
         _log(f"error: {err}")
         return EXIT_USAGE

@@ -123,10 +123,11 @@ def summary_table(summary: dict) -> str:
 class JsonLines:
     """One JSON object per answered frame, flushed per line, to a file or stdout ('-')."""
 
-    def __init__(self, target: str | None, classes: list[str] | None = None):
+    def __init__(self, target: str | None, classes: list[str] | None = None, stdout=None):
         self.classes = classes
         self._own = target not in (None, "-")
-        self._fh = None if target is None else (sys.stdout if target == "-" else open(target, "w", encoding="utf-8"))
+        stdout = stdout or sys.stdout
+        self._fh = None if target is None else (stdout if target == "-" else open(target, "w", encoding="utf-8"))
 
     def write(self, result: FrameResult) -> None:
         if self._fh is not None:

@@ -1,0 +1,465 @@
+"""edge-agent against the real cloud tier (Ray Serve + gRPC front) on 127.0.0.1, one Ray instance per module.
+
+The model is a small untrained RAPNet built here; the labelled data is an ImageFolder tree of PNGs written
+here, so nothing from ../shared is needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: Ray's local-only mode
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from cloud.security import make_dev_cert  # noqa: E402
+from cloud.security import TLSFiles  # noqa: E402
+from cloud.server import start_local  # noqa: E402
+from edge import agent as edge_agent  # noqa: E402
+from edge.decide import DecisionSettings, build_decider  # noqa: E402
+from edge.frames import CaptureSource, DatasetSource, Frame, Source, fit_frame  # noqa: E402
+from edge.link import CircuitBreaker, CloudTarget, NetworkEstimate  # noqa: E402
+from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
+from rapnet.build import build_model  # noqa: E402
+from rapnet.checkpoint import load_model, save_checkpoint  # noqa: E402
+from rapnet.config import ModelConfig  # noqa: E402
+from rapnet.data import _fit  # noqa: E402
+from rapnet.evaluate import predictor_exits  # noqa: E402
+from rapnet.preprocess import to_model_input  # noqa: E402
+
+TOKEN = "edge-test-token-" + "y" * 24
+N_FRAMES = 48
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fixtures
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    d = Path(tempfile.mkdtemp(prefix="rapnet-edge-test-"))
+    old = os.environ.get("RAPNET_CACHE")
+    os.environ["RAPNET_CACHE"] = str(d / "cache")
+    yield d
+    if old is None:
+        os.environ.pop("RAPNET_CACHE", None)
+    else:
+        os.environ["RAPNET_CACHE"] = old
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.35)).eval()
+    path = workdir / "rapnet-small.pt"
+    save_checkpoint(path, model, {"classes": [f"c{i}" for i in range(10)]})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(workdir, checkpoint):
+    """ImageFolder tree root/test/class<k>/<n>.png, 48x40 (not square: the agent must fit it to 32x32).
+    Labels: the untrained model's own last-exit answer for half the images, another class for the rest, so
+    accuracy is neither 0 nor 1."""
+    model, _ = load_model(checkpoint)
+    rng = np.random.default_rng(0)
+    root = workdir / "tiny"
+    for c in range(10):
+        (root / "test" / f"class{c}").mkdir(parents=True)
+    for i in range(N_FRAMES):
+        rgb = np.clip(rng.normal(120, 60, (40, 48, 3)) + rng.integers(-80, 80, 3), 0, 255).astype(np.uint8)
+        with torch.no_grad():
+            pred = int(model.run_to_exit(to_model_input(fit_frame(rgb, 32)), model.num_exits - 1).argmax(1)[0])
+        label = pred if i % 2 == 0 else (pred + 1 + i % 9) % 10
+        cv2.imwrite(str(root / "test" / f"class{label}" / f"{i:03d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    temp = tempfile.mkdtemp(prefix="rapnet-ray-", dir="/tmp")
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, _temp_dir=temp,
+             _node_ip_address="127.0.0.1", namespace="rapnet", log_to_driver=False)
+    yield temp
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cloud(ray_instance, checkpoint):
+    server = start_local(checkpoint, port=0, token=TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def token_env(monkeypatch):
+    monkeypatch.setenv("RAPNET_TOKEN", TOKEN)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# Fixed conditions under which the small model answers exits 0-1 on the device and offloads deeper ones as
+# lossless features at a split >= 1 (checked by `mixed_threshold`).
+POLICY = ["--fixed-network", "--bandwidth-mbps", "100", "--rtt-ms", "1", "--device-gflops", "10",
+          "--encoding", "fp32+zstd", "--calibration-frames", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def mixed_threshold(checkpoint, dataset):
+    """A predictor threshold at which the small untrained model's policy both answers locally and offloads
+    on the test frames (chosen with the same planner the agent builds)."""
+    model, metadata = load_model(checkpoint)
+    frames = list(DatasetSource(dataset, model.config.image_size))
+    pixels = np.stack([f.pixels for f in frames])
+    settings = DecisionSettings(device_gflops=10.0, bandwidth_mbps=100.0, rtt_ms=1.0, fixed_network=True,
+                                encodings=("fp32+zstd",))
+    decider = build_decider(model, pixels[:8], settings, metadata)
+    with torch.no_grad():
+        scores = model.exit_scores(to_model_input(pixels)).numpy()
+    table = decider.planner.option_table(decider.conditions())
+    assert table.offload.any() and not table.offload.all(), f"conditions give no mix: {table.offload}"
+    best, best_mix = None, -1
+    for t in np.unique(np.round(np.quantile(scores, np.linspace(0.02, 0.98, 49)), 4)):
+        off = table.offload[predictor_exits(scores, t)]
+        mix = min(off.sum(), (~off).sum())
+        if mix > best_mix:
+            best, best_mix = float(t), mix
+    assert best_mix >= 3, "no threshold gives both local and offloaded frames"
+    return best
+
+
+def run_agent(argv, stopper=None):
+    """build_app + run_app in-process (the CLI's own path); returns the app (summary, decider...)."""
+    app = edge_agent.build_app(argv)
+    watcher = None
+    if stopper is not None:
+        watcher = threading.Thread(target=stopper, args=(app,), daemon=True)
+        watcher.start()
+    try:
+        edge_agent.run_app(app)
+    finally:
+        edge_agent.close_app(app)
+    if watcher is not None:
+        watcher.join(timeout=30)
+    return app
+
+
+# ------------------------------------------------------------------------------------------------------
+# Units
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (40, 48), (48, 40), (100, 37), (20, 20)])
+def test_fit_frame_is_rapnet_data_preprocessing(shape):
+    img = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    assert np.array_equal(fit_frame(img, 32), _fit(img, 32))
+
+
+def test_circuit_breaker_opens_probes_and_closes():
+    now = [0.0]
+    b = CircuitBreaker(failures=2, cooldown_s=1.0, clock=lambda: now[0])
+    assert b.allow()
+    b.failure()
+    assert b.state == "closed" and b.allow()
+    b.failure()
+    assert b.state == "open" and not b.allow() and b.trips == 1
+    now[0] = 1.1
+    assert b.allow() and b.state == "half-open"
+    assert not b.allow()  # one probe at a time
+    b.failure()  # probe failed: open again, cooldown doubled
+    assert b.state == "open" and b.trips == 2
+    now[0] = 2.2
+    assert not b.allow()
+    now[0] = 3.2
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow()
+
+
+def test_network_estimate_separates_server_time():
+    est = NetworkEstimate(bandwidth_mbps=10, rtt_ms=50)
+    est.update(nbytes=100, round_trip_ms=12.0, server_ms=10.0, queue_ms=4.0)  # tiny request: ~2 ms propagation
+    est.update(nbytes=125_000, round_trip_ms=22.0, server_ms=10.0, queue_ms=4.0)  # 1 Mbit in 10 ms beyond RTT
+    snap = est.snapshot()
+    assert snap["rtt_ms"] == pytest.approx(2.0)
+    assert 20 < snap["bandwidth_mbps"] < 100 and snap["cloud_queue_ms"] == pytest.approx(4.0)
+
+
+def test_cloud_target_never_shows_token():
+    target = CloudTarget("127.0.0.1:1", token=TOKEN)
+    assert TOKEN not in repr(target) and TOKEN not in str(target)
+
+
+class _FastLive(Source):
+    live = True
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        for i in range(self.n):
+            time.sleep(0.001)  # a 1000 fps camera: faster than the agent
+            yield Frame(i, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), time.perf_counter())
+
+
+def test_live_source_latest_frame_wins_and_counts_drops(checkpoint):
+    model, metadata = load_model(checkpoint)
+    decider = build_decider(model, np.zeros((2, 32, 32, 3), np.uint8),
+                            DecisionSettings(device_gflops=1.0, fixed_network=True), metadata)
+    agent = EdgeAgent(model, metadata["identity"], decider, None, AgentSettings())
+    results = list(agent.run(_FastLive(200)))
+    c = agent.counters
+    assert c.captured == 200 and c.dropped > 0
+    assert len(results) + c.dropped == c.captured  # every frame is either answered or counted as dropped
+    assert [r.frame for r in results] == list(range(len(results)))
+    assert all(r.where == "edge" and not r.degraded for r in results)
+
+
+# ------------------------------------------------------------------------------------------------------
+# End to end over the real cloud on loopback
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_threshold, workdir, token_env, capsys):
+    out = workdir / "e2e.jsonl"
+    app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, *POLICY,
+                     "--threshold", str(mixed_threshold), "--output", str(out)])
+    lines = read_lines(out)
+    n = N_FRAMES
+    assert [r["frame"] for r in lines] == list(range(n))  # every frame answered, in order
+    assert not any(r["degraded"] for r in lines)
+
+    # Offline: the same decision function (the agent's planner, same conditions) + monolithic run_to_exit.
+    model = app.model
+    frames = list(DatasetSource(dataset, model.config.image_size))
+    offload, correct, exits, classes = [], [], [], []
+    with torch.no_grad():
+        for f in frames:
+            x = to_model_input(f.pixels)
+            plan = app.decider.plan(model.exit_scores(x).numpy()[0], app.decider.conditions())
+            cls = int(model.run_to_exit(x, plan.exit_index).argmax(1)[0])
+            offload.append(plan.offload)
+            exits.append(plan.exit_index)
+            classes.append(cls)
+            correct.append(cls == f.label)
+    assert 0 < sum(offload) < n  # the policy really mixes local answers and offloads here
+    assert [r["where"] == "cloud" for r in lines] == offload
+    assert [r["exit"] for r in lines] == exits
+    assert [r["class"] for r in lines] == classes  # lossless fp32: split execution == monolithic
+    summary = app.summary
+    assert summary["offloaded"] == sum(offload) and summary["frames"] == n
+    assert summary["accuracy"] == round(sum(correct) / n, 4)
+    assert 0 < sum(correct) < n
+    assert [r["correct"] for r in lines] == correct
+    for r in lines:
+        if r["where"] == "cloud":
+            assert r["bytes_sent"] > 0 and r["split"] is not None and r["encoding"] in ("png", "fp32+zstd")
+            assert {"network", "cloud_queue", "cloud_compute", "encode"} <= set(r["latency_ms"])
+        else:
+            assert r["bytes_sent"] == 0
+        assert {"preprocess", "predictor", "local", "total"} <= set(r["latency_ms"])
+    captured = capsys.readouterr()
+    assert "edge-agent summary" in captured.err
+    assert TOKEN not in captured.err + captured.out + out.read_text()
+
+
+def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, token_env):
+    out = workdir / "down.jsonl"
+    deadline = 500
+    t0 = time.perf_counter()
+    app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", f"127.0.0.1:{free_port()}",
+                     *POLICY, "--threshold", str(mixed_threshold), "--deadline-ms", str(deadline),
+                     "--output", str(out)])
+    elapsed = time.perf_counter() - t0
+    lines = read_lines(out)
+    assert [r["frame"] for r in lines] == list(range(N_FRAMES))
+    assert not any(r["where"] == "cloud" for r in lines)
+    degraded = [r for r in lines if r["degraded"]]
+    assert degraded and all(r["where"] in ("edge", "edge-fallback") for r in degraded)
+    reasons = {r["degraded_reason"].split(":")[0] for r in degraded}
+    assert "UNAVAILABLE" in reasons and any(x.startswith("circuit") for x in reasons)
+    assert app.summary["circuit_trips"] >= 1
+    assert all(r["latency_ms"].get("network", 0) <= deadline + 300 for r in lines)
+    assert elapsed < 60
+
+
+def _slow_cloud():
+    """A gRPC server on 127.0.0.1 that accepts rapnet.v1.Inference/Infer and never answers in time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    def infer(request, context):
+        t_end = time.monotonic() + 10
+        while context.is_active() and time.monotonic() < t_end:
+            time.sleep(0.02)
+        context.abort(grpc.StatusCode.INTERNAL, "too late")
+
+    server = grpc.server(ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "rapnet.v1.Inference", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_cloud_that_never_answers_is_cut_at_the_deadline(checkpoint, dataset, mixed_threshold, workdir, token_env):
+    """An overloaded cloud (answers nothing before the deadline): calls end at the deadline, frames degrade,
+    and with split 0 (no local exit computed) the edge continues its own carry to an exit."""
+    server, port = _slow_cloud()
+    try:
+        out = workdir / "slow.jsonl"
+        deadline = 300
+        t0 = time.perf_counter()
+        app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", f"127.0.0.1:{port}",
+                         *POLICY, "--encoding", "png", "--threshold", str(mixed_threshold), "--deadline-ms",
+                         str(deadline), "--output", str(out)])
+        elapsed = time.perf_counter() - t0
+    finally:
+        server.stop(0)
+    lines = read_lines(out)
+    assert [r["frame"] for r in lines] == list(range(N_FRAMES))
+    timed_out = [r for r in lines if r.get("degraded_reason") == "DEADLINE_EXCEEDED"]
+    assert timed_out and not any(r["where"] == "cloud" for r in lines)
+    assert all(deadline * 0.8 <= r["latency_ms"]["network"] <= deadline + 300 for r in timed_out)
+    assert all(r["split"] == 0 and r["where"] == "edge-fallback" and r["exit"] <= r["target_exit"] for r in timed_out)
+    assert app.summary["circuit_trips"] >= 1
+    # the breaker opened after 3 failures (4 in flight at most): the run did not wait a deadline per frame
+    assert elapsed < 5 * deadline / 1e3 + 10
+
+
+def test_cloud_killed_in_the_middle(cloud, checkpoint, dataset, mixed_threshold, workdir, token_env):
+    """A second front on the shared app; it is stopped once some frames went through it."""
+    front = start_local(checkpoint, port=0, token=TOKEN, deploy=False)
+    killed_at = {}
+
+    def kill(app):
+        while app.agent is None or app.agent.counters.answered < 8:
+            time.sleep(0.005)
+        killed_at["answered"] = app.agent.counters.answered
+        front.stop()
+
+    out = workdir / "killed.jsonl"
+    deadline = 500
+    try:
+        app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", front.address, *POLICY,
+                         "--threshold", str(mixed_threshold), "--deadline-ms", str(deadline), "--rate", "40",
+                         "--output", str(out)], stopper=kill)
+    finally:
+        front.stop()
+    lines = read_lines(out)
+    assert [r["frame"] for r in lines] == list(range(N_FRAMES))
+    early = lines[: killed_at["answered"]]
+    late = lines[killed_at["answered"] + 4:]  # past what may have been in flight when it was stopped
+    assert any(r["where"] == "cloud" for r in early)
+    assert not any(r["where"] == "cloud" for r in late)
+    planned = [r for r in late if r["degraded"]]
+    assert planned, "frames the policy would offload after the kill must be answered locally, degraded"
+    assert all(not r["degraded"] for r in lines if r["where"] == "cloud")
+    assert all(r["latency_ms"].get("network", 0) <= deadline + 300 for r in lines)
+
+
+def test_video_file_through_opencv_over_tls(ray_instance, cloud, checkpoint, workdir, token_env):
+    """The camera path (OpenCV VideoCapture) on an MJPG .avi written here, to a TLS front."""
+    video = workdir / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        frame = np.full((48, 64, 3), 20 * i, np.uint8)
+        frame[10:30, 5 + 3 * i: 25 + 3 * i] = rng.integers(0, 255, 3)
+        writer.write(frame)
+    writer.release()
+    frames = list(CaptureSource(str(video), 32, live=False))
+    assert len(frames) == 12 and frames[0].pixels.shape == (32, 32, 3)
+
+    certs = make_dev_cert(workdir / "certs")
+    front = start_local(checkpoint, port=0, token=TOKEN, deploy=False, tls=TLSFiles(str(certs.cert), str(certs.key)))
+    out = workdir / "video.jsonl"
+    try:
+        rc = edge_agent.main(["--video", str(video), "--checkpoint", checkpoint, "--cloud", f"localhost:{front.port}",
+                              "--tls-ca", str(certs.ca), *POLICY, "--threshold", "1.0",
+                              "--output", str(out)])
+    finally:
+        front.stop()
+    assert rc == 0
+    lines = read_lines(out)
+    assert [r["frame"] for r in lines] == list(range(12))
+    assert all("label" not in r and 0 <= r["class"] < 10 for r in lines)
+    assert all(r["where"] == "cloud" and r["exit"] == 5 for r in lines)  # threshold 1: the last exit, offloaded
+
+
+def test_missing_camera_is_a_clear_error(checkpoint, capsys):
+    rc = edge_agent.main(["--camera", "7", "--checkpoint", checkpoint, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "camera 7 could not be opened" in err and "Traceback" not in err
+
+
+def test_unreadable_inputs_are_clear_errors(checkpoint, workdir, capsys):
+    assert edge_agent.main(["--video", str(workdir / "nope.avi"), "--checkpoint", checkpoint]) == 2
+    assert edge_agent.main(["--images", str(workdir / "nope"), "--checkpoint", checkpoint]) == 2
+    assert edge_agent.main(["--images", str(workdir), "--checkpoint", str(workdir / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_embedded_cloud_and_ctrl_c(checkpoint, dataset, workdir):
+    """The README's main job in a fresh process: no --cloud, so the agent starts the cloud tier itself on
+    127.0.0.1; SIGINT mid-run stops it gracefully (frames in hand answered, summary, cloud stopped)."""
+    env = dict(os.environ, RAPNET_CACHE=str(workdir / "cache"), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("RAPNET_TOKEN", None)
+    cmd = [sys.executable, "-m", "edge.agent", "--dataset", dataset, "--checkpoint", checkpoint, "--rate", "10",
+           "--calibration-frames", "4", "--output", "-", "--quiet", "--summary-json", str(workdir / "summary.json")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if len(lines) == 5:
+                proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert rc == 130, err[-3000:]
+    assert 5 <= len(lines) < N_FRAMES
+    assert [r["frame"] for r in lines] == list(range(len(lines)))
+    assert "local cloud serving on 127.0.0.1:" in err
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert "edge-agent summary" in err and summary["frames"] == len(lines) and summary["interrupted"]
+    assert "local cloud stopped" in err
+    assert "Traceback" not in err
