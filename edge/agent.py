@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=float, default=None,
                    help="predictor threshold (default: the checkpoint's metadata, else 0.9)")
     m.add_argument("--device-gflops", type=float, default=5.0, help="the device's compute, for the planner")
+    m.add_argument("--emulate-device", action="store_true",
+                   help="pad local compute (sleep) to the planner's modelled time on --device-gflops, to emulate a "
+                        "device slower than this CPU")
     m.add_argument("--device-layer-us", type=float, default=None, help="per-layer-call cost on the device (default: scaled reference CPU)")
     m.add_argument("--cloud-gflops", type=float, default=100.0)
     m.add_argument("--latency-budget-ms", type=float, default=None, help="per-frame latency budget the planner keeps")
@@ -194,7 +197,7 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
 
     from .decide import DecisionSettings, build_decider
     from .frames import SourceError, SourceSpec, open_source
-    from .link import CircuitBreaker, CloudLink, CloudTarget, NetworkEstimate
+    from .link import CircuitBreaker, CloudLink, NetworkEstimate
 
     encodings = _encodings(args.encoding)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -285,7 +288,8 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
     args = app.args
     agent = app.agent = EdgeAgent(app.model, app.metadata["identity"], app.decider, app.link,
                                   AgentSettings(deadline_ms=args.deadline_ms, in_flight=args.in_flight,
-                                                network_threads=max(1, args.in_flight)), app.stop)
+                                                network_threads=max(1, args.in_flight),
+                                                emulate_device=args.emulate_device), app.stop)
     classes = app.source.classes or app.metadata.get("classes")
     out = JsonLines(args.output, classes, app.json_stream)
     stats = Stats(app.model.num_exits)

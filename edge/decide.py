@@ -84,6 +84,22 @@ class Decider:
         """The plan with the cloud out of reach (circuit open): same rule, every exit local."""
         return self.planner.plan(scores, replace(conditions, bandwidth_mbps=0.0))
 
+    def device_ms(self, conditions: Conditions, *, exit_index: int | None = None, split: int | None = None,
+                  predictor: bool = True) -> float:
+        """The planner's modelled device time for the predictor plus either a local answer at `exit_index` or
+        the edge part of a split at `split` (what --emulate-device pads the real compute to)."""
+        costs, layers = self.planner.costs, self.planner.layers
+        stages = costs.exit_stages[exit_index] + 1 if exit_index is not None else split
+        flops = float(sum(costs.stage_flops[:stages]))
+        calls = float(sum(layers.stage_layers[:stages]))
+        if exit_index is not None:
+            flops += costs.exit_flops[exit_index]
+            calls += layers.exit_layers[exit_index]
+        if predictor:
+            flops += costs.predictor_flops
+            calls += layers.predictor_layers
+        return self.planner.device_ms(flops, calls, conditions)
+
     def fallback_exit(self, conditions: Conditions, target_exit: int, first_exit: int = 0) -> int:
         """The deepest exit (>= first_exit, <= target) the device can compute within the budget, for a frame
         whose offload failed and whose split left no local exit."""

@@ -106,6 +106,8 @@ class AgentSettings:
     in_flight: int = 4  # requests queued or on the wire at once
     network_threads: int = 4
     policy_name: str = "rapnet-predictor"
+    use_predictor: bool = True  # False: baselines that do not run the exit predictor (scores = None)
+    emulate_device: bool = False  # pad predictor + local compute to the planner's modelled device time
 
 
 @dataclass
@@ -169,7 +171,8 @@ class EdgeAgent:
         x = to_model_input(frame.pixels)
         lat["preprocess"] += (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        scores = self.model.exit_scores(x).numpy()[0] if self.model.predictor is not None else None
+        use = self.settings.use_predictor and self.model.predictor is not None
+        scores = self.model.exit_scores(x).numpy()[0] if use else None
         lat["predictor"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         conditions = self._conditions()
@@ -184,11 +187,13 @@ class EdgeAgent:
             t = time.perf_counter()
             logits = self.model.run_to_exit(x, plan.exit_index)
             lat["local"] = (time.perf_counter() - t) * 1e3
+            self._emulate(lat, conditions, use, exit_index=plan.exit_index)
             return self._local_result(frame, frame_id, logits, plan.exit_index, plan.exit_index, lat, t_start, plan,
                                       score, degraded)
         t = time.perf_counter()
         carry = self.model.edge_part(x, plan.split)
         lat["local"] = (time.perf_counter() - t) * 1e3
+        self._emulate(lat, conditions, use, split=plan.split)
         t = time.perf_counter()
         try:
             policy = pb.Policy(name=self.settings.policy_name, threshold=self.decider.threshold, score=score or 0.0)
@@ -207,6 +212,18 @@ class EdgeAgent:
         if failure is not None:
             return self._fallback(job, failure)
         return job
+
+    def _emulate(self, lat: dict, conditions, predictor: bool, **where) -> None:
+        """--emulate-device: sleep until predictor + local compute took what the modelled device needs (a slower
+        device than this CPU; the CPU is left to the rest of the system meanwhile)."""
+        if not self.settings.emulate_device:
+            return
+        modelled = self.decider.device_ms(conditions, predictor=predictor, **where)
+        pad = modelled - lat["predictor"] - lat["local"]
+        if pad > 0:
+            time.sleep(pad / 1e3)
+            lat["local"] += pad
+            lat["emulation_pad"] = pad
 
     @torch.no_grad()
     def send(self, job: _Job) -> FrameResult:

@@ -374,7 +374,7 @@ def test_cloud_killed_in_the_middle(cloud, checkpoint, dataset, mixed_threshold,
     out = workdir / "killed.jsonl"
     deadline = 500
     try:
-        app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", front.address, *POLICY,
+        run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", front.address, *POLICY,
                          "--threshold", str(mixed_threshold), "--deadline-ms", str(deadline), "--rate", "40",
                          "--output", str(out)], stopper=kill)
     finally:
