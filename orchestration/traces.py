@@ -162,7 +162,7 @@ def _jpeg_correct(model, images: np.ndarray, labels: np.ndarray, batch: int = 50
     return np.concatenate(out)
 
 
-def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_n: int = 1000,
+def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_n: int = 500,
                  out: Path = DEFAULT_CACHE, log=print) -> dict[str, ModelTraces]:
     """Run every model over the test set (and the calibration split) and write the cache."""
     from rapnet.checkpoint import load_model
@@ -266,7 +266,7 @@ def default_checkpoints(models_dir: Path = DEFAULT_MODELS) -> dict[str, Path]:
 
 
 def ensure_traces(checkpoints: dict[str, Path], data: str | None = None, cache: Path = DEFAULT_CACHE,
-                  payload_n: int = 1000, rebuild: bool = False, log=print) -> tuple[dict[str, ModelTraces], dict]:
+                  payload_n: int = 500, rebuild: bool = False, log=print) -> tuple[dict[str, ModelTraces], dict]:
     """Load the cached traces if they were made from these checkpoints (identity) and data; rebuild otherwise."""
     from rapnet.data import locate_dataset
 
