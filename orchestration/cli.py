@@ -4,7 +4,7 @@
   rapnet-sim run  --bandwidth-mbps 10 --rtt-ms 20 --device-gflops 2
                                every policy under one condition, as a table
   rapnet-sim sweep             bandwidth x device compute x RTT grid: CSV, markdown, JSON, heatmaps
-  rapnet-sim live              (not available yet: needs the edge agent, issue 6)
+  rapnet-sim live              real edge agent + cloud on loopback at 6 points, shaped network, vs simulation
 
 Traces are rebuilt automatically when a checkpoint changes (keyed by the models' identities), so after a
 new model lands `rapnet-sim sweep` is the one command to rerun.
@@ -236,11 +236,14 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_live(args) -> None:
-    sys.exit(
-        "rapnet-sim live: not available yet. It needs the edge agent (issue 6, edge/agent.py) to accept the planner's "
-        "decision per frame and to report per-frame latency; then it will run the agent against the local cloud at "
-        ">= 6 sweep points with bandwidth/RTT shaped (tc netem in a namespace, or in-transport shaping) and compare "
-        "measured with simulated latency. See docs/simulation.md, 'Live validation'.")
+    import torch
+
+    torch.set_num_threads(1)
+    from .live import run_live
+
+    result = run_live(args)
+    if result["median_abs_rel_error"] is None:
+        sys.exit("rapnet-sim live: no point produced a measurement; see the errors above")
 
 
 def _floats(text: str) -> list[float]:
@@ -287,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figures-dir", default=str(DEFAULT_FIGURES), help="folder for the heatmap PNGs")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)
-    live = sub.add_parser("live", help="validate against the real edge agent + cloud (needs issue 6)")
+    live = sub.add_parser("live", parents=[common], help="real edge agent + cloud on loopback, shaped network, vs simulation",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    live.add_argument("--frames", type=int, default=100, help="test frames per point")
+    live.add_argument("--points", type=int, default=6, help="how many of the built-in sweep points")
+    live.add_argument("--timeout", type=float, default=300, help="seconds per point")
+    live.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_live.json"))
     live.set_defaults(func=cmd_live)
     return p
 
