@@ -194,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-loss-pts", type=float, default=0.3, help="accuracy budget for the recommendation")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (batch-1 inference)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "codec.json"))
+    ap.add_argument("--markdown", metavar="JSON", help="only print the markdown table of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     t_start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
@@ -352,15 +356,18 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(out: dict) -> str:
     trained = out["model"]["trained"]
     lines = [
-        "| split | carry | encoding | bytes (mean) | vs PNG | test acc | Δ vs fp32 (pts) | enc µs | dec µs | enc+dec µs |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| split | carry | encoding | bytes (mean) | vs PNG | test acc | Δ vs fp32 (pts) | changed | enc µs | dec µs "
+        "| enc+dec µs |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    n = out["settings"]["n_test_images"]
     for r in out["rows"]:
         acc = f"{100 * r['accuracy']:.2f}%" if trained else "n/a"
         delta = f"{r['accuracy_change_pts']:+.2f}" if trained else "n/a"
         lines.append(
             f"| {r['split']} | {', '.join(r['carry'])} | {r['encoding']} | {r['bytes_mean']:.0f} | "
-            f"{r['bytes_vs_png_request']:.2f} | {acc} | {delta} | {r['encode_us']:.0f} | {r['decode_us']:.0f} | "
+            f"{r['bytes_vs_png_request']:.2f} | {acc} | {delta} | {round((1 - r['agreement_with_fp32']) * n)} | "
+            f"{r['encode_us']:.0f} | {r['decode_us']:.0f} | "
             f"{r['encode_plus_decode_us']:.0f} |"
         )
     m = out["machine"]

@@ -34,8 +34,9 @@ feature_arrays = hnp.arrays(
 levels = st.sampled_from([None, 1, 3, 9])
 
 
-def _roundtrip(x: np.ndarray, encoding: str, level, per_channel: bool = True) -> tuple[pb.Tensor, np.ndarray]:
-    msg = codec.encode_tensor(torch.from_numpy(x), encoding, level, name="t", per_channel=per_channel)
+def _roundtrip(x: np.ndarray, encoding: str, level, per_channel: bool = True,
+               params: str = "f32") -> tuple[pb.Tensor, np.ndarray]:
+    msg = codec.encode_tensor(torch.from_numpy(x), encoding, level, name="t", per_channel=per_channel, params=params)
     wire = pb.Tensor.FromString(msg.SerializeToString())
     out = codec.decode_tensor(wire, expected_shape=x.shape)
     assert out.dtype == torch.float32 and tuple(out.shape) == x.shape
@@ -57,8 +58,14 @@ def test_fp16_relative_error(x, level):
     assert np.all(np.abs(y - x) <= 2.0**-11 * np.abs(x) + 2.0**-25)
 
 
+def _wire_scale(wire: pb.Tensor) -> np.ndarray:
+    if wire.scale_f16:
+        return np.frombuffer(wire.scale_f16, dtype="<f2").astype(np.float64)
+    return np.asarray(wire.scale, dtype=np.float64)
+
+
 def _scale_bound(wire: pb.Tensor, shape) -> np.ndarray:
-    scale = np.asarray(wire.scale, dtype=np.float64)
+    scale = _wire_scale(wire)
     if scale.size == 1:
         return np.full(shape, scale[0] / 2)
     bs = [1] * len(shape)
@@ -67,10 +74,12 @@ def _scale_bound(wire: pb.Tensor, shape) -> np.ndarray:
 
 
 @FAST
-@given(feature_arrays, levels, st.sampled_from(["int8", "int4"]), st.booleans())
-def test_quantized_error_at_most_half_a_step(x, level, encoding, per_channel):
-    wire, y = _roundtrip(x, encoding, level, per_channel)
-    assert len(wire.scale) == (x.shape[1 if x.ndim >= 2 else 0] if per_channel else 1)
+@given(feature_arrays, levels, st.sampled_from(["int8", "int4"]), st.booleans(), st.sampled_from(["f32", "f16"]))
+def test_quantized_error_at_most_half_a_step(x, level, encoding, per_channel, params):
+    wire, y = _roundtrip(x, encoding, level, per_channel, params)
+    assert _wire_scale(wire).size == (x.shape[1 if x.ndim >= 2 else 0] if per_channel else 1)
+    if params == "f16":  # every scale of these inputs fits float16, so the compact form is used
+        assert not len(wire.scale) and len(wire.zero_point_u8) * 2 == len(wire.scale_f16)
     err = np.abs(y.astype(np.float64) - x.astype(np.float64))
     # scale/2 exactly in real arithmetic; the slack covers float32 rounding of the dequantised value.
     assert np.all(err <= _scale_bound(wire, x.shape) * (1 + 1e-5) + 1e-6 * np.abs(x) + 1e-30)
@@ -84,6 +93,70 @@ def test_int4_packs_two_values_per_byte_and_checks_padding():
     assert np.abs(codec.decode_tensor(msg).numpy() - x).max() <= msg.scale[0] / 2 * (1 + 1e-5)
     msg.data = msg.data[:-1] + bytes([msg.data[-1] | 0xF0])
     with pytest.raises(MalformedMessage, match="padding"):
+        codec.decode_tensor(msg)
+
+
+@FAST
+@given(hnp.arrays(np.float32, st.tuples(st.just(1), st.integers(1, 6), st.integers(1, 4)),
+                  elements=st.floats(-(2.0**-10), 2.0**-10, allow_nan=False, width=32)), st.sampled_from(["int8", "int4"]))
+def test_compact_params_keep_the_bound_for_tiny_ranges(x, encoding):
+    """float16 scales are rounded *up* (never shrinking the range), subnormal float16 scales included."""
+    wire, y = _roundtrip(x, encoding, 3, True, "f16")
+    assert wire.scale_f16 and (_wire_scale(wire) > 0).all()
+    err = np.abs(y.astype(np.float64) - x.astype(np.float64))
+    assert np.all(err <= _scale_bound(wire, x.shape) * (1 + 1e-5) + 1e-6 * np.abs(x) + 1e-30)
+
+
+def test_compact_params_are_smaller_and_fall_back_beyond_float16():
+    x = np.random.default_rng(0).normal(size=(1, 160, 4, 4)).astype(np.float32)
+    f32 = codec.encode_tensor(x, "int4", 3, params="f32")
+    f16 = codec.encode_tensor(x, "int4", 3, params="f16")
+    assert len(f16.scale_f16) == 320 and len(f16.zero_point_u8) == 160 and not len(f16.scale)
+    assert f32.ByteSize() - f16.ByteSize() >= 160 * 4  # 8+ bytes per channel -> 3
+    huge = np.array([[-3e38, 3e38]], dtype=np.float32)  # scale ~2.4e36: no float16 holds it
+    msg = codec.encode_tensor(huge, "int8", None, params="f16")
+    assert len(msg.scale) == 2 and not msg.scale_f16
+    with pytest.raises(ValueError, match="parameter format"):
+        codec.encode_tensor(x, "int8", 3, params="bf16")
+
+
+def _compact(encoding="int8") -> pb.Tensor:
+    x = np.random.default_rng(1).normal(size=(1, 4, 3, 3)).astype(np.float32)
+    return codec.encode_tensor(x, encoding, 3, name="t", params="f16")
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda m: m.scale.extend([1.0] * 4), "both"),
+        (lambda m: m.zero_point.append(1.0), "both"),
+        (lambda m: setattr(m, "scale_f16", m.scale_f16[:-1]), "whole float16s"),
+        (lambda m: setattr(m, "scale_f16", m.scale_f16[:-2]), "scales"),
+        (lambda m: setattr(m, "zero_point_u8", m.zero_point_u8 + b"\x01"), "zero points"),
+        (lambda m: setattr(m, "zero_point_u8", b""), "zero points"),
+        (lambda m: setattr(m, "zero_point_u8", b"\x00\x01\x02\xff"), "zero points must lie"),
+        (lambda m: setattr(m, "scale_f16", np.array([1, 1, np.inf, 1], "<f2").tobytes()), "finite"),
+        (lambda m: setattr(m, "scale_f16", np.array([1, 0, 1, 1], "<f2").tobytes()), "positive"),
+        (lambda m: setattr(m, "scale_f16", np.array([1, -1, 1, 1], "<f2").tobytes()), "positive"),
+    ],
+)
+def test_malformed_compact_params_are_refused(mutate, match):
+    msg = _compact("int4" if "lie" in match else "int8")
+    codec.decode_tensor(msg)
+    mutate(msg)
+    with pytest.raises(MalformedMessage, match=match) as info:
+        codec.decode_tensor(pb.Tensor.FromString(msg.SerializeToString()))
+    assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_compact_params_on_unquantised_encodings_are_refused():
+    msg = _valid("fp16", 3)
+    msg.scale_f16 = np.ones(4, "<f2").tobytes()
+    with pytest.raises(MalformedMessage, match="unquantised"):
+        codec.decode_tensor(msg)
+    msg = _valid("fp32", None)
+    msg.zero_point_u8 = b"\x00"
+    with pytest.raises(MalformedMessage, match="unquantised"):
         codec.decode_tensor(msg)
 
 
@@ -417,6 +490,31 @@ def test_wrong_carry_is_invalid_argument(setup, images):
         assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_recommended_encodings_match_the_benchmark_and_decode(setup, images):
+    """The table in codec is the benchmark's pick (smallest deployable request within 0.3 points of fp32)."""
+    import json
+
+    bench = json.loads((ROOT / "benchmarks" / "results" / "codec.json").read_text())
+    for split, rec in bench["recommended"].items():
+        opts = codec.recommended_encoding(int(split))
+        want = {k: v for k, v in rec["options"].items() if k not in ("dictionary", "send_image")}
+        got = {k: getattr(opts, k) for k in want}
+        assert got == want, f"split {split}: codec says {got}, the benchmark measured {want}"
+        assert rec["accuracy_change_pts"] >= -bench["targets"]["int8_zstd_max_accuracy_loss_target_pts"] - 1e-9
+    assert codec.recommended_encoding(99) == codec.SAFE_ENCODING
+    with pytest.raises(ValueError):
+        codec.recommended_encoding(-1)
+    model, contract = setup
+    last = model.num_exits - 1
+    with torch.no_grad():
+        for split in range(model.num_stages):
+            image = codec.pixels_to_tensor(images[0])
+            req = codec.build_request(contract, model.edge_part(image, split), split, last,
+                                      codec.recommended_encoding(split), image=images[0])
+            parsed = codec.parse_request_bytes(_wire(req), contract)
+            assert parsed.split == split and set(parsed.carry) == set(contract.carry_shapes[split])
+
+
 def test_response_top_k(setup):
     _, contract = setup
     resp = codec.build_response("r", torch.tensor([[0.1, 3.0, 2.0]]), 2, contract, 4, top_k=2)
@@ -437,11 +535,13 @@ def valid_requests(setup, images):
     pixels = images[0]
     out = []
     with torch.no_grad():
-        for split, enc, level, fmt in [(1, "int8", 3, "png"), (2, "int4", None, "jpeg"), (4, "fp16", 3, "raw_zstd"),
-                                       (5, "fp32", None, "png"), (0, "int8", 3, "png")]:
+        for split, enc, level, fmt, params in [(1, "int8", 3, "png", "f32"), (2, "int4", None, "jpeg", "f32"),
+                                               (4, "fp16", 3, "raw_zstd", "f32"), (5, "fp32", None, "png", "f32"),
+                                               (0, "int8", 3, "png", "f32"), (5, "int4", None, "png", "f16"),
+                                               (3, "int8", 3, "png", "f16")]:
             carry = model.edge_part(codec.pixels_to_tensor(pixels), split)
             req = codec.build_request(contract, carry, split, model.num_exits - 1,
-                                      EncodeOptions(enc, level, image_format=fmt), image=pixels)
+                                      EncodeOptions(enc, level, params=params, image_format=fmt), image=pixels)
             out.append(_wire(req))
     return out
 
@@ -490,7 +590,7 @@ def test_mutated_fields_never_crash(setup, valid_requests, data):
     if req.tensors:
         t = req.tensors[data.draw(st.integers(0, len(req.tensors) - 1))]
         big = st.integers(-(1 << 63), (1 << 63) - 1)
-        choice = data.draw(st.sampled_from(["shape", "raw_size", "scale", "zp", "axis", "enums", "data"]))
+        choice = data.draw(st.sampled_from(["shape", "raw_size", "scale", "zp", "axis", "enums", "data", "compact"]))
         if choice == "shape":
             t.shape[data.draw(st.integers(0, len(t.shape) - 1))] = data.draw(big)
         elif choice == "raw_size":
@@ -499,6 +599,9 @@ def test_mutated_fields_never_crash(setup, valid_requests, data):
             t.scale[0] = data.draw(st.floats(width=32))
         elif choice == "zp" and len(t.zero_point):
             t.zero_point[0] = data.draw(st.floats(width=32))
+        elif choice == "compact":
+            t.scale_f16 = data.draw(st.binary(max_size=400))
+            t.zero_point_u8 = data.draw(st.binary(max_size=200))
         elif choice == "axis":
             t.quant_axis = data.draw(st.integers(-(1 << 31), (1 << 31) - 1))
         elif choice == "enums":

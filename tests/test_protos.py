@@ -49,6 +49,14 @@ def test_every_enum_zero_is_unspecified():
         assert enum.values_by_number[0].name.endswith("_UNSPECIFIED"), enum.name
 
 
+def test_tensor_field_numbers_are_stable():
+    """v1 only grows: existing numbers never change; compact quantisation parameters were added as 12 and 13."""
+    fields = {f.name: f.number for f in pb.Tensor.DESCRIPTOR.fields}
+    assert fields == {"name": 1, "dtype": 2, "shape": 3, "encoding": 4, "codec": 5, "scale": 6, "zero_point": 7,
+                      "quant_axis": 8, "raw_size": 9, "zstd_dict_id": 10, "data": 11, "scale_f16": 12,
+                      "zero_point_u8": 13}
+
+
 def test_health_service_is_the_standard_one():
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: F401
 
