@@ -199,13 +199,14 @@ def end_to_end(model, identity, metadata, link, pixels, labels, device_gflops: f
         "edge-only": (FixedPolicy(decider, Plan(K - 1, model.num_stages, None, False, 0.0, 0.0)), False),
         "cloud-only": (FixedPolicy(decider, Plan(K - 1, 0, "png", True, 0.0, 0.0)), False),
     }
+    links = {name: link(name) for name in policies}  # each policy measures its own transfers
     for name, (d, use) in policies.items():  # warm-up: replica, channel, planner caches, estimate
-        run_policy(model, identity, d, link, pixels[:20], labels[:20], 0.0, use)
+        run_policy(model, identity, d, links[name], pixels[:20], labels[:20], 0.0, use)
     runs = {name: {"unpaced": [], "paced": []} for name in policies}
     for r in range(args.rounds):
         for mode, rate in (("unpaced", 0.0), ("paced", args.rate)):
             for name, (d, use) in policies.items():
-                out = run_policy(model, identity, d, link, pixels, labels, rate, use)
+                out = run_policy(model, identity, d, links[name], pixels, labels, rate, use)
                 runs[name][mode].append(out)
                 print(f"device {device_gflops:g} round {r} {mode:8s} {name:10s} {out['fps']:6.1f} fps  "
                       f"p50 {out['p50_ms']:7.1f}  p99 {out['p99_ms']:7.1f} ms  acc {out['accuracy']:.3f}  "
@@ -220,6 +221,9 @@ def end_to_end(model, identity, metadata, link, pixels, labels, device_gflops: f
                     "bytes_per_frame": agg("unpaced", name, "bytes_per_frame"),
                     "degraded": sum(run["degraded"] for m in runs[name].values() for run in m)}
              for name in runs}
+    for name, lk in links.items():
+        table[name]["network_estimate_end"] = lk.estimate.snapshot()
+        lk.close()
     return table, runs, decider
 
 
@@ -271,11 +275,12 @@ def main(argv=None) -> int:
     cloud = start_local(args.checkpoint, port=0)
     try:
         for g in (float(v) for v in args.devices.split(",")):
-            link = CloudLink(CloudTarget(cloud.address, cloud.token), 2000, CircuitBreaker(), NetworkEstimate(50.0, 5.0))
+            def link(_name):
+                return CloudLink(CloudTarget(cloud.address, cloud.token), 2000, CircuitBreaker(), NetworkEstimate(50.0, 5.0))
+
             table, runs, decider = end_to_end(model, identity, metadata, link, pixels, labels, g, args)
             configs[f"{g:g}"] = {"device_gflops": g, "threshold": decider.threshold, "table": table, "runs": runs,
-                                 "network_estimate_end": link.estimate.snapshot(), "decider": decider}
-            link.close()
+                                 "decider": decider}
     finally:
         cloud.stop()
 

@@ -11,6 +11,7 @@ reports are exactly the bytes of the message gRPC sends.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -118,12 +119,15 @@ class NetworkEstimate:
     """
 
     def __init__(self, bandwidth_mbps: float, rtt_ms: float, alpha: float = 0.2, window: int = 32,
-                 min_transfer_ms: float = 0.05):
+                 min_transfer_ms: float = 0.05, stale_s: float = 2.0, half_life_s: float = 2.0, clock=time.monotonic):
         self.alpha, self.min_transfer_ms = alpha, min_transfer_ms
+        self.stale_s, self.half_life_s, self._clock = stale_s, half_life_s, clock
         self._lock = threading.Lock()
         self._wire = collections.deque(maxlen=window)
-        self.bandwidth_mbps, self.rtt_ms, self.cloud_queue_ms = float(bandwidth_mbps), float(rtt_ms), 0.0
+        self.prior = (float(bandwidth_mbps), float(rtt_ms), 0.0)
+        self.bandwidth_mbps, self.rtt_ms, self.cloud_queue_ms = self.prior
         self.samples = 0
+        self._last = clock()
 
     def update(self, nbytes: int, round_trip_ms: float, server_ms: float, queue_ms: float) -> None:
         wire = max(round_trip_ms - server_ms, 0.0)
@@ -136,11 +140,23 @@ class NetworkEstimate:
             self.bandwidth_mbps = sample if first else (1 - self.alpha) * self.bandwidth_mbps + self.alpha * sample
             self.cloud_queue_ms = queue_ms if first else (1 - self.alpha) * self.cloud_queue_ms + self.alpha * queue_ms
             self.samples += 1
+            self._last = self._clock()
 
     def snapshot(self) -> dict:
+        """The estimate now. Without a fresh sample for `stale_s`, it drifts back to the priors (half-life
+        `half_life_s`): an agent that stopped offloading because the cloud looked slow tries again later,
+        instead of trusting a stale measurement forever."""
         with self._lock:
-            return {"bandwidth_mbps": self.bandwidth_mbps, "rtt_ms": self.rtt_ms, "cloud_queue_ms": self.cloud_queue_ms,
-                    "samples": self.samples}
+            values = (self.bandwidth_mbps, self.rtt_ms, self.cloud_queue_ms)
+            age = self._clock() - self._last
+            if self.samples and age > self.stale_s:
+                keep = 0.5 ** ((age - self.stale_s) / self.half_life_s)
+                bw_prior, rtt_prior, q_prior = self.prior
+                # bandwidth in log space: a factor-of-ten error decays like any other
+                bw = math.exp(math.log(bw_prior) + keep * (math.log(max(values[0], 1e-6)) - math.log(bw_prior)))
+                values = (bw, rtt_prior + keep * (values[1] - rtt_prior), q_prior + keep * (values[2] - q_prior))
+            return {"bandwidth_mbps": values[0], "rtt_ms": values[1], "cloud_queue_ms": values[2],
+                    "samples": self.samples, "age_s": age}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -216,6 +216,18 @@ def test_network_estimate_separates_server_time():
     assert 20 < snap["bandwidth_mbps"] < 100 and snap["cloud_queue_ms"] == pytest.approx(4.0)
 
 
+def test_network_estimate_forgets_stale_measurements():
+    now = [0.0]
+    est = NetworkEstimate(bandwidth_mbps=50, rtt_ms=5, stale_s=2.0, half_life_s=1.0, clock=lambda: now[0])
+    est.update(nbytes=1000, round_trip_ms=300.0, server_ms=100.0, queue_ms=80.0)  # a cloud under load
+    assert est.snapshot()["rtt_ms"] == pytest.approx(200.0)
+    now[0] = 3.0  # one half-life past stale
+    snap = est.snapshot()
+    assert snap["rtt_ms"] == pytest.approx(5 + 195 / 2) and snap["cloud_queue_ms"] == pytest.approx(40.0)
+    now[0] = 30.0
+    assert est.snapshot()["rtt_ms"] == pytest.approx(5.0, abs=1e-3)
+
+
 def test_cloud_target_never_shows_token():
     target = CloudTarget("127.0.0.1:1", token=TOKEN)
     assert TOKEN not in repr(target) and TOKEN not in str(target)
