@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from edge.decide import DecisionSettings, Decider, build_decider  # noqa: E402
-from edge.frames import Frame, Source, bgr_to_rgb, fit_frame  # noqa: E402
+from edge.frames import Frame, Source, bgr_to_rgb, fit_image  # noqa: E402
 from edge.link import CircuitBreaker, CloudLink, CloudTarget, NetworkEstimate  # noqa: E402
 from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
 from orchestration.planner import Plan  # noqa: E402
@@ -97,8 +97,8 @@ def edge_breakdown(model, identity, decider, pixels: np.ndarray, rounds: int, se
     x = to_model_input(pixels[0])
     K, S = model.num_exits, model.num_stages
     calls = {
-        "preprocess (32x32 RGB frame)": lambda i: to_model_input(fit_frame(pixels[i], size)),
-        "preprocess (640x480 BGR camera frame)": lambda i: to_model_input(fit_frame(bgr_to_rgb(camera), size)),
+        "preprocess (32x32 RGB frame)": lambda i: to_model_input(fit_image(pixels[i], size)),
+        "preprocess (640x480 BGR camera frame)": lambda i: to_model_input(fit_image(bgr_to_rgb(camera), size)),
         "predictor": lambda i: model.exit_scores(to_model_input(pixels[i])),
     }
     xs = [to_model_input(p) for p in pixels]

@@ -1,8 +1,7 @@
 """Frame sources for the edge agent: camera, video file, image folder/archive, labelled dataset.
 
 Every source yields `Frame`s holding uint8 RGB pixels already fitted to the model's input size with
-`fit_frame`, the same resize-shorter-side + centre-crop that rapnet/data.py applies to ImageFolder data
-(rapnet.data._fit is private, so the helper lives here and tests/test_edge.py checks that both agree).
+`rapnet.data.fit_image`, the same resize-shorter-side + centre-crop that the dataset loaders apply.
 
     source = open_source(SourceSpec(video="clip.avi"), image_size=32)
     for frame in source: ...
@@ -21,6 +20,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from rapnet.data import fit_image
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
@@ -29,19 +30,6 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our errors s
 
 class SourceError(Exception):
     """A source that cannot be opened or read; the message says what was wrong and what to do."""
-
-
-def fit_frame(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (INTER_AREA) and centre-crop to size x size: exactly rapnet.data's
-    ImageFolder preprocessing, so a frame from a camera meets the model as an evaluation image does."""
-    h, w = rgb.shape[:2]
-    if h == size and w == size:
-        return np.ascontiguousarray(rgb)
-    scale = size / min(h, w)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(img[top:top + size, left:left + size])
 
 
 def bgr_to_rgb(bgr: np.ndarray) -> np.ndarray:
@@ -95,7 +83,7 @@ class Source:
 
 def _convert(index: int, bgr: np.ndarray, size: int, label=None, name=None, t0: float | None = None) -> Frame:
     t0 = time.perf_counter() if t0 is None else t0
-    pixels = fit_frame(bgr_to_rgb(bgr), size)
+    pixels = fit_image(bgr_to_rgb(bgr), size)
     t1 = time.perf_counter()
     return Frame(index, pixels, t0, label, name, (t1 - t0) * 1e3)
 
@@ -207,7 +195,7 @@ class DatasetSource(Source):
     def __iter__(self) -> Iterator[Frame]:
         for index in range(len(self.labels)):
             t0 = time.perf_counter()
-            pixels = fit_frame(self.images[index], self.size)  # already RGB
+            pixels = fit_image(self.images[index], self.size)  # already RGB
             yield Frame(index, pixels, t0, int(self.labels[index]), None, (time.perf_counter() - t0) * 1e3)
 
 
@@ -231,4 +219,4 @@ def read_all(source: Source) -> list[Frame]:
 
 
 __all__ = ["Frame", "Source", "SourceSpec", "SourceError", "CaptureSource", "ImageFilesSource", "DatasetSource",
-           "open_source", "fit_frame", "bgr_to_rgb", "read_all"]
+           "open_source", "fit_image", "bgr_to_rgb", "read_all"]

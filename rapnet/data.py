@@ -234,8 +234,9 @@ def _decode(data: bytes, what: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _fit(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (INTER_AREA) and centre-crop to size x size."""
+def fit_image(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` (INTER_AREA) and centre-crop to size x size. The edge agent fits
+    camera frames with this same function, so a frame meets the model as an evaluation image does."""
     h, w = img.shape[:2]
     if h == size and w == size:
         return img
@@ -259,7 +260,7 @@ def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
 def _stack(arrays: list[np.ndarray], names: list[str], image_size: int | None, where: str) -> np.ndarray:
     """Resize (if asked) and stack decoded images, insisting on one common size."""
     if image_size is not None:
-        arrays = [_fit(a, image_size) for a in arrays]
+        arrays = [fit_image(a, image_size) for a in arrays]
     first = arrays[0].shape
     for a, n in zip(arrays, names):
         if a.shape != first:
@@ -462,7 +463,7 @@ def _load_cifar_pickles(root: Path, fmt: str, split: str, image_size: int | None
     if y.min() < 0 or y.max() >= len(classes):
         raise DatasetError(f"Labels in {root} are outside 0..{len(classes) - 1}; the files are corrupt. Re-download them.")
     if image_size is not None and image_size != 32:
-        images = np.stack([_fit(im, image_size) for im in images])
+        images = np.stack([fit_image(im, image_size) for im in images])
     return np.ascontiguousarray(images), y, classes
 
 

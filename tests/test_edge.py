@@ -33,13 +33,12 @@ from cloud.security import TLSFiles  # noqa: E402
 from cloud.server import start_local  # noqa: E402
 from edge import agent as edge_agent  # noqa: E402
 from edge.decide import DecisionSettings, build_decider  # noqa: E402
-from edge.frames import CaptureSource, DatasetSource, Frame, Source, fit_frame  # noqa: E402
+from edge.frames import CaptureSource, DatasetSource, Frame, Source, fit_image  # noqa: E402
 from edge.link import CircuitBreaker, CloudTarget, NetworkEstimate  # noqa: E402
 from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
 from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import load_model, save_checkpoint  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
-from rapnet.data import _fit  # noqa: E402
 from rapnet.evaluate import predictor_exits  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
 
@@ -88,7 +87,7 @@ def dataset(workdir, checkpoint):
     for i in range(N_FRAMES):
         rgb = np.clip(rng.normal(120, 60, (40, 48, 3)) + rng.integers(-80, 80, 3), 0, 255).astype(np.uint8)
         with torch.no_grad():
-            pred = int(model.run_to_exit(to_model_input(fit_frame(rgb, 32)), model.num_exits - 1).argmax(1)[0])
+            pred = int(model.run_to_exit(to_model_input(fit_image(rgb, 32)), model.num_exits - 1).argmax(1)[0])
         label = pred if i % 2 == 0 else (pred + 1 + i % 9) % 10
         cv2.imwrite(str(root / "test" / f"class{label}" / f"{i:03d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return str(root)
@@ -178,12 +177,6 @@ def run_agent(argv, stopper=None):
 # ------------------------------------------------------------------------------------------------------
 # Units
 # ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(32, 32), (40, 48), (48, 40), (100, 37), (20, 20)])
-def test_fit_frame_is_rapnet_data_preprocessing(shape):
-    img = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    assert np.array_equal(fit_frame(img, 32), _fit(img, 32))
 
 
 def test_circuit_breaker_opens_probes_and_closes():
