@@ -20,9 +20,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from rapnet.data import fit_image
+from rapnet.data import IMAGE_EXTS, fit_image, is_image_name
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our errors say what failed; no V4L2 noise
@@ -123,11 +122,6 @@ class CaptureSource(Source):
         self._cap.release()
 
 
-def _is_image(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTS)
-
-
 def _decode(data: bytes, what: str) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
@@ -145,13 +139,13 @@ class ImageFilesSource(Source):
         if self.path.is_file() and not str(self.path).lower().endswith(ARCHIVE_EXTS):
             raise SourceError(f"--images {path} is a file but not a tar archive ({', '.join(ARCHIVE_EXTS)})")
         if self.path.is_dir():
-            self._files = sorted(p for p in self.path.rglob("*") if p.is_file() and _is_image(p.name))
+            self._files = sorted(p for p in self.path.rglob("*") if p.is_file() and is_image_name(p.name))
             if not self._files:
                 raise SourceError(f"no images ({'/'.join(IMAGE_EXTS)}) under {path}")
         else:
             try:
                 with tarfile.open(self.path) as tar:
-                    self._members = [m.name for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
+                    self._members = [m.name for m in tar.getmembers() if m.isfile() and is_image_name(m.name)]
             except (tarfile.TarError, OSError) as err:
                 raise SourceError(f"cannot read archive {path}: {err}") from None
             if not self._members:

@@ -35,7 +35,7 @@ LOADER_VERSION = 1
 
 DEFAULT_SEARCH_ENV = "RAPNET_DATA"
 CACHE_ENV = "RAPNET_CACHE"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 SPLITS = ("train", "test", "val")
 
@@ -217,7 +217,7 @@ def detect_format(path: Path) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     # Skip hidden files and macOS "._x.jpg" resource forks that tar on macOS adds.
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTS)
@@ -310,7 +310,7 @@ def _load_imagefolder(root: Path, split: str, image_size: int | None, progress: 
     for label, cls in enumerate(classes):
         # Recurse, like torchvision's ImageFolder, so class/images/x.jpg also works.
         for f in sorted((split_dir / cls).rglob("*")):
-            if f.is_file() and _is_image_name(f.name):
+            if f.is_file() and is_image_name(f.name):
                 items.append((str(f), f.read_bytes, label))
     if not items:
         raise _empty_split(split, str(split_dir))
@@ -346,7 +346,7 @@ def _load_tar(path: Path, split: str, image_size: int | None, progress: bool) ->
                         continue
                     if m.isdir() and len(rest) == 2:
                         class_dirs[depth].add(rest[1])
-                    elif m.isfile() and len(rest) >= 3 and _is_image_name(parts[-1]):
+                    elif m.isfile() and len(rest) >= 3 and is_image_name(parts[-1]):
                         f = tf.extractfile(m)
                         cand[depth].append((rest, f.read() if f else b""))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
@@ -476,7 +476,7 @@ def _load_tinyimagenet(root: Path, split: str, image_size: int | None, progress:
             raise DatasetError(f"{root / 'train'} does not exist; the Tiny ImageNet folder is incomplete. Re-extract it.")
         for wnid in classes:
             for f in sorted((root / "train" / wnid / "images").glob("*")):
-                if f.is_file() and _is_image_name(f.name):
+                if f.is_file() and is_image_name(f.name):
                     items.append((str(f), f.read_bytes, index[wnid]))
     else:  # "val" (the official test split has no labels)
         ann = root / "val" / "val_annotations.txt"
