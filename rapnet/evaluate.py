@@ -26,6 +26,7 @@ from .preprocess import to_model_input
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "rapnet-cifar10.pt"
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
+PRICES = np.round(np.linspace(0.0, 4.0, 401), 4)
 
 
 @dataclass
@@ -53,8 +54,21 @@ def collect_traces(model: MultiExitNetwork, images: np.ndarray, labels: np.ndarr
 
 
 # --- policies: per-sample exit choice and FLOPs ------------------------------------------------------------
+def priced_exits(scores: np.ndarray, price: float, relative_costs: np.ndarray) -> np.ndarray:
+    """RAPNet's rule (ours): the exit with the best predicted chance of being right net of its compute,
+    argmax_k score_k - price * cost_k / full cost. Price 0 asks for the most accurate exit; raising it trades
+    accuracy for FLOPs. Unlike a first-exit-above-threshold rule, it weighs every exit's score against what
+    that exit costs, so a deep exit is chosen only when the predictor expects it to pay off."""
+    return np.argmax(scores - price * np.asarray(relative_costs)[None, :], axis=1)
+
+
+def relative_exit_costs(costs: CostTable) -> np.ndarray:
+    return np.array([costs.exit_cost(k) for k in range(costs.num_exits)]) / costs.full_cost
+
+
 def predictor_exits(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """RAPNet's rule (ours): jump to the shallowest exit the predictor trusts at `threshold`, else the last."""
+    """Threshold rule: jump to the shallowest exit the predictor trusts at `threshold`, else the last.
+    (What the planner uses today; `priced_exits` is the better rule, see docs/results.md.)"""
     trusted = scores >= threshold
     return np.where(trusted.any(1), trusted.argmax(1), scores.shape[1] - 1)
 
@@ -85,6 +99,13 @@ def rapnet_curve(traces: Traces, costs: CostTable) -> list[dict]:
             for t in THRESHOLDS]
 
 
+def priced_curve(traces: Traces, costs: CostTable) -> list[dict]:
+    flops = np.array([costs.exit_cost(k) for k in range(costs.num_exits)])
+    relative = relative_exit_costs(costs)
+    return [{"price": float(q), **point(traces, priced_exits(traces.scores, q, relative), flops, costs.predictor_flops)}
+            for q in PRICES]
+
+
 def sdn_curve(traces: Traces, costs: CostTable) -> list[dict]:
     flops = np.array([costs.sequential_exit_cost(k) for k in range(costs.num_exits)])
     return [{"threshold": float(t), **point(traces, confidence_exits(traces.confidence, t), flops)} for t in THRESHOLDS]
@@ -100,14 +121,14 @@ def pareto(curve: list[dict]) -> list[dict]:
     return frontier
 
 
-def calibrate(cal_curve: list[dict], budget_flops: float) -> float | None:
-    """Threshold with the best calibration accuracy whose mean FLOPs stay within the budget."""
-    ok = [p for p in cal_curve if p["mean_flops"] <= budget_flops]
-    return max(ok, key=lambda p: (p["accuracy"], -p["mean_flops"]))["threshold"] if ok else None
+def calibrate(cal_curve: list[dict], budget_flops: float) -> int | None:
+    """Index of the policy setting with the best calibration accuracy whose mean FLOPs stay within the
+    budget (curves from the same grid share indices, so it picks the same setting on test)."""
+    ok = [i for i, p in enumerate(cal_curve) if p["mean_flops"] <= budget_flops]
+    return max(ok, key=lambda i: (cal_curve[i]["accuracy"], -cal_curve[i]["mean_flops"])) if ok else None
 
 
-def predictor_quality(traces: Traces, threshold: float) -> dict:
-    chosen = predictor_exits(traces.scores, threshold)
+def predictor_quality(traces: Traces, chosen: np.ndarray, setting: dict) -> dict:
     earliest = oracle_exits(traces.correct)
     k = traces.correct.shape[1]
     confusion = np.zeros((k, k), dtype=int)
@@ -116,7 +137,7 @@ def predictor_quality(traces: Traces, threshold: float) -> dict:
     solvable = traces.correct.any(1)
     too_early = solvable & (chosen < earliest)
     return {
-        "threshold": threshold,
+        "setting": setting,
         "confusion_predicted_vs_earliest_correct": confusion.tolist(),
         "exact": float((chosen == earliest).mean()),
         "too_early": float(too_early.mean()),
@@ -129,16 +150,18 @@ def predictor_quality(traces: Traces, threshold: float) -> dict:
 # --- measured latency with real early exit -----------------------------------------------------------------
 @torch.inference_mode()
 def measure_latency(models: dict[str, tuple[MultiExitNetwork, float | None]], images: np.ndarray, rounds: int) -> dict:
+    """models: name -> (model, its operating knob: RAPNet's price, SDN's threshold, None for static)."""
     """Batch-1 CPU latency per image, each policy doing only the work it really needs. Policies are timed
     interleaved image by image (A B C A B C ...) so machine noise hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in models}
+    relative = {name: relative_exit_costs(measure_costs(m)) for name, (m, _) in models.items() if m.predictor is not None}
     for _ in range(rounds):
         for pixels in images:
             x = to_model_input(pixels)
             for name, (model, threshold) in models.items():
                 started = time.perf_counter()
                 if model.config.kind == "rapnet":
-                    exit_index = int(predictor_exits(model.exit_scores(x).numpy(), threshold)[0])
+                    exit_index = int(priced_exits(model.exit_scores(x).numpy(), threshold, relative[name])[0])
                     model.run_to_exit(x, exit_index)
                 elif model.config.kind == "sdn":
                     model.run_until_confident(x, threshold)
@@ -228,8 +251,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     traces = {"rapnet": collect_traces(rapnet, test.images, test.labels)}
     cal_traces = {"rapnet": collect_traces(rapnet, cal.images, cal.labels)}
-    curves = {"rapnet": rapnet_curve(traces["rapnet"], costs)}
-    cal_curves = {"rapnet": rapnet_curve(cal_traces["rapnet"], costs)}
+    curves = {"rapnet": priced_curve(traces["rapnet"], costs)}
+    cal_curves = {"rapnet": priced_curve(cal_traces["rapnet"], costs)}
+    curves["rapnet_threshold"] = rapnet_curve(traces["rapnet"], costs)  # the first-exit-above-threshold rule
     exit_flops = np.array([costs.exit_cost(k) for k in range(costs.num_exits)])
     curves["oracle"] = [point(traces["rapnet"], oracle_exits(traces["rapnet"].correct), exit_flops)]
     curves["rapnet_exits_confidence"] = sdn_curve(traces["rapnet"], costs)  # diagnostic: SDN's rule on our exits
@@ -253,46 +277,43 @@ def run(args: argparse.Namespace) -> dict:
     report["curves"] = curves
     report["pareto"] = {name: pareto(curve) for name, curve in curves.items()}
 
-    # Budget mode: thresholds chosen on the calibration split, accuracy read on the test split.
+    # Budget mode: the policy setting is chosen on the calibration split, accuracy read on the test split.
+    knob = {"rapnet": "price", "sdn": "threshold"}
+
+    def budget_row(name: str, index: int | None) -> dict | None:
+        if index is None:
+            return None
+        test_point = curves[name][index]
+        return {knob[name]: test_point[knob[name]], "accuracy": test_point["accuracy"], "flops_fraction": test_point["flops_fraction"]}
+
     ms_per_exit, predictor_ms = exit_latencies(rapnet, test.images[0], repeats=args.latency_repeats)
     budgets = []
     for fraction in args.budget:
-        row = {"budget_fraction": fraction}
-        for name in ("rapnet", "sdn"):
-            if name not in cal_curves:
-                continue
-            threshold = calibrate(cal_curves[name], fraction * reference)
-            if threshold is None:
-                row[name] = None
-                continue
-            test_point = next(p for p in curves[name] if p["threshold"] == threshold)
-            row[name] = {"threshold": threshold, "accuracy": test_point["accuracy"], "flops_fraction": test_point["flops_fraction"]}
-        budgets.append(row)
+        budgets.append({"budget_fraction": fraction, **{name: budget_row(name, calibrate(cal_curves[name], fraction * reference))
+                                                        for name in ("rapnet", "sdn") if name in cal_curves}})
     if args.budget_ms:
         rapnet_ms = [predictor_ms + float(np.dot(p["exit_histogram"], ms_per_exit)) / len(cal) for p in cal_curves["rapnet"]]
-        ok = [(p, ms) for p, ms in zip(cal_curves["rapnet"], rapnet_ms) if ms <= args.budget_ms]
-        if ok:
-            best = max(ok, key=lambda pm: pm[0]["accuracy"])[0]
-            test_point = next(p for p in curves["rapnet"] if p["threshold"] == best["threshold"])
-            budgets.append({"budget_ms": args.budget_ms, "rapnet": {"threshold": best["threshold"], "accuracy": test_point["accuracy"],
-                            "flops_fraction": test_point["flops_fraction"]}})
-        else:
-            budgets.append({"budget_ms": args.budget_ms, "rapnet": None})
+        ok = [i for i, ms in enumerate(rapnet_ms) if ms <= args.budget_ms]
+        best = max(ok, key=lambda i: cal_curves["rapnet"][i]["accuracy"]) if ok else None
+        budgets.append({"budget_ms": args.budget_ms, "rapnet": budget_row("rapnet", best)})
     report["budgets"] = budgets
     report["latency_model"] = {"rapnet_exit_ms": ms_per_exit, "predictor_ms": predictor_ms}
 
-    # Predictor quality at the threshold that matches the static network's accuracy budget (or 50% FLOPs).
-    operating = calibrate(cal_curves["rapnet"], 0.5 * reference) or 0.5
-    report["predictor_quality"] = predictor_quality(traces["rapnet"], operating)
+    # Predictor quality at the setting calibrated for 50% of the reference FLOPs.
+    index = calibrate(cal_curves["rapnet"], 0.5 * reference)
+    operating = float(PRICES[index]) if index is not None else 0.0
+    chosen = priced_exits(traces["rapnet"].scores, operating, relative_exit_costs(costs))
+    report["predictor_quality"] = predictor_quality(traces["rapnet"], chosen, {"price": operating})
 
     # Real batch-1 latency with real early exit, interleaved.
     timed = {"rapnet": (rapnet, operating)}
     if sdn:
-        timed["sdn"] = (sdn[0], calibrate(cal_curves["sdn"], 0.5 * reference) or 0.9)
+        sdn_index = calibrate(cal_curves["sdn"], 0.5 * reference)
+        timed["sdn"] = (sdn[0], float(THRESHOLDS[sdn_index]) if sdn_index is not None else 0.9)
     if static:
         timed["static"] = (static[0], None)
     report["latency_batch1"] = measure_latency(timed, test.images[: args.latency_images], rounds=1)
-    report["latency_batch1"]["operating_thresholds"] = {k: v[1] for k, v in timed.items()}
+    report["latency_batch1"]["operating_settings"] = {k: v[1] for k, v in timed.items()}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +349,7 @@ def markdown_report(report: dict) -> str:
         top = max(curve, key=lambda p: (p["accuracy"], -p["mean_flops"]))
         cells = [fmt(_accuracy_at(curve, f)) for f in (0.25, 0.35, 0.5, 0.75)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(top['accuracy'])} ({100 * top['flops_fraction']:.1f}%) |")
-    lines += ["", "Budget mode (threshold calibrated on the validation split, accuracy on test):", "",
+    lines += ["", "Budget mode (policy setting calibrated on the validation split, accuracy on test):", "",
               "| budget | RAPNet acc. (FLOPs %) | SDN acc. (FLOPs %) |", "|---|---|---|"]
     for row in report["budgets"]:
         label = f"{100 * row['budget_fraction']:.0f}% FLOPs" if "budget_fraction" in row else f"{row['budget_ms']} ms"
@@ -338,7 +359,7 @@ def markdown_report(report: dict) -> str:
             cells.append("-" if not v else f"{fmt(v['accuracy'])} ({100 * v['flops_fraction']:.1f}%)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     q = report["predictor_quality"]
-    lines += ["", f"Predictor at threshold {q['threshold']}: exact {fmt(q['exact'])}%, too early {fmt(q['too_early'])}% "
+    lines += ["", f"Predictor at {q['setting']}: exact {fmt(q['exact'])}%, too early {fmt(q['too_early'])}% "
               f"(of which wrong {fmt(q['too_early_and_wrong'])}%), too late {fmt(q['too_late'])}%, no exit right {fmt(q['unsolvable'])}%.",
               "", "Batch-1 CPU latency with real early exit (median ms): " + ", ".join(
                   f"{k} {v['median_ms']:.2f}" for k, v in report["latency_batch1"].items() if isinstance(v, dict) and "median_ms" in v)]
@@ -352,7 +373,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"rapnet": ("RAPNet (predictor)", "-"), "sdn": ("SDN (confidence)", "--"),
+    styles = {"rapnet": ("RAPNet (predictor, priced rule)", "-"), "sdn": ("SDN (confidence)", "--"),
+              "rapnet_threshold": ("RAPNet (predictor, threshold rule)", "-."),
               "rapnet_exits_confidence": ("RAPNet exits + confidence rule", ":")}
     for name, (label, style) in styles.items():
         if name in report["pareto"]:
