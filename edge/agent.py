@@ -45,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model and policy")
     m.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="RAPNet checkpoint (edge and embedded cloud)")
-    m.add_argument("--threshold", type=float, default=None,
-                   help="predictor threshold (default: the checkpoint's metadata, else 0.9)")
+    rule = m.add_mutually_exclusive_group()
+    rule.add_argument("--price", type=float, default=None,
+                      help="exit rule (default): the exit maximising predictor score - PRICE x relative cost; default: "
+                           "the checkpoint metadata's \"price\", else 0.04 (calibrated, see docs/edge.md)")
+    rule.add_argument("--threshold", type=float, default=None,
+                      help="use the threshold rule instead: the shallowest exit whose predictor score reaches THRESHOLD")
     m.add_argument("--device-gflops", type=float, default=5.0, help="the device's compute, for the planner")
     m.add_argument("--emulate-device", action="store_true",
                    help="pad local compute (sleep) to the planner's modelled time on --device-gflops, to emulate a "
@@ -206,6 +210,8 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         raise SetupError("mutual TLS needs --tls-ca as well (the CA that signed the cloud's certificate)")
     if args.deadline_ms <= 0:
         raise SetupError("--deadline-ms must be > 0")
+    if args.price is not None and not 0.0 <= args.price < float("inf"):
+        raise SetupError("--price must be a finite number >= 0")
     try:
         model, metadata = load_model(args.checkpoint)
     except CheckpointError as err:
@@ -223,14 +229,14 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         target = _cloud_target(app)
         import numpy as np
 
-        settings = DecisionSettings(threshold=args.threshold, device_gflops=args.device_gflops,
+        settings = DecisionSettings(price=args.price, threshold=args.threshold, device_gflops=args.device_gflops,
                                     device_layer_us=args.device_layer_us, cloud_gflops=args.cloud_gflops,
                                     latency_budget_ms=args.latency_budget_ms, encodings=encodings,
                                     bandwidth_mbps=args.bandwidth_mbps, rtt_ms=args.rtt_ms,
                                     fixed_network=args.fixed_network)
         t0 = time.perf_counter()
         app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata, args.traces)
-        log(f"planner ready in {time.perf_counter() - t0:.1f} s (threshold {app.decider.threshold}, "
+        log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "
             f"{len(source.head)} calibration frames)")
         app.link = CloudLink(target, args.deadline_ms, CircuitBreaker(args.breaker_failures, args.breaker_cooldown_s),
                              NetworkEstimate(args.bandwidth_mbps, args.rtt_ms))
@@ -313,7 +319,8 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
         out.close()
         display.close()
         extra = {"captured": agent.counters.captured, "dropped": agent.counters.dropped,
-                 "interrupted": app.stop.is_set(), "threshold": app.decider.threshold,
+                 "interrupted": app.stop.is_set(), "rule": app.decider.rule, "price": app.decider.price,
+                 "threshold": app.decider.threshold,
                  "source": app.source.source.__class__.__name__}
         if app.link is not None:
             extra.update(network_estimate=app.link.estimate.snapshot(), circuit_trips=app.link.breaker.trips,

@@ -5,7 +5,7 @@ orchestration.factory.planner_for_model): this module only turns the agent's fla
 estimate into the planner's `Conditions`, and keeps those conditions on a coarse grid so the planner's
 per-Conditions option cache stays small and a noisy estimate does not flip decisions on every frame.
 
-    decider = build_decider(model, sample_pixels, DecisionSettings(threshold=0.9, device_gflops=5))
+    decider = build_decider(model, sample_pixels, DecisionSettings(device_gflops=5))   # price=... / threshold=...
     plan = decider.plan(scores, decider.conditions(estimate))        # scores: model.exit_scores(x)[0]
     plan.exit_index, plan.split, plan.encoding, plan.offload
 
@@ -20,17 +20,20 @@ from typing import Sequence
 
 import numpy as np
 
-from orchestration.planner import DEFAULT_ENCODINGS, Conditions, Plan, Planner
+from orchestration.planner import DEFAULT_ENCODINGS, DEFAULT_PRICE, Conditions, Plan, Planner
 
-DEFAULT_THRESHOLD = 0.9  # used when the checkpoint's metadata names none (ours: see docs/edge.md)
-THRESHOLD_KEYS = ("predictor_threshold", "threshold", "operating_threshold")
+# The exit rule: by default RAPNet's priced rule (rapnet.evaluate.priced_exits: argmax score - price x cost)
+# at the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner: 0.04, calibrated on the
+# calibration split, see docs/edge.md). A threshold (flag only) switches to the threshold rule.
+PRICE_KEYS = ("price",)
 
 
 @dataclass(frozen=True)
 class DecisionSettings:
     """What the device and the objective are; the network part is a prior until the agent measures it."""
 
-    threshold: float | None = None  # None: the checkpoint's, else DEFAULT_THRESHOLD
+    price: float | None = None  # priced rule; None: the checkpoint's "price", else DEFAULT_PRICE
+    threshold: float | None = None  # given: the threshold rule at it instead (not with price)
     device_gflops: float = 5.0
     device_layer_us: float | None = None
     cloud_gflops: float = 100.0
@@ -42,10 +45,10 @@ class DecisionSettings:
     fixed_network: bool = False  # True: plan with the prior, ignore the live estimate (reproducible runs)
 
 
-def checkpoint_threshold(metadata: dict | None) -> float | None:
-    for key in THRESHOLD_KEYS:
+def checkpoint_price(metadata: dict | None) -> float | None:
+    for key in PRICE_KEYS:
         value = (metadata or {}).get(key)
-        if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < math.inf:
             return float(value)
     return None
 
@@ -60,10 +63,23 @@ def _grid(value: float, steps_per_decade: int = 20) -> float:
 class Decider:
     """Conditions from flags + live estimate, decisions from the planner."""
 
-    def __init__(self, planner: Planner, settings: DecisionSettings, threshold: float):
-        self.planner = planner.with_threshold(threshold)
+    def __init__(self, planner: Planner, settings: DecisionSettings, *, price: float | None = None,
+                 threshold: float | None = None):
+        if (price is None) == (threshold is None):
+            raise ValueError("a Decider needs exactly one of price (priced rule) and threshold (threshold rule)")
+        self.planner = planner.with_price(price) if price is not None else planner.with_threshold(threshold)
         self.settings = settings
-        self.threshold = threshold
+        self.price, self.threshold = price, threshold
+
+    @property
+    def rule(self) -> str:
+        """'price' or 'threshold'."""
+        return self.planner.rule
+
+    @property
+    def knob(self) -> float:
+        """The rule's one setting: the price, or the threshold."""
+        return self.price if self.price is not None else self.threshold
 
     def conditions(self, bandwidth_mbps: float | None = None, rtt_ms: float | None = None,
                    cloud_queue_ms: float | None = None, cloud_available: bool = True) -> Conditions:
@@ -115,14 +131,18 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
     `sample_pixels`, or a trace cache holding this model) behind the agent's settings."""
     from orchestration.factory import planner_for_model
 
-    threshold = settings.threshold if settings.threshold is not None else checkpoint_threshold(metadata)
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    if settings.threshold is not None and settings.price is not None:
+        raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")
+    price = None
+    if settings.threshold is None:
+        price = settings.price if settings.price is not None else checkpoint_price(metadata)
+        price = DEFAULT_PRICE if price is None else price
     accuracy = (metadata or {}).get("val_acc_per_exit")
     if not (isinstance(accuracy, Sequence) and len(accuracy) == model.num_exits):
         accuracy = None
-    planner = planner_for_model(model, sample_pixels, threshold=threshold, exit_accuracy=accuracy,
-                                encodings=tuple(settings.encodings), traces=traces)
-    return Decider(planner, settings, threshold)
+    planner = planner_for_model(model, sample_pixels, threshold=settings.threshold, price=price,
+                                exit_accuracy=accuracy, encodings=tuple(settings.encodings), traces=traces)
+    return Decider(planner, settings, price=price, threshold=settings.threshold)
 
 
 def plan_offline(model, decider: Decider, pixels: np.ndarray, conditions: Conditions | None = None):

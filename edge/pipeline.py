@@ -196,7 +196,9 @@ class EdgeAgent:
         self._emulate(lat, conditions, use, split=plan.split)
         t = time.perf_counter()
         try:
-            policy = pb.Policy(name=self.settings.policy_name, threshold=self.decider.threshold, score=score or 0.0)
+            # the rule's one setting travels in Policy.threshold; the name says which (e.g. rapnet-predictor/price)
+            policy = pb.Policy(name=f"{self.settings.policy_name}/{self.decider.rule}", threshold=self.decider.knob,
+                               score=score or 0.0)
             request = build_request(self.contract, carry, plan.split, plan.exit_index, self._options(plan.encoding),
                                     image=frame.pixels if "image" in carry else None, policy=policy,
                                     deadline_ms=int(self.settings.deadline_ms),

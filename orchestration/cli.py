@@ -40,7 +40,7 @@ def _world(args):
     traces, meta = ensure_traces(checkpoints, args.data, Path(args.cache or DEFAULT_CACHE), rebuild=getattr(args, "rebuild", False),
                                  log=lambda m: print(m, file=sys.stderr))
     config = SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
-                       encodings=tuple(args.encodings), seed=args.seed)
+                       rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed)
     return World(traces, config), meta
 
 
@@ -63,7 +63,7 @@ def cmd_run(args) -> None:
     c = _conditions(args, args.bandwidth_mbps, args.device_gflops, args.rtt_ms)
     results = world.run_all(c)
     print(f"conditions: {c}")
-    print(f"accuracy target {world.accuracy_target:.4f} (calibration split): RAPNet threshold {world.rapnet_threshold}, "
+    print(f"accuracy target {world.accuracy_target:.4f} (calibration split): RAPNet {world.rapnet_setting()}, "
           f"SDN threshold {world.sdn_threshold}\n")
     print("| policy | accuracy % | mean ms | p50 ms | p95 ms | offloaded % | mean bytes | queue ms | what |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -150,7 +150,7 @@ def markdown(rows, summary, world) -> str:
 
     s = summary
     lines = [f"# rapnet-sim sweep: {s['cells']} cells", "",
-             f"Accuracy target (calibration split) {world.accuracy_target:.4f}: RAPNet threshold {world.rapnet_threshold}, "
+             f"Accuracy target (calibration split) {world.accuracy_target:.4f}: RAPNet {world.rapnet_setting()}, "
              f"SDN threshold {world.sdn_threshold}. Test images: {world.n}.", "",
              "| policy | test accuracy % | geometric mean of mean latency over cells, ms | what |", "|---|---:|---:|---|"]
     for p, acc in s["policy_accuracy"].items():
@@ -267,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jitter-ms", type=float, default=2.0, help="std of the per-request delay noise (half-normal)")
     g.add_argument("--loss", type=float, default=0.001, help="packet loss probability (each loss costs one RTO)")
     g.add_argument("--accuracy-target", type=float, default=None,
-                   help="calibration accuracy both early-exit rules are tuned to (default: RAPNet's best minus 1 point)")
+                   help="calibration accuracy both early-exit rules are tuned to (default: RAPNet's best with the "
+                        "threshold rule minus 1 point)")
+    g.add_argument("--rapnet-rule", choices=("price", "threshold"), default="price",
+                   help="RAPNet's exit rule: priced (argmax score - price x cost) or the first exit above a threshold")
     g.add_argument("--encodings", nargs="+", default=["png", "fp32+zstd", "fp16+zstd", "int8+zstd"],
                    help="planner's encoding menu (png/jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later)")
     g.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Building a Planner for a loaded model: what the edge agent calls at start-up.
 
     from orchestration.factory import planner_for_model
-    planner = planner_for_model(model, sample_pixels, threshold=0.9)
+    planner = planner_for_model(model, sample_pixels)        # priced rule at DEFAULT_PRICE; price=... or threshold=...
     plan = planner.plan(model.exit_scores(x).numpy()[0], Conditions(bandwidth_mbps=..., rtt_ms=..., device_gflops=...))
 
 Cost table and layer counts come from the model itself; payload sizes are the real serialized InferRequest
@@ -18,11 +18,13 @@ import numpy as np
 from .planner import DEFAULT_ENCODINGS, LayerCounts, Planner
 
 
-def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float = 0.5,
+def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float | None = None,
+                      price: float | None = None,
                       exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
                       traces: str | Path | None = None, min_agreement: float = 0.995) -> Planner:
     """A planner for `model`: sample_pixels (N, H, W, 3) uint8 frames to measure request sizes on (a few
-    dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity)."""
+    dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity). Exit rule as in
+    Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule."""
     from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
@@ -49,5 +51,5 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     payload = {k: v for k, v in payload.items() if agreement.get(k, 1.0) >= min_agreement}
     if exit_accuracy is None:
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
-    return Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, layers=layers,
+    return Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price, layers=layers,
                    codec_ms=codec_ms, agreement=agreement, sequential=model.config.kind == "sdn")

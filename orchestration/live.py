@@ -4,7 +4,7 @@ available on these machines: "Specified qdisc kind is unknown") and the device e
 --emulate-device; simulated vs measured mean latency per point.
 
 The cloud runs on this CPU, so the simulator is given the reference CPU as the cloud (33.3 GFLOP/s,
-20.7 us per layer call), one device, no jitter or loss, and the agent's threshold.
+20.7 us per layer call), one device, no jitter or loss, and the agent's exit rule and operating point (price or threshold).
 """
 from __future__ import annotations
 
@@ -126,7 +126,10 @@ def run_live(args) -> dict:
     traces, _ = ensure_traces(checkpoints, None, Path(args.cache or DEFAULT_CACHE))
     n = args.frames
     sub = {name: _subset(t, n) for name, t in traces.items()}
-    world = World(sub, SimConfig(devices=1, workers=1, fps=args.fps, accuracy_target=args.accuracy_target))
+    world = World(sub, SimConfig(devices=1, workers=1, fps=args.fps, accuracy_target=args.accuracy_target,
+                                 rapnet_rule=args.rapnet_rule))
+    rule = (["--price", str(world.rapnet_price)] if world.config.rapnet_rule == "price"
+            else ["--threshold", str(world.rapnet_threshold)])  # the agent runs the simulator's operating point
     tmp = Path(tempfile.mkdtemp(prefix="rapnet-live-"))
     token = tmp / "token"
     subprocess.run([sys.executable, "-m", "cloud.cli", "make-token", "--out", str(token)], check=True, cwd=ROOT, capture_output=True)
@@ -143,7 +146,7 @@ def run_live(args) -> dict:
             shaper = Shaper(("127.0.0.1", port), p.bandwidth_mbps, p.rtt_ms)
             summary = tmp / f"summary-{len(rows)}.json"
             cmd = [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--limit", str(n), "--rate", str(args.fps),
-                   "--cloud", f"127.0.0.1:{shaper.port}", "--token-file", str(token), "--threshold", str(world.rapnet_threshold),
+                   "--cloud", f"127.0.0.1:{shaper.port}", "--token-file", str(token), *rule,
                    "--device-gflops", str(p.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
                    "--fixed-network", "--bandwidth-mbps", str(p.bandwidth_mbps), "--rtt-ms", str(p.rtt_ms),
                    "--summary-json", str(summary), "--quiet", "--output", str(tmp / f"frames-{len(rows)}.jsonl")]

@@ -30,13 +30,18 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rapnet.costs import CostTable
-from rapnet.evaluate import predictor_exits
+from rapnet.evaluate import predictor_exits, priced_exits, relative_exit_costs
 
 # The reference machine: benchmarks/results/exit_latency.json (AMD EPYC, 1 torch thread, batch 1):
 # median_ms ~ MFLOPs / 33.3 GFLOP/s + leaf layer calls * 20.7 us. A device of G GFLOP/s is modelled as a
 # scaled copy of it: per-layer cost 20.7 us * 33.3 / G unless given.
 REF_GFLOPS = 33.3
 REF_LAYER_US = 20.7
+# RAPNet's default exit rule: rapnet.evaluate.priced_exits at this price (argmax_k score_k - price * cost_k /
+# full cost). 0.04 is the price rapnet-eval's budget mode picks on the calibration split (the 1000 validation
+# images the predictor never saw) for the shipped checkpoint: the most accurate calibration point within 35%
+# (and within 50%) of the static network's FLOPs (93.7% calibration; 87.3% test at 30% FLOPs).
+DEFAULT_PRICE = 0.04
 MSS_BYTES = 1448
 MIN_RTO_MS = 200.0
 DEFAULT_ENCODINGS = ("png", "int8+zstd", "fp16+zstd", "fp32+zstd")
@@ -118,8 +123,10 @@ class Planner:
 
     costs: the model's cost table. payload_bytes: (split, encoding) -> real serialized request bytes (mean).
     exit_accuracy: per-exit accuracy (used without predictor scores, and for reports). encodings: the menu
-    (an encoding is available at a split when payload_bytes has that key). threshold: the predictor rule's
-    threshold (rapnet.evaluate.predictor_exits). layers: leaf-layer counts for the per-layer device term.
+    (an encoding is available at a split when payload_bytes has that key). Exit rule: `price` uses
+    rapnet.evaluate.priced_exits (argmax score - price * relative cost, the default: DEFAULT_PRICE);
+    `threshold` alone uses the threshold rule rapnet.evaluate.predictor_exits (shallowest exit whose score
+    reaches it); pass one or neither. layers: leaf-layer counts for the per-layer device term.
     codec_ms: (split, encoding) -> (encode ms, decode ms) on the reference machine. agreement: (split,
     encoding) -> share of answers a lossy encoding leaves unchanged (expected accuracy is scaled by it).
     sequential: SDN-style costs (every head up to the exit runs). predictor_on_edge: add the predictor's
@@ -127,7 +134,7 @@ class Planner:
     """
 
     def __init__(self, costs: CostTable, payload_bytes: Mapping[tuple[int, str], int], exit_accuracy: Sequence[float],
-                 encodings: Sequence[str] = DEFAULT_ENCODINGS, threshold: float = 0.5, *,
+                 encodings: Sequence[str] = DEFAULT_ENCODINGS, threshold: float | None = None, *, price: float | None = None,
                  layers: LayerCounts | None = None, codec_ms: Mapping[tuple[int, str], tuple[float, float]] | None = None,
                  agreement: Mapping[tuple[int, str], float] | None = None, sequential: bool = False,
                  predictor_on_edge: bool | None = None, max_cached: int = 4096):
@@ -135,7 +142,11 @@ class Planner:
             raise ValueError(f"exit_accuracy has {len(exit_accuracy)} entries, the model has {costs.num_exits} exits")
         self.costs = costs
         self.exit_accuracy = np.asarray(exit_accuracy, dtype=float)
-        self.threshold = float(threshold)
+        if threshold is not None and price is not None:
+            raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")
+        self.threshold = None if threshold is None else float(threshold)
+        self.price = None if threshold is not None else float(DEFAULT_PRICE if price is None else price)
+        self.relative_costs = relative_exit_costs(costs)  # cost_k / full cost, the priced rule's prices
         self.encodings = tuple(encodings)
         self.layers = layers or LayerCounts.zeros(costs)
         self.sequential = sequential
@@ -252,16 +263,20 @@ class Planner:
     def plan_exits(self, scores: np.ndarray | None, c: Conditions, n: int | None = None) -> np.ndarray:
         """Target exit per sample (vectorised; `plan` uses this on one row).
 
-        Default: the predictor rule at the planner's threshold (no scores: the last exit). With an accuracy
-        target: the shallowest exit predicted to reach it (= predictor_exits at the target). With a latency
-        budget: that exit if its best placement fits the budget, else the exit with the highest predicted
-        accuracy among those that fit (the fastest exit when none fits).
+        Default: the planner's rule on the predictor's scores, priced (rapnet.evaluate.priced_exits at
+        self.price) or threshold (predictor_exits at self.threshold); no scores: the last exit. With an
+        accuracy target: the shallowest exit predicted to reach it (= predictor_exits at the target). With a
+        latency budget: that exit if its best placement fits the budget, else the best exit among those that
+        fit by the same rule's measure (priced: score - price * cost; threshold: the predicted accuracy),
+        the fastest exit when none fits.
         """
         n = n if scores is None else len(scores)
         K = self.costs.num_exits
         probs = self._probabilities(scores, n)
         if c.accuracy_target is not None:
             exits = predictor_exits(probs, c.accuracy_target)
+        elif scores is not None and self.price is not None:
+            exits = priced_exits(probs, self.price, self.relative_costs)
         elif scores is not None:
             exits = predictor_exits(probs, self.threshold)
         else:
@@ -271,8 +286,9 @@ class Planner:
             fits = table.latency <= c.latency_budget_ms
             if not fits.all():
                 if fits.any():
-                    masked = np.where(fits[None, :], probs, -np.inf)
-                    # highest predicted accuracy within the budget; ties -> the shallowest (cheapest) exit
+                    value = probs if self.price is None else probs - self.price * self.relative_costs[None, :]
+                    masked = np.where(fits[None, :], value, -np.inf)
+                    # the rule's best exit within the budget; ties -> the shallowest (cheapest) exit
                     fallback = masked.argmax(1)
                 else:
                     fallback = np.full(n, int(table.latency.argmin()))
@@ -333,10 +349,22 @@ class Planner:
         return best
 
     def with_threshold(self, threshold: float) -> "Planner":
+        """The same planner with the threshold rule at `threshold`."""
         other = object.__new__(Planner)
         other.__dict__.update(self.__dict__)
-        other.threshold = float(threshold)
+        other.threshold, other.price = float(threshold), None
         return other
+
+    def with_price(self, price: float) -> "Planner":
+        """The same planner with the priced rule at `price`."""
+        other = object.__new__(Planner)
+        other.__dict__.update(self.__dict__)
+        other.threshold, other.price = None, float(price)
+        return other
+
+    @property
+    def rule(self) -> str:
+        return "threshold" if self.price is None else "price"
 
 
 def conditions_with(c: Conditions, **changes) -> Conditions:

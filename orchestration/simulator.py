@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from rapnet.evaluate import THRESHOLDS, confidence_exits, oracle_exits, predictor_exits
+from rapnet.evaluate import PRICES, THRESHOLDS, confidence_exits, oracle_exits, predictor_exits, priced_exits
 
 from .planner import MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, Conditions, LayerCounts, Planner
 from .traces import IMAGE_ENCODINGS, ModelTraces
@@ -42,6 +42,7 @@ class SimConfig:
     workers: int = 1  # cloud workers (servers of the FIFO queue)
     fps: float = 15.0  # frames started per second per device
     accuracy_target: float | None = None  # calibration accuracy both early-exit rules aim for; None: auto
+    rapnet_rule: str = "price"  # RAPNet's exit rule: "price" (priced_exits, ours) or "threshold" (predictor_exits)
     min_agreement: float = 0.995  # lossy encodings allowed only when they change <= 0.5% of answers
     encodings: tuple[str, ...] = ("png", "fp32+zstd", "fp16+zstd", "int8+zstd")
     queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
@@ -62,19 +63,32 @@ class PolicyResult:
     detail: dict = field(default_factory=dict)
 
 
-def calibrate_threshold(correct: np.ndarray, values: np.ndarray, rule, cost_per_exit: np.ndarray,
-                        target: float) -> tuple[float, float]:
-    """Threshold with the lowest mean cost whose accuracy reaches `target` on calibration data (the most
-    accurate one when none does). Returns (threshold, calibration accuracy)."""
+def calibrate_setting(correct: np.ndarray, grid, exits_for, cost_per_exit: np.ndarray,
+                      target: float) -> tuple[float, float]:
+    """The setting in `grid` (exits_for(setting) -> exit per sample) with the lowest mean cost whose accuracy
+    reaches `target` on calibration data (the most accurate one when none does). Returns (setting,
+    calibration accuracy)."""
     rows = np.arange(len(correct))
     best = None
-    for t in THRESHOLDS:
-        exits = rule(values, t)
+    for t in grid:
+        exits = exits_for(t)
         acc, cost = float(correct[rows, exits].mean()), float(cost_per_exit[exits].mean())
         key = (acc < target, cost if acc >= target else -acc, cost)
         if best is None or key < best[0]:
             best = (key, float(t), acc)
     return best[1], best[2]
+
+
+def calibrate_threshold(correct: np.ndarray, values: np.ndarray, rule, cost_per_exit: np.ndarray,
+                        target: float) -> tuple[float, float]:
+    """Threshold rule (predictor_exits / confidence_exits): the cheapest threshold reaching `target`."""
+    return calibrate_setting(correct, THRESHOLDS, lambda t: rule(values, t), cost_per_exit, target)
+
+
+def calibrate_price(correct: np.ndarray, scores: np.ndarray, relative_costs: np.ndarray, cost_per_exit: np.ndarray,
+                    target: float) -> tuple[float, float]:
+    """Priced rule (priced_exits): the cheapest price on rapnet.evaluate.PRICES reaching `target`."""
+    return calibrate_setting(correct, PRICES, lambda q: priced_exits(scores, q, relative_costs), cost_per_exit, target)
 
 
 def fifo_waits(arrival: np.ndarray, service: np.ndarray, workers: int) -> np.ndarray:
@@ -109,7 +123,12 @@ class Placement:
 
 
 class World:
-    """Traces + planners + calibrated thresholds: everything a sweep cell needs, built once."""
+    """Traces + planners + calibrated operating points: everything a sweep cell needs, built once.
+
+    RAPNet's operating point: the cheapest (local FLOPs) setting of its rule reaching the accuracy target on
+    the calibration split; SDN's confidence threshold likewise. The default target, RAPNet's best calibration
+    accuracy with the threshold rule minus 1 point, is the one the simulator used before the priced rule,
+    so SDN's operating point did not move."""
 
     def __init__(self, traces: dict[str, ModelTraces], config: SimConfig = SimConfig()):
         self.traces, self.config = traces, config
@@ -124,12 +143,23 @@ class World:
         sdn_cost = self.planners["sdn"]._local_f
         rap_max = max(calibrate_threshold(r.cal_correct, r.cal_scores, predictor_exits, rap_cost, 2.0)[1], 0.0)
         self.accuracy_target = config.accuracy_target if config.accuracy_target is not None else rap_max - 0.01
-        self.rapnet_threshold, self.rapnet_cal_acc = calibrate_threshold(
+        self.rapnet_threshold, self.rapnet_threshold_cal_acc = calibrate_threshold(
             r.cal_correct, r.cal_scores, predictor_exits, rap_cost, self.accuracy_target)
+        relative = self.planners["rapnet"].relative_costs
+        self.rapnet_price, self.rapnet_price_cal_acc = calibrate_price(
+            r.cal_correct, r.cal_scores, relative, rap_cost, self.accuracy_target)
         self.sdn_threshold, self.sdn_cal_acc = calibrate_threshold(
             s.cal_correct, s.cal_confidence, confidence_exits, sdn_cost, self.accuracy_target)
-        self.planners["rapnet"] = self.planners["rapnet"].with_threshold(self.rapnet_threshold)
-        self.rapnet_exits = predictor_exits(r.scores, self.rapnet_threshold)
+        if config.rapnet_rule == "price":
+            self.planners["rapnet"] = self.planners["rapnet"].with_price(self.rapnet_price)
+            self.rapnet_exits = priced_exits(r.scores, self.rapnet_price, relative)
+            self.rapnet_cal_acc = self.rapnet_price_cal_acc
+        elif config.rapnet_rule == "threshold":
+            self.planners["rapnet"] = self.planners["rapnet"].with_threshold(self.rapnet_threshold)
+            self.rapnet_exits = predictor_exits(r.scores, self.rapnet_threshold)
+            self.rapnet_cal_acc = self.rapnet_threshold_cal_acc
+        else:
+            raise ValueError(f"unknown RAPNet rule {config.rapnet_rule!r}: price or threshold")
         self.sdn_exits = confidence_exits(s.confidence, self.sdn_threshold)
         self.oracle_exits = oracle_exits(r.correct)
         cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
@@ -183,7 +213,8 @@ class World:
             latency[idx] = before + c.rtt_ms + jitter + waits[idx] + service
         return {"latency": latency, "offload": off, "bytes": nbytes, "wait": waits}
 
-    def _summarize(self, name: str, t_correct: np.ndarray, exits: np.ndarray, real: dict, detail: dict) -> PolicyResult:
+    def _summarize(self, name: str, t_correct: np.ndarray, exits: np.ndarray, real: dict, detail: dict,
+                   num_exits: int = 1) -> PolicyResult:
         lat = real["latency"]
         off = real["offload"]
         return PolicyResult(
@@ -191,7 +222,7 @@ class World:
             p50_ms=float(np.median(lat)), p95_ms=float(np.percentile(lat, 95)), offload_share=float(off.mean()),
             mean_bytes=float(real["bytes"][off].mean()) if off.any() else 0.0,
             mean_queue_ms=float(real["wait"][off].mean()) if off.any() else 0.0,
-            exit_histogram=np.bincount(exits, minlength=int(exits.max()) + 1).tolist(), detail=detail)
+            exit_histogram=np.bincount(exits, minlength=num_exits).tolist(), detail=detail)
 
     # --- policies ------------------------------------------------------------------------------------------
     def _planned(self, name: str, t: ModelTraces, planner: Planner, exits_fn, c: Conditions, correct_fn=None):
@@ -210,7 +241,7 @@ class World:
         return self._summarize(name, correct, exits, real, {
             "split_histogram": np.bincount(splits, minlength=len(t.costs.stage_flops)).tolist() if len(splits) else [],
             "encodings": sorted({placement.encoding[k] for k in np.unique(exits) if placement.offload[k]}),
-            "planner_queue_ms": cq.cloud_queue_ms})
+            "planner_queue_ms": cq.cloud_queue_ms}, num_exits=t.correct.shape[1])
 
     def run_policy(self, name: str, c: Conditions) -> PolicyResult:
         rows = np.arange(self.n)
@@ -221,7 +252,7 @@ class World:
             K = len(table.latency)
             placement = Placement(np.zeros(K, bool), np.asarray(t.costs.exit_stages) + 1, [None] * K,
                                   table.local_latency, np.zeros(K), np.zeros(K))
-            return self._summarize(name, t.correct[rows, exits], exits, self.realize(t, exits, placement, c), {})
+            return self._summarize(name, t.correct[rows, exits], exits, self.realize(t, exits, placement, c), {}, K)
         if name in ("cloud_png", "cloud_jpeg"):
             t, planner = self.static, self.planners["static"]
             enc = "png" if name == "cloud_png" else "jpeg"
@@ -267,15 +298,23 @@ class World:
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
         rows = np.arange(self.n)
         return self._summarize("spinn", t.correct[rows, self.sdn_exits], self.sdn_exits, real,
-                               {"split": split, "encoding": enc})
+                               {"split": split, "encoding": enc}, K)
 
     def run_all(self, c: Conditions, policies=POLICIES) -> dict[str, PolicyResult]:
         return {p: self.run_policy(p, c) for p in policies}
 
+    def rapnet_setting(self) -> str:
+        """RAPNet's operating point in words, e.g. 'price 0.05' (the rule in use)."""
+        if self.config.rapnet_rule == "price":
+            return f"price {self.rapnet_price:g}"
+        return f"threshold {self.rapnet_threshold:g}"
+
     def describe(self) -> dict:
         return {
-            "samples": self.n, "accuracy_target": self.accuracy_target,
-            "rapnet_threshold": self.rapnet_threshold, "rapnet_cal_accuracy": self.rapnet_cal_acc,
+            "samples": self.n, "accuracy_target": self.accuracy_target, "rapnet_rule": self.config.rapnet_rule,
+            "rapnet_price": self.rapnet_price, "rapnet_price_cal_accuracy": self.rapnet_price_cal_acc,
+            "rapnet_threshold": self.rapnet_threshold, "rapnet_threshold_cal_accuracy": self.rapnet_threshold_cal_acc,
+            "rapnet_cal_accuracy": self.rapnet_cal_acc,
             "sdn_threshold": self.sdn_threshold, "sdn_cal_accuracy": self.sdn_cal_acc,
             "config": self.config.__dict__, "reference_gflops": REF_GFLOPS,
             "image_encodings": IMAGE_ENCODINGS,

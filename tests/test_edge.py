@@ -39,7 +39,8 @@ from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
 from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import load_model, save_checkpoint  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
-from rapnet.evaluate import predictor_exits  # noqa: E402
+from orchestration.planner import DEFAULT_PRICE  # noqa: E402
+from rapnet.evaluate import predictor_exits, priced_exits, relative_exit_costs  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
 
 TOKEN = "edge-test-token-" + "y" * 24
@@ -136,10 +137,9 @@ POLICY = ["--fixed-network", "--bandwidth-mbps", "100", "--rtt-ms", "1", "--devi
           "--encoding", "fp32+zstd", "--calibration-frames", "8", "--deadline-ms", "30000", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def mixed_threshold(checkpoint, dataset):
-    """A predictor threshold at which the small untrained model's policy both answers locally and offloads
-    on the test frames (chosen with the same planner the agent builds)."""
+def _mixed_setting(checkpoint, dataset, exits_for, candidates):
+    """The candidate setting of an exit rule at which the small untrained model's policy both answers
+    locally and offloads on the test frames (chosen with the same planner the agent builds)."""
     model, metadata = load_model(checkpoint)
     frames = list(DatasetSource(dataset, model.config.image_size))
     pixels = np.stack([f.pixels for f in frames])
@@ -151,13 +151,27 @@ def mixed_threshold(checkpoint, dataset):
     table = decider.planner.option_table(decider.conditions())
     assert table.offload.any() and not table.offload.all(), f"conditions give no mix: {table.offload}"
     best, best_mix = None, -1
-    for t in np.unique(np.round(np.quantile(scores, np.linspace(0.02, 0.98, 49)), 4)):
-        off = table.offload[predictor_exits(scores, t)]
+    for t in candidates(scores):
+        off = table.offload[exits_for(scores, t, decider.planner)]
         mix = min(off.sum(), (~off).sum())
         if mix > best_mix:
             best, best_mix = float(t), mix
-    assert best_mix >= 3, "no threshold gives both local and offloaded frames"
+    assert best_mix >= 3, "no setting gives both local and offloaded frames"
     return best
+
+
+@pytest.fixture(scope="module")
+def mixed_threshold(checkpoint, dataset):
+    """Threshold rule (--threshold): a threshold giving both local answers and offloads."""
+    return _mixed_setting(checkpoint, dataset, lambda s, t, planner: predictor_exits(s, t),
+                          lambda s: np.unique(np.round(np.quantile(s, np.linspace(0.02, 0.98, 49)), 4)))
+
+
+@pytest.fixture(scope="module")
+def mixed_price(checkpoint, dataset):
+    """Priced rule (--price, the default rule): a price giving both local answers and offloads."""
+    return _mixed_setting(checkpoint, dataset, lambda s, q, planner: priced_exits(s, q, planner.relative_costs),
+                          lambda s: np.round(np.linspace(0.0, 0.5, 51), 4))
 
 
 def run_agent(argv, stopper=None):
@@ -253,16 +267,39 @@ def test_live_source_latest_frame_wins_and_counts_drops(checkpoint):
     assert [r.frame for r in results] == list(range(len(results)))
     assert all(r.where == "edge" and not r.degraded for r in results)
 
+def test_decider_rule_price_by_default_threshold_on_request(checkpoint, dataset):
+    model, metadata = load_model(checkpoint)
+    pixels = np.stack([f.pixels for f in DatasetSource(dataset, model.config.image_size)])
+    settings = DecisionSettings(device_gflops=10.0, fixed_network=True, encodings=("fp32+zstd",))
+    decider = build_decider(model, pixels[:4], settings, metadata)
+    assert decider.rule == "price" and decider.price == DEFAULT_PRICE and decider.threshold is None
+    with torch.no_grad():
+        scores = model.exit_scores(to_model_input(pixels)).numpy()
+    c = decider.conditions()
+    rel = relative_exit_costs(decider.planner.costs)
+    assert [decider.plan(s, c).exit_index for s in scores] == priced_exits(scores, DEFAULT_PRICE, rel).tolist()
+    assert build_decider(model, pixels[:4], settings, {**metadata, "price": 0.3}).price == 0.3  # the checkpoint's
+    priced = build_decider(model, pixels[:4], DecisionSettings(price=0.0, fixed_network=True), {**metadata, "price": 0.3})
+    assert priced.price == 0.0 and [priced.plan(s, c).exit_index for s in scores] == scores.argmax(1).tolist()
+    thresholded = build_decider(model, pixels[:4], DecisionSettings(threshold=0.5, fixed_network=True), metadata)
+    assert thresholded.rule == "threshold" and thresholded.price is None
+    assert [thresholded.plan(s, c).exit_index for s in scores] == predictor_exits(scores, 0.5).tolist()
+    with pytest.raises(ValueError):
+        build_decider(model, pixels[:4], DecisionSettings(price=0.1, threshold=0.5), metadata)
+    with pytest.raises(SystemExit):  # --price and --threshold are exclusive
+        edge_agent.build_parser().parse_args(["--dataset", dataset, "--price", "0.1", "--threshold", "0.5"])
+
 
 # ------------------------------------------------------------------------------------------------------
 # End to end over the real cloud on loopback
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_threshold, workdir, token_env, capsys):
+def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_price, workdir, token_env, capsys):
     out = workdir / "e2e.jsonl"
     app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, *POLICY,
-                     "--threshold", str(mixed_threshold), "--output", str(out)])
+                     "--price", str(mixed_price), "--output", str(out)])
+    assert app.decider.rule == "price" and app.summary["price"] == mixed_price
     lines = read_lines(out)
     n = N_FRAMES
     assert [r["frame"] for r in lines] == list(range(n))  # every frame answered, in order

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration.planner import Conditions, LayerCounts, Planner
+from orchestration.planner import DEFAULT_PRICE, Conditions, LayerCounts, Planner
 from orchestration.simulator import POLICIES, SimConfig, World, compare, fifo_waits
 from orchestration.traces import ModelTraces, _payloads, leaf_layers, load_traces, save_traces
 from rapnet.costs import CostTable, measure_costs
-from rapnet.evaluate import (Traces, confidence_exits, oracle_exits, point, predictor_exits, rapnet_curve,
-                             sdn_curve)
+from rapnet.evaluate import (Traces, confidence_exits, oracle_exits, point, predictor_exits, priced_curve,
+                             priced_exits, relative_exit_costs, sdn_curve)
 
 torch.set_num_threads(1)
 
@@ -39,11 +39,35 @@ def toy_planner(**kw) -> Planner:
             payload[s, "int8+zstd"] = b
             payload[s, "fp32+zstd"] = 4 * b
     layers = LayerCounts((24, 16, 40, 38, 16, 24), (4, 4, 4, 5), 10)
+    kw.setdefault("threshold", 0.8)  # the placement tests below use the threshold rule (SCORES -> exit 2)
+    if kw["threshold"] is None:
+        del kw["threshold"]
     return Planner(costs, payload, [0.6, 0.75, 0.85, 0.9], encodings=("png", "int8+zstd", "fp32+zstd"),
-                   threshold=0.8, layers=layers, **kw)
+                   layers=layers, **kw)
 
 
 SCORES = np.array([0.3, 0.5, 0.9, 0.95])  # predictor: exit 2 is the shallowest trusted at 0.8
+
+
+def test_priced_rule_is_the_default():
+    p = toy_planner(threshold=None)  # no rule named: the priced rule at DEFAULT_PRICE
+    assert p.rule == "price" and p.price == DEFAULT_PRICE and p.threshold is None
+    rel = relative_exit_costs(toy_costs())
+    rng = np.random.default_rng(1)
+    scores = rng.random((300, 4))
+    c = Conditions(5, 20, 1.0)
+    assert (p.plan_exits(scores, c) == priced_exits(scores, DEFAULT_PRICE, rel)).all()
+    assert not (p.plan_exits(scores, c) == predictor_exits(scores, 0.5)).all()
+    # price 0: the exit with the highest score, whatever it costs
+    assert (toy_planner(threshold=None, price=0.0).plan_exits(scores, c) == scores.argmax(1)).all()
+    assert toy_planner(threshold=None, price=0.0).plan(SCORES, c).exit_index == 3
+    # a high price buys the cheapest exit
+    assert (toy_planner(threshold=None, price=100.0).plan_exits(scores, c) == 0).all()
+    # a threshold alone selects the threshold rule; both at once is an error; with_* switch rules
+    assert toy_planner().rule == "threshold" and toy_planner().plan(SCORES, c).exit_index == 2
+    assert p.with_threshold(0.8).plan(SCORES, c).exit_index == 2 and p.with_threshold(0.8).with_price(0.0).rule == "price"
+    with pytest.raises(ValueError):
+        toy_planner(price=0.1)
 
 
 def test_infinite_bandwidth_slow_device_offloads_at_split_zero():
@@ -105,7 +129,12 @@ def test_plan_agrees_with_vectorised_plan_exits():
     for c in (Conditions(5, 20, 1.0), Conditions(5, 20, 1.0, accuracy_target=0.7), Conditions(0.5, 80, 0.5, latency_budget_ms=50)):
         exits = p.plan_exits(scores, c)
         assert [p.plan(s, c).exit_index for s in scores] == exits.tolist()
-    assert (p.plan_exits(scores, Conditions(5, 20, 1.0)) == predictor_exits(scores, 0.8)).all()
+    assert (p.plan_exits(scores, Conditions(5, 20, 1.0)) == predictor_exits(scores, 0.8)).all()  # threshold rule
+    priced = toy_planner(threshold=None, price=0.3)
+    rel = relative_exit_costs(toy_costs())
+    for c in (Conditions(5, 20, 1.0), Conditions(0.5, 80, 0.5, latency_budget_ms=50)):
+        assert [priced.plan(s, c).exit_index for s in scores] == priced.plan_exits(scores, c).tolist()
+    assert (priced.plan_exits(scores, Conditions(5, 20, 1.0)) == priced_exits(scores, 0.3, rel)).all()
 
 
 def test_sequential_costs_include_every_head():
@@ -184,7 +213,8 @@ def _offline(t: ModelTraces) -> Traces:
 def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
     results = world.run_all(cond)
     assert set(results) == set(POLICIES)
-    rap = next(p for p in rapnet_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["threshold"] == world.rapnet_threshold)
+    assert world.config.rapnet_rule == "price"  # the default: RAPNet's priced rule, as rapnet-eval's priced_curve
+    rap = next(p for p in priced_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["price"] == world.rapnet_price)
     sdn = next(p for p in sdn_curve(_offline(traces["sdn"]), traces["sdn"].costs) if p["threshold"] == world.sdn_threshold)
     flops = np.array([traces["rapnet"].costs.exit_cost(k) for k in range(traces["rapnet"].costs.num_exits)])
     oracle = point(_offline(traces["rapnet"]), oracle_exits(traces["rapnet"].correct), flops)
@@ -204,8 +234,11 @@ def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
 def test_thresholds_come_from_calibration_not_test(traces, world):
     t = traces["rapnet"]
     rows = np.arange(len(t.cal_correct))
+    acc = t.cal_correct[rows, priced_exits(t.cal_scores, world.rapnet_price, relative_exit_costs(t.costs))].mean()
+    assert acc == pytest.approx(world.rapnet_cal_acc) and world.rapnet_cal_acc == world.rapnet_price_cal_acc
+    assert (world.rapnet_exits == priced_exits(t.scores, world.rapnet_price, relative_exit_costs(t.costs))).all()
     acc = t.cal_correct[rows, predictor_exits(t.cal_scores, world.rapnet_threshold)].mean()
-    assert acc == pytest.approx(world.rapnet_cal_acc)
+    assert acc == pytest.approx(world.rapnet_threshold_cal_acc)
     t = traces["sdn"]
     acc = t.cal_correct[np.arange(len(t.cal_correct)), confidence_exits(t.cal_confidence, world.sdn_threshold)].mean()
     assert acc == pytest.approx(world.sdn_cal_acc)
@@ -291,9 +324,10 @@ def test_real_traces_accuracy_equals_offline_evaluation():
     traces, _ = load_traces(REAL)
     world = World(traces)
     results = world.run_all(Conditions(10, 20, 2.0))
-    rap = next(p for p in rapnet_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["threshold"] == world.rapnet_threshold)
+    rap = next(p for p in priced_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["price"] == world.rapnet_price)
     sdn = next(p for p in sdn_curve(_offline(traces["sdn"]), traces["sdn"].costs) if p["threshold"] == world.sdn_threshold)
     assert results["rapnet_split"].accuracy == pytest.approx(rap["accuracy"], abs=1e-12)
+    assert results["rapnet_split"].exit_histogram == rap["exit_histogram"]
     assert results["sdn_edge"].accuracy == pytest.approx(sdn["accuracy"], abs=1e-12)
     assert results["neurosurgeon"].accuracy == pytest.approx(traces["static"].correct.mean(), abs=1e-12)
 
