@@ -38,7 +38,6 @@ import zstandard
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from protos.rapnet.v1 import inference_pb2 as pb  # noqa: E402
 from rapnet import codec  # noqa: E402
 from rapnet.codec import EncodeOptions  # noqa: E402
 

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
