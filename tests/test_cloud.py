@@ -5,14 +5,9 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: Ray's local-only mode
 
 import grpc  # noqa: E402
 import pytest  # noqa: E402
@@ -20,7 +15,6 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
 from cloud.batching import Sample, run_batch  # noqa: E402
 from cloud.client import InferenceStub, auth_metadata, health_status, open_channel  # noqa: E402
@@ -62,19 +56,6 @@ def contract(model_file):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     return make_dev_cert(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    temp = tempfile.mkdtemp(prefix="rapnet-ray-", dir="/tmp")
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, _temp_dir=temp,
-             _node_ip_address="127.0.0.1", namespace="rapnet", log_to_driver=False)
-    yield temp
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _config(**front) -> CloudConfig:

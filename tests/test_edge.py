@@ -17,16 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: Ray's local-only mode
-
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
 from cloud.security import make_dev_cert  # noqa: E402
 from cloud.security import TLSFiles  # noqa: E402
@@ -92,19 +88,6 @@ def dataset(workdir, checkpoint):
         label = pred if i % 2 == 0 else (pred + 1 + i % 9) % 10
         cv2.imwrite(str(root / "test" / f"class{label}" / f"{i:03d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return str(root)
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    temp = tempfile.mkdtemp(prefix="rapnet-ray-", dir="/tmp")
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, _temp_dir=temp,
-             _node_ip_address="127.0.0.1", namespace="rapnet", log_to_driver=False)
-    yield temp
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
