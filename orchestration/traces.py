@@ -167,8 +167,8 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
     """Run every model over the test set (and the calibration split) and write the cache."""
     from rapnet.checkpoint import load_model
     from rapnet.costs import measure_costs
-    from rapnet.data import load_dataset, locate_dataset, train_val_split
-    from rapnet.evaluate import collect_traces
+    from rapnet.data import load_dataset, locate_dataset
+    from rapnet.evaluate import calibration_indices, collect_traces
 
     torch.set_num_threads(1)
     data_path = locate_dataset(data, "cifar10")
@@ -181,9 +181,7 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
         model, meta = load_model(path)
         model.eval()
         identities[name] = meta["identity"]
-        split = meta.get("split", {})
-        _, val_idx = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
-        cal_idx = val_idx[split.get("predictor_fit", int(0.8 * len(val_idx))):]  # as rapnet-eval: never fitted on
+        cal_idx = calibration_indices(len(train), meta, has_predictor=model.predictor is not None)  # as rapnet-eval
         log(f"{name}: test traces ({len(test)} images)")
         t = collect_traces(model, test.images, test.labels)
         c = collect_traces(model, train.images[cal_idx], train.labels[cal_idx])

@@ -658,6 +658,21 @@ def train_val_split(n: int, val_size: int | float, seed: int = 0) -> tuple[np.nd
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 
 
+RANDOM_PREDICTOR_SPLIT = "random"  # metadata["split"]["predictor_split"] once the parts are drawn at random
+
+
+def predictor_calibration_split(val_idx: np.ndarray, fit_count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split validation indices into the predictor's fitting part and the calibration part (sorted each).
+
+    Drawn at random, not sliced: archives are usually stored class by class, so a slice of the sorted indices
+    would give the two parts different classes (the first release calibrated on ships and trucks only).
+    """
+    if not 0 <= fit_count <= len(val_idx):
+        raise ValueError(f"fit_count={fit_count} must be within 0..{len(val_idx)} (the validation size)")
+    order = np.random.default_rng([seed, 1]).permutation(len(val_idx))
+    return np.sort(val_idx[order[:fit_count]]), np.sort(val_idx[order[fit_count:]])
+
+
 def sha256_of_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Streaming sha256 hex digest (for checkpoint metadata and archive checks)."""
     h = hashlib.sha256()

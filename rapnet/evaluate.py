@@ -20,13 +20,29 @@ import torch
 
 from .checkpoint import CheckpointError, load_model
 from .costs import CostTable, measure_costs
-from .data import DatasetError, load_dataset, locate_dataset, train_val_split
+from .data import (
+    RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, train_val_split,
+)
 from .network import MultiExitNetwork
 from .preprocess import to_model_input
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "rapnet-cifar10.pt"
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
 PRICES = np.round(np.linspace(0.0, 4.0, 401), 4)
+
+
+def calibration_indices(n_train: int, meta: dict, has_predictor: bool) -> np.ndarray:
+    """Training-archive indices of the calibration part: held out from training, never fitted by the predictor."""
+    split = meta.get("split", {})
+    if has_predictor and split.get("predictor_split") != RANDOM_PREDICTOR_SPLIT:
+        raise CheckpointError(
+            "this checkpoint's predictor was fitted on a slice of the class-sorted validation indices (classes 0-7), "
+            "so no class-mixed calibration part exists for it: refit the predictor with "
+            "`rapnet-train --predictor-only CHECKPOINT --out DIR`"
+        )
+    seed = meta.get("seed", 0)
+    _, val_idx = train_val_split(n_train, split.get("val", 5000), seed=seed)
+    return predictor_calibration_split(val_idx, split.get("predictor_fit", int(0.8 * len(val_idx))), seed)[1]
 
 
 @dataclass
@@ -232,9 +248,7 @@ def run(args: argparse.Namespace) -> dict:
     data_path = locate_dataset(args.data, args.dataset)
     test = load_dataset(data_path, "test", cache_dir=args.cache_dir, progress=True)
     train = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
-    split = meta.get("split", {})
-    _, val_idx = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
-    cal_idx = val_idx[split.get("predictor_fit", int(0.8 * len(val_idx))):]  # never seen by the predictor
+    cal_idx = calibration_indices(len(train), meta, has_predictor=rapnet.predictor is not None)
     if args.limit:
         test = test.subset(np.arange(min(args.limit, len(test))))
     cal = train.subset(cal_idx)

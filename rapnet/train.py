@@ -24,9 +24,12 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .build import build_model
-from .checkpoint import save_checkpoint
+from .checkpoint import CheckpointError, load_model, save_checkpoint
 from .config import ModelConfig
-from .data import DatasetError, load_dataset, locate_dataset, sha256_of_file, train_val_split
+from .data import (
+    RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file,
+    train_val_split,
+)
 from .network import MultiExitNetwork
 from .preprocess import random_crop_flip, to_model_input
 
@@ -248,9 +251,10 @@ def run(args: argparse.Namespace) -> dict:
         dataset = dataset.subset(np.sort(keep))
     train_idx, val_idx = train_val_split(len(dataset), cfg.val_size, seed=args.seed)
     n_fit = int(len(val_idx) * cfg.predictor_fit_share)
+    fit_idx, _ = predictor_calibration_split(val_idx, n_fit, seed=args.seed)
     train = _to_split(dataset.images[train_idx], dataset.labels[train_idx], device)
     val = _to_split(dataset.images[val_idx], dataset.labels[val_idx], device)
-    fit = _to_split(dataset.images[val_idx[:n_fit]], dataset.labels[val_idx[:n_fit]], device)
+    fit = _to_split(dataset.images[fit_idx], dataset.labels[fit_idx], device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image_size = dataset.images.shape[1]
@@ -258,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
         "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": _git_commit(), "seed": args.seed,
         "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
         "train_config": asdict(cfg), "device": str(device),
-        "split": {"train": len(train_idx), "val": len(val_idx), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit},
+        "split": {"train": len(train_idx), "val": len(val_idx), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
+                  "predictor_split": RANDOM_PREDICTOR_SPLIT},
     }
     results = {}
     for kind in args.models:
@@ -279,6 +284,54 @@ def run(args: argparse.Namespace) -> dict:
         results[kind] = {"checkpoint": str(out / f"{kind}.pt"), "identity": identity, "val_acc_per_exit": metadata["val_acc_per_exit"]}
         print(json.dumps({"done": kind, **results[kind]}), flush=True)
     return results
+
+
+def refit_predictor(args: argparse.Namespace) -> dict:
+    """Fit a trained RAPNet checkpoint's exit predictor again from scratch; backbone and exits stay as they are.
+
+    The split (train / validation / the predictor's part) is rebuilt from the checkpoint's own seed and sizes, so
+    the backbone's held-out images stay held out.
+    """
+    path = Path(args.predictor_only)
+    model, meta = load_model(path)
+    if model.predictor is None:
+        raise CheckpointError(f"{path} holds a {model.config.kind} model: only a RAPNet checkpoint has an exit predictor")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    trained = {k: v for k, v in meta.get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{**trained, "predictor_epochs": args.predictor_epochs})
+    data_path = locate_dataset(args.data, args.dataset)
+    digest = sha256_of_file(data_path) if data_path.is_file() else "directory"
+    if meta.get("data_sha256") not in (None, digest):
+        raise DatasetError(f"{data_path} is not the archive {path} was trained on (sha256 {digest[:12]}, the checkpoint "
+                           f"says {meta['data_sha256'][:12]}): pass --data with the training archive")
+    dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
+    if cfg.limit_train:
+        keep = np.random.default_rng(cfg.seed).permutation(len(dataset))[: cfg.limit_train + cfg.val_size]
+        dataset = dataset.subset(np.sort(keep))
+    _, val_idx = train_val_split(len(dataset), cfg.val_size, seed=cfg.seed)
+    n_fit = int(len(val_idx) * cfg.predictor_fit_share)
+    fit_idx, _ = predictor_calibration_split(val_idx, n_fit, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.predictor.load_state_dict(build_model(model.config).predictor.state_dict())  # a fresh start, same init
+    log: list = []
+    started = time.time()
+    train_predictor(model, _to_split(dataset.images[fit_idx], dataset.labels[fit_idx], device), cfg, device, log)
+    model.cpu().to(memory_format=torch.contiguous_format)
+    metadata = {k: v for k, v in meta.items() if k != "identity"}
+    metadata["split"] = {**meta.get("split", {}), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
+                         "predictor_split": RANDOM_PREDICTOR_SPLIT}
+    metadata["predictor_refit"] = {
+        "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": _git_commit(), "device": str(device),
+        "predictor_epochs": cfg.predictor_epochs, "seconds": round(time.time() - started, 1), "log": log,
+        "previous_identity": meta["identity"],
+    }
+    out = Path(args.out)
+    identity = save_checkpoint(out / "rapnet.pt", model, metadata)
+    result = {"checkpoint": str(out / "rapnet.pt"), "identity": identity, "seconds": metadata["predictor_refit"]["seconds"]}
+    print(json.dumps({"done": "predictor", **result}), flush=True)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     p.add_argument("--jobs", type=int, default=1, help="train the models in this many parallel processes (GPU)")
+    p.add_argument("--predictor-only", metavar="CHECKPOINT",
+                   help="refit only the exit predictor of this trained RAPNet checkpoint; writes OUT/rapnet.pt")
     return p
 
 
@@ -317,8 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         _run_parallel(argv if argv is not None else sys.argv[1:], args)
         return
     try:
-        run(args)
-    except DatasetError as err:
+        refit_predictor(args) if args.predictor_only else run(args)
+    except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"rapnet-train: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit("rapnet-train: interrupted; rerun the same command to resume from the last epoch") from None

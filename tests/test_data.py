@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from rapnet import data
-from rapnet.data import DatasetError, load_dataset, locate_dataset, sha256_of_file, train_val_split
+from rapnet.data import (
+    DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file, train_val_split,
+)
 
 CLASSES = ["cat", "dog", "frog"]  # deliberately sorted = label order
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -326,6 +328,22 @@ def test_train_val_split() -> None:
     assert len(train_val_split(10, 3)[1]) == 3
     with pytest.raises(ValueError):
         train_val_split(10, 11)
+
+
+def test_predictor_and_calibration_parts_mix_classes() -> None:
+    # Archives are stored class by class (the shared CIFAR-10 one is): a slice of the sorted validation
+    # indices would give the predictor classes 0-7 and calibration classes 8-9.
+    labels = np.repeat(np.arange(10), 500)
+    _, val = train_val_split(len(labels), 1000, seed=0)
+    fit, cal = predictor_calibration_split(val, 800, seed=0)
+    assert len(fit) == 800 and len(cal) == 200 and not set(fit) & set(cal)
+    assert sorted(set(fit) | set(cal)) == sorted(val)
+    for part in (fit, cal):
+        counts = np.bincount(labels[part], minlength=10) / len(part)
+        assert counts.min() > 0.05 and counts.max() < 0.15, counts
+    np.testing.assert_array_equal(cal, predictor_calibration_split(val, 800, seed=0)[1])
+    with pytest.raises(ValueError):
+        predictor_calibration_split(val, 1001)
 
 
 def test_subset_and_sha256(tmp_path: Path) -> None:

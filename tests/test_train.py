@@ -1,0 +1,112 @@
+"""rapnet-train and rapnet-eval end to end on a small generated ImageFolder dataset (issue 3's smoke run)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from rapnet import evaluate, train
+from rapnet.checkpoint import CheckpointError, load_model
+from rapnet.data import load_dataset, train_val_split
+
+CLASSES = ("red", "green", "blue")
+
+
+def _write_split(root: Path, split: str, per_class: int, rng: np.random.Generator) -> None:
+    for c, name in enumerate(CLASSES):
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)  # every image unique
+            image[..., 2 - c] += 120  # OpenCV writes BGR: class c is bright in RGB channel c
+            cv2.imwrite(str(folder / f"{i:03d}.png"), image)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("smoke")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    _write_split(data, "train", 100, rng)
+    _write_split(data, "test", 20, rng)
+    argv = ["--data", str(data), "--cache-dir", str(root / "cache"), "--out", str(root / "run"), "--width", "0.25",
+            "--epochs", "1", "--predictor-epochs", "2", "--batch-size", "64", "--val-size", "90", "--threads", "1"]
+    fitted: list[np.ndarray] = []
+    real_train_predictor = train.train_predictor
+
+    def recording_train_predictor(model, fit, cfg, device, log):
+        fitted.append(fit.images.cpu().numpy().copy())
+        return real_train_predictor(model, fit, cfg, device, log)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "train_predictor", recording_train_predictor)
+        started = time.perf_counter()
+        train.main(argv)
+        seconds = time.perf_counter() - started
+    return {"root": root, "data": data, "run": root / "run", "argv": argv, "seconds": seconds, "fitted": fitted}
+
+
+def test_smoke_training_is_quick_and_loads(smoke_run) -> None:
+    assert smoke_run["seconds"] < 60, f"smoke training took {smoke_run['seconds']:.0f} s"
+    for kind in ("rapnet", "sdn", "static"):
+        model, meta = load_model(smoke_run["run"] / f"{kind}.pt")
+        assert model.config.kind == kind and model.config.num_classes == len(CLASSES)
+        assert meta["split"]["predictor_split"] == "random" and meta["split"]["val"] == 90
+        assert (model.predictor is not None) == (kind == "rapnet")
+
+
+def test_predictor_fitted_on_validation_images_only(smoke_run) -> None:
+    dataset = load_dataset(smoke_run["data"], "train", cache_dir=smoke_run["root"] / "cache")
+    train_idx, val_idx = train_val_split(len(dataset), 90, seed=0)
+    as_bytes = lambda images: {image.tobytes() for image in images}  # noqa: E731
+    (fit_images,) = smoke_run["fitted"]
+    fit = as_bytes(fit_images)
+    assert len(fit) == 72  # 80% of the validation split
+    assert fit <= as_bytes(dataset.images[val_idx])
+    assert not fit & as_bytes(dataset.images[train_idx])
+    cal_idx = evaluate.calibration_indices(len(dataset), load_model(smoke_run["run"] / "rapnet.pt")[1], has_predictor=True)
+    assert len(cal_idx) == 18 and not as_bytes(dataset.images[cal_idx]) & fit
+    assert len(set(dataset.labels[cal_idx])) == len(CLASSES)  # calibration sees every class
+
+
+def test_smoke_checkpoint_evaluates(smoke_run, tmp_path: Path) -> None:
+    evaluate.main(["--checkpoint", str(smoke_run["run"] / "rapnet.pt"), "--data", str(smoke_run["data"]),
+                   "--cache-dir", str(smoke_run["root"] / "cache"), "--out", str(tmp_path), "--latency-images", "2",
+                   "--latency-repeats", "1", "--threads", "1"])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["dataset"]["test_images"] == 60 and report["dataset"]["calibration_images"] == 18
+    assert {"rapnet", "sdn", "static", "oracle"} <= set(report["curves"])
+    assert (tmp_path / "eval.png").stat().st_size > 0 and (tmp_path / "eval.md").exists()
+
+
+def test_predictor_refit_keeps_the_backbone(smoke_run, tmp_path: Path) -> None:
+    before, old_meta = load_model(smoke_run["run"] / "rapnet.pt")
+    train.main(["--predictor-only", str(smoke_run["run"] / "rapnet.pt"), "--out", str(tmp_path), "--data",
+                str(smoke_run["data"]), "--cache-dir", str(smoke_run["root"] / "cache"), "--predictor-epochs", "1",
+                "--threads", "1"])
+    after, meta = load_model(tmp_path / "rapnet.pt")
+    assert meta["identity"] != old_meta["identity"]
+    assert meta["predictor_refit"]["previous_identity"] == old_meta["identity"]
+    assert meta["split"]["predictor_split"] == "random" and meta["train_config"] == old_meta["train_config"]
+    old_state, new_state = before.state_dict(), after.state_dict()
+    backbone = [k for k in old_state if not k.startswith("predictor.")]
+    assert backbone and all(torch.equal(old_state[k], new_state[k]) for k in backbone)
+    assert any(not torch.equal(old_state[k], new_state[k]) for k in old_state if k.startswith("predictor."))
+
+
+def test_refit_refuses_a_network_without_predictor(smoke_run, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="only a RAPNet checkpoint"):
+        train.main(["--predictor-only", str(smoke_run["run"] / "sdn.pt"), "--out", str(tmp_path),
+                    "--data", str(smoke_run["data"]), "--cache-dir", str(smoke_run["root"] / "cache")])
+
+
+def test_legacy_predictor_split_is_refused() -> None:
+    legacy = {"seed": 0, "split": {"val": 90, "predictor_fit": 72}}  # before the parts were drawn at random
+    with pytest.raises(CheckpointError, match="--predictor-only"):
+        evaluate.calibration_indices(300, legacy, has_predictor=True)
+    assert len(evaluate.calibration_indices(300, legacy, has_predictor=False)) == 18  # SDN / static: any part is unseen
