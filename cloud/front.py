@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -157,11 +158,12 @@ class InferenceFront:
         if parsed.deadline_ms and parsed.client_sent_unix_ns and self.settings.honour_request_deadline_ms:
             left = parsed.client_sent_unix_ns / 1e9 + parsed.deadline_ms / 1e3 - time.time()
             deadline = min(deadline, time.monotonic() + left)
-        result = await self._dispatch(Sample(parsed.split, parsed.exit, parsed.carry), deadline)
+        carry = {key: tensor.numpy() for key, tensor in parsed.carry.items()}
+        result = await self._dispatch(Sample(parsed.split, parsed.exit, carry), deadline)
         if result.error is not None or result.logits is None:
             raise Refusal(Code.INTERNAL, f"the replica failed on this request ({result.error})")
         self._record_batch(result, split)
-        return build_response(parsed.request_id, result.logits, parsed.exit, self.contract, parsed.split,
+        return build_response(parsed.request_id, torch.from_numpy(result.logits), parsed.exit, self.contract, parsed.split,
                               queue_ms=result.queue_ms, compute_ms=result.compute_ms, decode_ms=parsed.decode_ms)
 
     def _deadline(self, context) -> float:
