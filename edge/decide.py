@@ -42,6 +42,8 @@ class DecisionSettings:
     bandwidth_mbps: float = 50.0  # prior (or fixed, with fixed_network)
     rtt_ms: float = 5.0
     cloud_queue_ms: float = 0.0
+    cloud_overhead_ms: float = 0.0  # fixed per-request cost of the serving path; with fixed_network only (the live
+    # estimate already holds it: its RTT is the round trip minus the server's own time)
     fixed_network: bool = False  # True: plan with the prior, ignore the live estimate (reproducible runs)
 
 
@@ -91,7 +93,8 @@ class Decider:
             bw = 0.0  # no network: the planner answers every exit locally
         return Conditions(bandwidth_mbps=_grid(bw), rtt_ms=round(max(rtt, 0.0), 1), device_gflops=s.device_gflops,
                           device_layer_us=s.device_layer_us, cloud_gflops=s.cloud_gflops,
-                          cloud_queue_ms=round(max(queue, 0.0), 1), latency_budget_ms=s.latency_budget_ms)
+                          cloud_queue_ms=round(max(queue, 0.0), 1), latency_budget_ms=s.latency_budget_ms,
+                          cloud_overhead_ms=s.cloud_overhead_ms if s.fixed_network else 0.0)
 
     def plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:
         return self.planner.plan(scores, conditions)

@@ -99,6 +99,7 @@ class LivePoint:
 
 DEFAULT_POINTS = [LivePoint(1, 0.5, 20), LivePoint(10, 0.5, 20), LivePoint(1, 2, 20), LivePoint(10, 2, 5),
                   LivePoint(50, 5, 5), LivePoint(2, 20, 40)]
+CALIBRATION_POINT = LivePoint(1000, 0.5, 0)  # every frame offloaded, no shaping delay
 
 
 def _free_port() -> int:
@@ -115,6 +116,41 @@ def _wait_port(port: int, timeout: float) -> bool:
                 return True
         time.sleep(0.5)
     return False
+
+
+def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: int, point: LivePoint,
+                  overhead_ms: float, output: Path, summary: Path, split: str = "test") -> list[str]:
+    from .planner import REF_GFLOPS
+
+    return [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--split", split, "--limit", str(frames),
+            "--rate", str(fps), "--cloud", f"127.0.0.1:{port}", "--token-file", str(token), *rule,
+            "--device-gflops", str(point.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
+            "--fixed-network", "--bandwidth-mbps", str(point.bandwidth_mbps), "--rtt-ms", str(point.rtt_ms),
+            "--cloud-overhead-ms", str(overhead_ms), "--summary-json", str(summary), "--quiet", "--output", str(output)]
+
+
+def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, frames: int, tmp: Path,
+                           timeout: float) -> dict:
+    """The fixed cost per cloud request that the latency model leaves out (gRPC and HTTP/2, the shaping proxy,
+    the front, the Ray hop and the batcher's wait), measured once on calibration frames: the first training
+    images, never the test frames the points report. A slow emulated device sends every frame through an
+    unshaped proxy; overhead = median(measured service time - the planner's expected latency) over them."""
+    point = CALIBRATION_POINT
+    shaper = Shaper(("127.0.0.1", port), point.bandwidth_mbps, point.rtt_ms)
+    output, summary = tmp / "frames-calibration.jsonl", tmp / "summary-calibration.json"
+    try:
+        done = subprocess.run(agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, "train"),
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    finally:
+        shaper.close()
+    if done.returncode != 0 or not output.exists():
+        raise RuntimeError(f"the calibration run failed: {(done.stderr or done.stdout)[-400:]}")
+    frames_out = [json.loads(line) for line in open(output)]
+    gaps = sorted(f["latency_ms"]["service"] - f["expected_latency_ms"] for f in frames_out if f.get("where") == "cloud")
+    if not gaps:
+        raise RuntimeError("the calibration run offloaded no frame; cannot measure the cloud overhead")
+    return {"cloud_overhead_ms": round(gaps[len(gaps) // 2], 2), "frames": len(frames_out), "offloaded": len(gaps),
+            "point": point.__dict__, "split": "train"}
 
 
 def run_live(args) -> dict:
@@ -142,21 +178,21 @@ def run_live(args) -> dict:
     try:
         if not _wait_port(port, 120):
             raise RuntimeError(f"the cloud did not start on 127.0.0.1:{port}; see {tmp / 'cloud.log'}")
+        calibration = measure_cloud_overhead(port, token, rule, args.fps, args.calibration_frames, tmp, args.timeout)
+        overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
+        print(json.dumps({"calibration": calibration, "used_overhead_ms": overhead}), flush=True)
         for p in DEFAULT_POINTS[: args.points]:
             shaper = Shaper(("127.0.0.1", port), p.bandwidth_mbps, p.rtt_ms)
             summary = tmp / f"summary-{len(rows)}.json"
-            cmd = [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--limit", str(n), "--rate", str(args.fps),
-                   "--cloud", f"127.0.0.1:{shaper.port}", "--token-file", str(token), *rule,
-                   "--device-gflops", str(p.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
-                   "--fixed-network", "--bandwidth-mbps", str(p.bandwidth_mbps), "--rtt-ms", str(p.rtt_ms),
-                   "--summary-json", str(summary), "--quiet", "--output", str(tmp / f"frames-{len(rows)}.jsonl")]
+            cmd = agent_command(shaper.port, token, rule, args.fps, n, p, overhead, tmp / f"frames-{len(rows)}.jsonl", summary)
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
             shaper.close()
             if done.returncode != 0 or not summary.exists():
                 rows.append({**p.__dict__, "error": (done.stderr or done.stdout)[-400:]})
                 continue
             measured = json.loads(summary.read_text())
-            c = Conditions(p.bandwidth_mbps, p.rtt_ms, p.device_gflops, cloud_gflops=REF_GFLOPS, cloud_layer_us=REF_LAYER_US)
+            c = Conditions(p.bandwidth_mbps, p.rtt_ms, p.device_gflops, cloud_gflops=REF_GFLOPS, cloud_layer_us=REF_LAYER_US,
+                           cloud_overhead_ms=overhead)
             sim = world.run_policy("rapnet_split", c)
             frames = [json.loads(line) for line in open(tmp / f"frames-{len(rows)}.jsonl")]
             service = [f["latency_ms"].get("service", f["latency_ms"].get("total")) for f in frames]
@@ -176,6 +212,7 @@ def run_live(args) -> dict:
     errors = [r["abs_rel_error"] for r in rows if "abs_rel_error" in r]
     errors.sort()
     result = {"shaping": "in-transport TCP proxy (tc netem unavailable)", "points": rows, "frames_per_point": n,
+              "calibration": calibration, "cloud_overhead_ms": overhead,
               "median_abs_rel_error": errors[len(errors) // 2] if errors else None, "workdir": str(tmp)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

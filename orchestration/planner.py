@@ -7,7 +7,7 @@ Latency model (expected values; all times in ms):
 
     local  = device(predictor + stages up to exit k + head k)
     offload(s, enc) = device(predictor + stages [0, s)) + encode(s, enc) + bytes(s, enc) * 8 / bandwidth
-                      + rtt + E[jitter] + E[retransmission] + cloud_queue + decode(s, enc)
+                      + rtt + E[jitter] + E[retransmission] + cloud_queue + cloud_overhead + decode(s, enc)
                       + cloud(stages [s, stage of k] + head k)
 
     device(flops, layers) = flops / device_gflops + layers * device_layer_us      (and the same for the cloud)
@@ -58,6 +58,7 @@ class Conditions:
     device_layer_us: float | None = None  # per leaf-layer call on the device; None: scaled reference CPU
     cloud_gflops: float = 100.0
     cloud_queue_ms: float = 0.0  # expected wait for a cloud worker
+    cloud_overhead_ms: float = 0.0  # fixed cost per request of the serving path (gRPC, front, Ray hop, batch wait)
     latency_budget_ms: float | None = None  # objective: max accuracy s.t. this budget
     accuracy_target: float | None = None  # objective: min latency s.t. the exit's predicted accuracy >= this
     jitter_ms: float = 0.0  # std of the one-way-delay noise (half-normal added per request)
@@ -65,7 +66,7 @@ class Conditions:
     cloud_layer_us: float | None = None  # per layer call in the cloud; None: scaled reference CPU
 
     def __post_init__(self):
-        for name in ("bandwidth_mbps", "rtt_ms", "cloud_queue_ms", "jitter_ms"):
+        for name in ("bandwidth_mbps", "rtt_ms", "cloud_queue_ms", "cloud_overhead_ms", "jitter_ms"):
             if getattr(self, name) < 0 or math.isnan(getattr(self, name)):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.device_gflops > 0 or not self.cloud_gflops > 0:
@@ -224,7 +225,7 @@ class Planner:
         s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = option
         enc_ms, dec_ms = self.codec_scaled(s, enc, c)
         parts = {"edge_ms": self.device_ms(edge_f, edge_l, c), "encode_ms": enc_ms, **self.network_ms(nbytes, c),
-                 "queue_ms": c.cloud_queue_ms, "decode_ms": dec_ms, "cloud_ms": self.cloud_ms(cloud_f, cloud_l, c),
+                 "queue_ms": c.cloud_queue_ms, "overhead_ms": c.cloud_overhead_ms, "decode_ms": dec_ms, "cloud_ms": self.cloud_ms(cloud_f, cloud_l, c),
                  "bytes": nbytes}
         parts["total_ms"] = sum(v for key, v in parts.items() if key.endswith("_ms"))
         return parts

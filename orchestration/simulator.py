@@ -210,7 +210,7 @@ class World:
             arrival = self.frame_start_ms[idx] + before + (c.rtt_ms + jitter) / 2
             service = placement.service_ms[exits[idx]]
             waits[idx] = fifo_waits(arrival, service, self.config.workers)
-            latency[idx] = before + c.rtt_ms + jitter + waits[idx] + service
+            latency[idx] = before + c.rtt_ms + jitter + waits[idx] + service + c.cloud_overhead_ms
         return {"latency": latency, "offload": off, "bytes": nbytes, "wait": waits}
 
     def _summarize(self, name: str, t_correct: np.ndarray, exits: np.ndarray, real: dict, detail: dict,

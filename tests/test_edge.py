@@ -250,6 +250,18 @@ def test_live_source_latest_frame_wins_and_counts_drops(checkpoint):
     assert [r.frame for r in results] == list(range(len(results)))
     assert all(r.where == "edge" and not r.degraded for r in results)
 
+def test_cloud_overhead_is_a_fixed_network_prior(checkpoint):
+    model, metadata = load_model(checkpoint)
+    pixels = np.zeros((2, 32, 32, 3), np.uint8)
+    fixed = build_decider(model, pixels, DecisionSettings(cloud_overhead_ms=6.0, fixed_network=True), metadata)
+    assert fixed.conditions(bandwidth_mbps=3.0, rtt_ms=40.0).cloud_overhead_ms == 6.0
+    # a live estimate already holds the overhead (its RTT is the round trip minus the server's own time)
+    live = build_decider(model, pixels, DecisionSettings(cloud_overhead_ms=6.0), metadata)
+    assert live.conditions(bandwidth_mbps=3.0, rtt_ms=40.0).cloud_overhead_ms == 0.0
+    with pytest.raises(edge_agent.SetupError, match="--cloud-overhead-ms"):
+        edge_agent.build_app(["--images", ".", "--cloud-overhead-ms", "-1"])
+
+
 def test_decider_rule_price_by_default_threshold_on_request(checkpoint, dataset):
     model, metadata = load_model(checkpoint)
     pixels = np.stack([f.pixels for f in DatasetSource(dataset, model.config.image_size)])

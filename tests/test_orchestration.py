@@ -108,6 +108,20 @@ def test_latency_breakdown_adds_up_and_loss_costs_time():
     assert lossy.expected_latency_ms > plan.expected_latency_ms
 
 
+def test_cloud_overhead_costs_every_offload_and_can_keep_work_local():
+    p = toy_planner()
+    c = Conditions(bandwidth_mbps=1e3, rtt_ms=5, device_gflops=0.5)
+    plan = p.plan(SCORES, c)
+    assert plan.offload and plan.breakdown["overhead_ms"] == 0
+    slower = p.plan(SCORES, Conditions(bandwidth_mbps=1e3, rtt_ms=5, device_gflops=0.5, cloud_overhead_ms=7))
+    assert slower.offload and slower.breakdown["overhead_ms"] == 7
+    assert slower.expected_latency_ms == pytest.approx(plan.expected_latency_ms + 7)
+    local = p.option_table(c).local_latency[plan.exit_index]
+    assert not p.plan(SCORES, Conditions(bandwidth_mbps=1e3, rtt_ms=5, device_gflops=0.5, cloud_overhead_ms=local)).offload
+    with pytest.raises(ValueError):
+        Conditions(bandwidth_mbps=1, rtt_ms=1, device_gflops=1, cloud_overhead_ms=-1)
+
+
 def test_objectives_accuracy_target_and_latency_budget():
     p = toy_planner()
     c = Conditions(bandwidth_mbps=0, rtt_ms=10, device_gflops=1.0)
@@ -257,6 +271,12 @@ def test_simulated_latency_matches_planner_without_noise(traces, world):
     table = lone.planners["rapnet"].option_table(c)
     assert res.offload_share > 0.5
     assert res.mean_ms == pytest.approx(table.latency[lone.rapnet_exits].mean(), rel=0.02)
+    # the fixed per-request overhead lands on every offloaded frame, in the planner and the simulation alike
+    c9 = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05, cloud_overhead_ms=9)
+    res9 = lone.run_policy("rapnet_split", c9)
+    assert res9.offload_share == res.offload_share
+    assert res9.mean_ms == pytest.approx(res.mean_ms + 9 * res.offload_share)
+    assert res9.mean_ms == pytest.approx(lone.planners["rapnet"].option_table(c9).latency[lone.rapnet_exits].mean(), rel=0.02)
 
 
 def test_offload_when_network_is_free_and_device_is_slow(world):
