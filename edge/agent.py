@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     rule = m.add_mutually_exclusive_group()
     rule.add_argument("--price", type=float, default=None,
                       help="exit rule (default): the exit maximising predictor score - PRICE x relative cost; default: "
-                           "the checkpoint metadata's \"price\", else 0.04 (calibrated, see docs/edge.md)")
+                           "the checkpoint metadata's \"price\", else 0.03 (calibrated, see docs/edge.md)")
     rule.add_argument("--threshold", type=float, default=None,
                       help="use the threshold rule instead: the shallowest exit whose predictor score reaches THRESHOLD")
     m.add_argument("--device-gflops", type=float, default=5.0, help="the device's compute, for the planner")

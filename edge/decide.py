@@ -23,7 +23,7 @@ import numpy as np
 from orchestration.planner import DEFAULT_ENCODINGS, DEFAULT_PRICE, Conditions, Plan, Planner
 
 # The exit rule: by default RAPNet's priced rule (rapnet.evaluate.priced_exits: argmax score - price x cost)
-# at the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner: 0.04, calibrated on the
+# at the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner: 0.03, calibrated on the
 # calibration split, see docs/edge.md). A threshold (flag only) switches to the threshold rule.
 PRICE_KEYS = ("price",)
 
