@@ -45,12 +45,17 @@ def _read_payloads(path: str) -> list[bytes]:
     return out
 
 
-async def _client(address: str, payloads: list[bytes], clients: int, warmup_s: float, seconds: float) -> dict:
+async def _client(address: str, payloads: list[bytes], clients: int, warmup_s: float, seconds: float,
+                  rpc: str = "unary") -> dict:
+    """`clients` closed-loop callers, each with one request outstanding: a unary Infer call per request, or
+    (rpc="stream") one InferStream per caller, writing the next request once the previous answer came back."""
     import grpc
 
     options = [("grpc.max_send_message_length", 1 << 20), ("grpc.max_receive_message_length", 1 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = channel.unary_unary("/rapnet.v1.Inference/Infer", request_serializer=None, response_deserializer=None)
+        stream = channel.stream_stream("/rapnet.v1.Inference/InferStream", request_serializer=None,
+                                       response_deserializer=None)
         metadata = (("authorization", f"Bearer {TOKEN}"),)
         start = time.perf_counter()
         measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
@@ -59,17 +64,26 @@ async def _client(address: str, payloads: list[bytes], clients: int, warmup_s: f
 
         async def worker(k: int) -> None:
             i = k
+            open_stream = stream(metadata=metadata, timeout=warmup_s + seconds + 60) if rpc == "stream" else None
             while True:
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
+                    if open_stream is not None:
+                        await open_stream.done_writing()
                     return
                 try:
-                    await call(payloads[i % len(payloads)], metadata=metadata, timeout=30)
+                    if open_stream is None:
+                        await call(payloads[i % len(payloads)], metadata=metadata, timeout=30)
+                    else:
+                        await open_stream.write(payloads[i % len(payloads)])
+                        await open_stream.read()
                     t1 = time.perf_counter()
                     if t0 >= measure_from and t1 <= stop_at:
                         latencies.append(t1 - t0)
                 except grpc.aio.AioRpcError as err:
                     errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                    if open_stream is not None:
+                        open_stream = stream(metadata=metadata, timeout=warmup_s + seconds + 60)
                 i += clients
 
         await asyncio.gather(*(worker(k) for k in range(clients)))
@@ -77,7 +91,8 @@ async def _client(address: str, payloads: list[bytes], clients: int, warmup_s: f
 
 
 def client_main(args) -> None:
-    result = asyncio.run(_client(args.address, _read_payloads(args.payloads), args.clients, args.warmup, args.seconds))
+    result = asyncio.run(_client(args.address, _read_payloads(args.payloads), args.clients, args.warmup, args.seconds,
+                                 args.rpc))
     print(json.dumps(result))
 
 
@@ -138,10 +153,10 @@ def _metric_totals(registry) -> dict:
     )}
 
 
-def served(server, payload_file: str, clients: int, warmup_s: float, seconds: float) -> dict:
+def served(server, payload_file: str, clients: int, warmup_s: float, seconds: float, rpc: str = "unary") -> dict:
     before = _metric_totals(server.metrics.registry)
     cmd = [sys.executable, __file__, "--client", "--address", server.address, "--payloads", payload_file,
-           "--clients", str(clients), "--warmup", str(warmup_s), "--seconds", str(seconds)]
+           "--clients", str(clients), "--warmup", str(warmup_s), "--seconds", str(seconds), "--rpc", rpc]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=warmup_s + seconds + 120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -193,6 +208,10 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--rpc", choices=["unary", "stream"], default="unary",
+                        help="clients call Infer once per request, or keep one InferStream each")
+    parser.add_argument("--pipeline-per-replica", type=int, default=None,
+                        help="handle calls the front keeps outstanding per replica (default: CloudConfig's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -232,7 +251,9 @@ def main() -> None:
     config = CloudConfig().with_overrides(
         batch={"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         replica={"torch_threads": args.torch_threads, "num_cpus": 1},
-        front={"port": 0, "max_in_flight": 1024}, metrics={"port": None}, ray={"temp_dir": temp},
+        front={"port": 0, "max_in_flight": 1024, **({"pipeline_per_replica": args.pipeline_per_replica}
+                                                     if args.pipeline_per_replica else {})},
+        metrics={"port": None}, ray={"temp_dir": temp},
     )
     info = machine_info(args.torch_threads)
     t_start = time.perf_counter()
@@ -243,7 +264,7 @@ def main() -> None:
             for clients in args.clients:
                 bare = bare_torch(model, carries, args.split, exit_index, min(clients, args.max_batch_size),
                                   args.warmup, args.seconds)
-                srv = served(server, payload_file.name, clients, args.warmup, args.seconds)
+                srv = served(server, payload_file.name, clients, args.warmup, args.seconds, args.rpc)
                 runs.append({"repeat": rep, "clients": clients, "bare": bare, "served": srv})
                 print(f"rep {rep} clients {clients:>2}: bare {bare['samples_per_s']:8.1f}/s  served "
                       f"{srv['samples_per_s']:8.1f}/s  ratio {srv['samples_per_s'] / bare['samples_per_s']:.2f}  "
@@ -273,7 +294,8 @@ def main() -> None:
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
         "split": args.split, "exit": exit_index, "encoding": args.encoding,
         "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
-                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False},
+                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False, "rpc": args.rpc,
+                     "pipeline_per_replica": config.front.pipeline_per_replica},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
         "loadavg_end": os.getloadavg()[0],
     }

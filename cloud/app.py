@@ -45,6 +45,12 @@ class CloudStages:
         self.device = torch.device("cuda") if torch.cuda.is_available() else None
         self.model = model.to(self.device) if self.device is not None else model
         self.identity = metadata["identity"]
+        self.relative_costs = None  # the priced rule's costs, for requests that leave the exit to the cloud
+        if model.predictor is not None:
+            from rapnet.costs import measure_costs
+            from rapnet.evaluate import relative_exit_costs
+
+            self.relative_costs = relative_exit_costs(measure_costs(model))
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_s)
         # Compute off the replica's event loop, so the next batch gathers while this one runs.
@@ -59,7 +65,8 @@ class CloudStages:
     async def infer(self, chunks: list[list[Sample]]) -> list[list[SampleResult]]:
         samples = [sample for chunk in chunks for sample in chunk]
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._pool, run_batch, self.model, samples, self.device)
+        results = await loop.run_in_executor(self._pool, run_batch, self.model, samples, self.device,
+                                             self.relative_costs)
         out, pos = [], 0
         for chunk in chunks:
             out.append(results[pos : pos + len(chunk)])

@@ -27,6 +27,7 @@ class Sample:
     exit: int
     carry: dict[str, np.ndarray]  # float32, leading batch dimension 1
     enqueued_unix: float = field(default_factory=time.time)  # when the front sent it (queue time starts)
+    exit_price: float | None = None  # set: pick the exit here (priced rule on the predictor, exits <= exit)
 
 
 @dataclass
@@ -39,12 +40,40 @@ class SampleResult:
     first_in_batch: bool = False  # exactly one result per batch (and per group) says so: metrics count batches
     first_in_group: bool = False
     error: str | None = None  # the group failed (should not happen for validated requests)
+    exit: int = -1  # the exit it answered at
+
+
+def pick_exits(model: MultiExitNetwork, samples: list[Sample], relative_costs: np.ndarray,
+               device: torch.device | None = None) -> float:
+    """For samples that leave the exit to the cloud: the predictor on their images and RAPNet's priced rule
+    (rapnet.evaluate.priced_exits, the edge's own rule), capped at each sample's `exit`. Sets `sample.exit`;
+    returns the milliseconds it took."""
+    from rapnet.evaluate import priced_exits
+
+    t0 = time.perf_counter()
+    images = torch.from_numpy(np.concatenate([s.carry["image"] for s in samples]))
+    scores = model.exit_scores(images if device is None else images.to(device)).float().cpu().numpy()
+    for row, sample in zip(scores, samples):
+        cap = sample.exit + 1
+        sample.exit = int(priced_exits(row[None, :cap], sample.exit_price, relative_costs[:cap])[0])
+    return (time.perf_counter() - t0) * 1e3
 
 
 @torch.inference_mode()
-def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.device | None = None) -> list[SampleResult]:
-    """Group by split point, concatenate carries, run each group to its per-sample exits."""
+def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.device | None = None,
+              relative_costs: np.ndarray | None = None) -> list[SampleResult]:
+    """Pick the exits the cloud was asked to pick, then group by split point, concatenate carries, and run
+    each group to its per-sample exits. `relative_costs`: the priced rule's costs (computed when missing)."""
     started = time.time()
+    choosers = [s for s in samples if s.exit_price is not None]
+    picking_ms = 0.0
+    if choosers:
+        if relative_costs is None:
+            from rapnet.costs import measure_costs
+            from rapnet.evaluate import relative_exit_costs
+
+            relative_costs = relative_exit_costs(measure_costs(model))
+        picking_ms = pick_exits(model, choosers, relative_costs, device)
     groups: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):
         groups.setdefault(sample.split, []).append(i)
@@ -68,12 +97,13 @@ def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.devi
             results[i] = SampleResult(
                 logits=None if logits is None else logits[j].copy(),
                 queue_ms=max(0.0, (started - samples[i].enqueued_unix) * 1e3),
-                compute_ms=compute_ms,
+                compute_ms=compute_ms + (picking_ms if samples[i].exit_price is not None else 0.0),
                 batch_size=len(samples),
                 split_group_size=len(index),
                 first_in_batch=first_batch,
                 first_in_group=j == 0,
                 error=error,
+                exit=samples[i].exit,
             )
             first_batch = False
     return results  # type: ignore[return-value]

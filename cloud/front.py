@@ -159,11 +159,12 @@ class InferenceFront:
             left = parsed.client_sent_unix_ns / 1e9 + parsed.deadline_ms / 1e3 - time.time()
             deadline = min(deadline, time.monotonic() + left)
         carry = {key: tensor.numpy() for key, tensor in parsed.carry.items()}
-        result = await self._dispatch(Sample(parsed.split, parsed.exit, carry), deadline)
+        result = await self._dispatch(Sample(parsed.split, parsed.exit, carry, exit_price=parsed.exit_price), deadline)
         if result.error is not None or result.logits is None:
             raise Refusal(Code.INTERNAL, f"the replica failed on this request ({result.error})")
         self._record_batch(result, split)
-        return build_response(parsed.request_id, torch.from_numpy(result.logits), parsed.exit, self.contract, parsed.split,
+        call.exit = result.exit
+        return build_response(parsed.request_id, torch.tensor(result.logits), result.exit, self.contract, parsed.split,
                               queue_ms=result.queue_ms, compute_ms=result.compute_ms, decode_ms=parsed.decode_ms)
 
     def _deadline(self, context) -> float:

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rtt-ms", type=float, default=5.0, help="round-trip prior, until transfers are measured")
     m.add_argument("--fixed-network", action="store_true",
                    help="plan with --bandwidth-mbps/--rtt-ms only (the live estimate is still reported)")
+    m.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
+                   help="always run the exit predictor here; by default, when every exit would send the image to "
+                        "the cloud anyway, the edge skips it and the cloud picks the exit (same rule and price)")
     m.add_argument("--cloud-overhead-ms", type=float, default=0.0,
                    help="with --fixed-network: fixed cost per cloud request the planner adds (gRPC, front, Ray hop, "
                         "batching); rapnet-sim live measures it. Without --fixed-network the live estimate holds it")
@@ -238,7 +241,8 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
                                     device_layer_us=args.device_layer_us, cloud_gflops=args.cloud_gflops,
                                     latency_budget_ms=args.latency_budget_ms, encodings=encodings,
                                     bandwidth_mbps=args.bandwidth_mbps, rtt_ms=args.rtt_ms,
-                                    cloud_overhead_ms=args.cloud_overhead_ms, fixed_network=args.fixed_network)
+                                    cloud_overhead_ms=args.cloud_overhead_ms, cloud_exit=args.cloud_exit,
+                                    fixed_network=args.fixed_network)
         t0 = time.perf_counter()
         app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata, args.traces)
         log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "

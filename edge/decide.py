@@ -44,6 +44,7 @@ class DecisionSettings:
     cloud_queue_ms: float = 0.0
     cloud_overhead_ms: float = 0.0  # fixed per-request cost of the serving path; with fixed_network only (the live
     # estimate already holds it: its RTT is the round trip minus the server's own time)
+    cloud_exit: bool = True  # when the image goes to the cloud anyway, skip the predictor here (the cloud picks)
     fixed_network: bool = False  # True: plan with the prior, ignore the live estimate (reproducible runs)
 
 
@@ -98,6 +99,11 @@ class Decider:
 
     def plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:
         return self.planner.plan(scores, conditions)
+
+    def cloud_exit_plan(self, conditions: Conditions) -> Plan | None:
+        """Before the predictor runs: a plan that sends the image with the exit left to the cloud, when every
+        exit would be offloaded at split 0 anyway (Planner.cloud_exit_plan); None: run the predictor here."""
+        return self.planner.cloud_exit_plan(conditions) if self.settings.cloud_exit else None
 
     def local_plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:
         """The plan with the cloud out of reach (circuit open): same rule, every exit local."""

@@ -56,6 +56,7 @@ class FrameResult:
     score: float | None = None  # the predictor's score for the target exit
     planned_offload: bool = False
     expected_latency_ms: float | None = None
+    exit_picked_by: str = "edge"  # "cloud": the edge skipped its predictor and let the cloud pick (CloudExit)
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # for --display; not written
 
     @property
@@ -73,6 +74,7 @@ class FrameResult:
             "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
             "expected_latency_ms": None if self.expected_latency_ms is None else round(self.expected_latency_ms, 3),
             "predictor_score": None if self.score is None else round(self.score, 5),
+            "exit_picked_by": self.exit_picked_by,
             "degraded": self.degraded,
         })
         if self.degraded_reason:
@@ -170,18 +172,27 @@ class EdgeAgent:
         t = time.perf_counter()
         x = to_model_input(frame.pixels)
         lat["preprocess"] += (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
         use = self.settings.use_predictor and self.model.predictor is not None
-        scores = self.model.exit_scores(x).numpy()[0] if use else None
-        lat["predictor"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         conditions = self._conditions()
-        plan = self.decider.plan(scores, conditions)
-        degraded = None
-        if plan.offload and not self.link.breaker.allow():
-            degraded = f"circuit {self.link.breaker.state}"
-            plan = self.decider.local_plan(scores, conditions)
+        # The image goes to the cloud whatever the predictor says: skip it here, the cloud picks the exit.
+        plan = self.decider.cloud_exit_plan(conditions) if use else None
+        if plan is not None and not self.link.breaker.allow():
+            plan = None
         lat["decide"] = (time.perf_counter() - t) * 1e3
+        cloud_exit = plan is not None
+        scores, degraded = None, None
+        t = time.perf_counter()
+        if use and not cloud_exit:
+            scores = self.model.exit_scores(x).numpy()[0]
+        lat["predictor"] = (time.perf_counter() - t) * 1e3
+        if not cloud_exit:
+            t = time.perf_counter()
+            plan = self.decider.plan(scores, conditions)
+            if plan.offload and not self.link.breaker.allow():
+                degraded = f"circuit {self.link.breaker.state}"
+                plan = self.decider.local_plan(scores, conditions)
+            lat["decide"] += (time.perf_counter() - t) * 1e3
         score = None if scores is None else float(scores[plan.exit_index])
         if not plan.offload:
             t = time.perf_counter()
@@ -193,7 +204,7 @@ class EdgeAgent:
         t = time.perf_counter()
         carry = self.model.edge_part(x, plan.split)
         lat["local"] = (time.perf_counter() - t) * 1e3
-        self._emulate(lat, conditions, use, split=plan.split)
+        self._emulate(lat, conditions, use and not cloud_exit, split=plan.split)
         t = time.perf_counter()
         try:
             # the rule's one setting travels in Policy.threshold; the name says which (e.g. rapnet-predictor/price)
@@ -202,7 +213,8 @@ class EdgeAgent:
             request = build_request(self.contract, carry, plan.split, plan.exit_index, self._options(plan.encoding),
                                     image=frame.pixels if "image" in carry else None, policy=policy,
                                     deadline_ms=int(self.settings.deadline_ms),
-                                    edge_compute_ms=lat["local"] + lat["predictor"])
+                                    edge_compute_ms=lat["local"] + lat["predictor"],
+                                    cloud_exit_price=self.decider.price if cloud_exit else None)
             data = request.SerializeToString()
         except Exception as err:  # noqa: BLE001 - a frame the codec refuses is answered locally, flagged
             self.link.breaker.failure()
@@ -245,6 +257,8 @@ class EdgeAgent:
                              reply.bytes_received, job.lat, False, None, job.frame.label, job.frame.name,
                              None if job.scores is None else float(job.scores[job.plan.exit_index]), True,
                              float(job.plan.expected_latency_ms))
+        if job.plan.breakdown.get("cloud_exit"):
+            result.exit_picked_by = "cloud"
         return self._finish(result, job.frame, job.t_start)
 
     def _fallback(self, job: _Job, reason: str) -> FrameResult:

@@ -40,7 +40,8 @@ def _world(args):
     traces, meta = ensure_traces(checkpoints, args.data, Path(args.cache or DEFAULT_CACHE), rebuild=getattr(args, "rebuild", False),
                                  log=lambda m: print(m, file=sys.stderr))
     config = SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
-                       rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed)
+                       rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed,
+                       cloud_exit=args.cloud_exit)
     return World(traces, config), meta
 
 
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold rule minus 1 point)")
     g.add_argument("--rapnet-rule", choices=("price", "threshold"), default="price",
                    help="RAPNet's exit rule: priced (argmax score - price x cost) or the first exit above a threshold")
+    g.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
+                   help="RAPNet split always runs the predictor on the edge (default: when every exit would send the "
+                        "image anyway, the edge skips it and the cloud picks the exit)")
     g.add_argument("--encodings", nargs="+", default=["png", "fp32+zstd", "fp16+zstd", "int8+zstd"],
                    help="planner's encoding menu (png/jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later)")
     g.add_argument("--seed", type=int, default=0)

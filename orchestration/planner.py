@@ -165,6 +165,7 @@ class Planner:
         cum_l = np.concatenate([[0.0], np.cumsum(sl)])
         pred_f = float(costs.predictor_flops) if use_pred else 0.0
         pred_l = float(self.layers.predictor_layers) if use_pred else 0.0
+        self._predictor_cost = (pred_f, pred_l)  # what moves to the cloud when the cloud picks the exit
 
         def heads(lo_stage, hi_stage, upto_k, vec):  # heads of exits 0..upto_k whose stage lies in [lo, hi)
             mask = (ex_st >= lo_stage) & (ex_st < hi_stage) & (np.arange(K) <= upto_k)
@@ -251,6 +252,40 @@ class Planner:
             self._cache.clear()
         self._cache[c] = table
         return table
+
+    def cloud_exit_parts(self, c: Conditions) -> list[dict] | None:
+        """Per exit, the latency parts of sending the image at once and letting the cloud run the predictor and
+        the priced rule (InferRequest.cloud_exit); None unless that is at least as fast for *every* exit as the
+        best placement with the predictor on the edge. Then the predictor's answer could only change which exit
+        the cloud runs, never where the frame goes, so running it on a slow edge device first is wasted time.
+        Priced rule only, and not with an accuracy target or a latency budget (they need the scores here)."""
+        pred_f, pred_l = self._predictor_cost
+        if self.price is None or pred_f == 0 or c.accuracy_target is not None or c.latency_budget_ms is not None:
+            return None
+        table = self.option_table(c)
+        if not (table.offload.all() and (table.split == 0).all()) or len(set(table.encoding)) != 1:
+            return None
+        parts = []
+        for k in range(self.costs.num_exits):
+            s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(
+                o for o in self._options[k] if o[0] == 0 and o[1] == table.encoding[k])
+            p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f, cloud_l + pred_l, nbytes), c)
+            if p["total_ms"] > table.latency[k]:
+                return None
+            parts.append({**p, "encoding": enc, "cloud_exit": True})
+        return parts
+
+    def cloud_exit_plan(self, c: Conditions) -> Plan | None:
+        """The plan for a frame whose exit the cloud picks (see cloud_exit_parts), or None. Its exit_index is the
+        deepest exit the cloud may pick; expected latency and accuracy are those of the exit the priced rule
+        picks on the per-exit calibration accuracies (the scores are not known here)."""
+        parts = self.cloud_exit_parts(c)
+        if parts is None:
+            return None
+        typical = int(priced_exits(self.exit_accuracy[None, :], self.price, self.relative_costs)[0])
+        breakdown = dict(parts[typical])
+        return Plan(self.costs.num_exits - 1, 0, breakdown.pop("encoding"), True, float(breakdown["total_ms"]),
+                    float(self.exit_accuracy[typical]), breakdown)
 
     # --- exit choice -------------------------------------------------------------------------------------
     def _probabilities(self, scores: np.ndarray | None, n: int) -> np.ndarray:

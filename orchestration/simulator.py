@@ -46,6 +46,7 @@ class SimConfig:
     min_agreement: float = 0.995  # lossy encodings allowed only when they change <= 0.5% of answers
     encodings: tuple[str, ...] = ("png", "fp32+zstd", "fp16+zstd", "int8+zstd")
     queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
+    cloud_exit: bool = True  # RAPNet split: skip the edge predictor when every exit sends the image anyway
     seed: int = 0
 
 
@@ -225,14 +226,22 @@ class World:
             exit_histogram=np.bincount(exits, minlength=num_exits).tolist(), detail=detail)
 
     # --- policies ------------------------------------------------------------------------------------------
-    def _planned(self, name: str, t: ModelTraces, planner: Planner, exits_fn, c: Conditions, correct_fn=None):
-        """Planner-driven policy with the cloud-queue estimate iterated from the simulated wait."""
+    def _planned(self, name: str, t: ModelTraces, planner: Planner, exits_fn, c: Conditions, correct_fn=None,
+                 cloud_exit: bool = False):
+        """Planner-driven policy with the cloud-queue estimate iterated from the simulated wait. cloud_exit: where
+        the planner would send the image for every exit, the cloud runs the predictor (Planner.cloud_exit_parts;
+        the cloud's scores equal the edge's, the image travels losslessly)."""
         queue = 0.0
         for _ in range(max(1, self.config.queue_iterations)):
             cq = replace(c, cloud_queue_ms=queue)
             exits = exits_fn(cq)
             table = planner.option_table(cq)
-            placement = Placement.from_parts(table.offload, table.split, table.encoding, table.parts)
+            remote = planner.cloud_exit_parts(cq) if cloud_exit else None
+            if remote is not None:
+                placement = Placement.from_parts([True] * len(remote), [0] * len(remote),
+                                                 [p["encoding"] for p in remote], remote)
+            else:
+                placement = Placement.from_parts(table.offload, table.split, table.encoding, table.parts)
             real = self.realize(t, exits, placement, c)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
         rows = np.arange(self.n)
@@ -241,7 +250,7 @@ class World:
         return self._summarize(name, correct, exits, real, {
             "split_histogram": np.bincount(splits, minlength=len(t.costs.stage_flops)).tolist() if len(splits) else [],
             "encodings": sorted({placement.encoding[k] for k in np.unique(exits) if placement.offload[k]}),
-            "planner_queue_ms": cq.cloud_queue_ms}, num_exits=t.correct.shape[1])
+            "planner_queue_ms": cq.cloud_queue_ms, "cloud_exit": remote is not None}, num_exits=t.correct.shape[1])
 
     def run_policy(self, name: str, c: Conditions) -> PolicyResult:
         rows = np.arange(self.n)
@@ -269,7 +278,8 @@ class World:
             return self._planned(name, t, self.planners["static"], lambda cq: zeros, c)
         if name == "rapnet_split":
             planner = self.planners["rapnet"]
-            return self._planned(name, self.rapnet, planner, lambda cq: planner.plan_exits(self.rapnet.scores, cq), c)
+            return self._planned(name, self.rapnet, planner, lambda cq: planner.plan_exits(self.rapnet.scores, cq), c,
+                                 cloud_exit=self.config.cloud_exit)
         if name == "oracle":
             return self._planned(name, self.rapnet, self.planners["rapnet"], lambda cq: self.oracle_exits, c)
         if name == "spinn":

@@ -22,6 +22,7 @@ FAILED_PRECONDITION when the request was made for another model (identity, split
 """
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import time
@@ -566,6 +567,7 @@ class ModelContract:
     num_stages: int
     exit_stages: tuple[int, ...]
     carry_shapes: tuple[dict[str, tuple[int, ...]], ...]  # per split point, shapes without the batch dim
+    has_predictor: bool = False  # the model can pick an exit itself (requests with CloudExit)
 
     @property
     def num_exits(self) -> int:
@@ -579,7 +581,8 @@ class ModelContract:
 
         costs = measure_costs(model)
         shapes = tuple(dict(zip(keys, shp)) for keys, shp in zip(costs.split_keys, costs.split_shapes))
-        return cls(identity or model_identity(model), model.num_stages, tuple(model.exit_stages), shapes)
+        return cls(identity or model_identity(model), model.num_stages, tuple(model.exit_stages), shapes,
+                   model.predictor is not None)
 
     def check_route(self, split: int, exit_index: int) -> None:
         if not 0 <= split < self.num_stages:
@@ -588,6 +591,15 @@ class ModelContract:
             raise ContractMismatch(f"exit {exit_index} is outside 0..{self.num_exits - 1} for this model")
         if self.exit_stages[exit_index] < split:
             raise ContractMismatch(f"exit {exit_index} sits before split point {split}: the edge answers it locally")
+
+    def check_cloud_exit(self, split: int, price: float) -> None:
+        """A request that lets the cloud pick the exit: the predictor reads the image, so split 0 only."""
+        if not self.has_predictor:
+            raise ContractMismatch("this model has no exit predictor: send target_exit without cloud_exit")
+        if split != 0:
+            raise ContractMismatch(f"cloud_exit needs split point 0 (the predictor reads the image), got {split}")
+        if not 0.0 <= price < math.inf:
+            raise MalformedMessage(f"cloud_exit.price must be a finite number >= 0, got {price}")
 
 
 @dataclass
@@ -600,6 +612,7 @@ class ParsedRequest:
     deadline_ms: int
     client_sent_unix_ns: int
     decode_ms: float = 0.0
+    exit_price: float | None = None  # set: the cloud picks the exit (priced rule, exits <= `exit`)
 
 
 @dataclass(frozen=True)
@@ -654,15 +667,19 @@ def build_request(
     policy: pb.Policy | None = None,
     deadline_ms: int = 0,
     edge_compute_ms: float = 0.0,
+    cloud_exit_price: float | None = None,
 ) -> pb.InferRequest:
     """Turn the carry the edge produced at `split` into an InferRequest for the cloud.
 
     `image` (uint8 HWC RGB) is sent as an ImagePayload in place of the carry entry "image" where that entry
-    is live; without it the "image" tensor is encoded like the other tensors.
+    is live; without it the "image" tensor is encoded like the other tensors. `cloud_exit_price` (split 0
+    only): the cloud runs the predictor and picks the exit by the priced rule at that price, up to `exit_index`.
     """
     try:
         contract.check_route(split, exit_index)
-    except ContractMismatch as err:
+        if cloud_exit_price is not None:
+            contract.check_cloud_exit(split, cloud_exit_price)
+    except CodecError as err:
         raise ValueError(str(err)) from None
     expected = contract.carry_shapes[split]
     if set(carry) != set(expected):
@@ -678,6 +695,8 @@ def build_request(
     )
     if policy is not None:
         req.policy.CopyFrom(policy)
+    if cloud_exit_price is not None:
+        req.cloud_exit.price = cloud_exit_price
     for key in sorted(carry):
         if key == IMAGE_KEY and image is not None:
             req.image.CopyFrom(encode_image(image, options.image_format, options.jpeg_quality))
@@ -713,6 +732,9 @@ def parse_request(
             f"{contract.identity[:12]}: deploy the same checkpoint on edge and cloud"
         )
     contract.check_route(req.split_point, req.target_exit)
+    exit_price = req.cloud_exit.price if req.HasField("cloud_exit") else None
+    if exit_price is not None:
+        contract.check_cloud_exit(req.split_point, exit_price)
     expected = contract.carry_shapes[req.split_point]
     names = [t.name for t in req.tensors]
     if len(names) > limits.max_tensors:
@@ -762,6 +784,7 @@ def parse_request(
         deadline_ms=req.deadline_ms,
         client_sent_unix_ns=req.client_sent_unix_ns,
         decode_ms=(time.perf_counter() - start) * 1e3,
+        exit_price=exit_price,
     )
 
 

@@ -135,6 +135,33 @@ def test_run_batch_regroups_mixed_splits_and_exits(model_file):
     assert all(r.batch_size == len(samples) for r in results)
 
 
+def _priced(model, image, price, cap=None):
+    from rapnet.costs import measure_costs
+    from rapnet.evaluate import priced_exits, relative_exit_costs
+
+    cap = model.num_exits if cap is None else cap + 1
+    with torch.no_grad():
+        scores = model.exit_scores(image).numpy()
+    return int(priced_exits(scores[:, :cap], price, relative_exit_costs(measure_costs(model))[:cap])[0])
+
+
+def test_run_batch_picks_exits_for_samples_that_ask(model_file):
+    model, _, _ = model_file
+    gen = torch.Generator().manual_seed(5)
+    images = [torch.randn(1, 3, 32, 32, generator=gen) for _ in range(4)]
+    last = model.num_exits - 1
+    samples = [Sample(0, last, {"image": images[0].numpy()}, exit_price=0.0),
+               Sample(0, 2, {"image": images[1].numpy()}, exit_price=0.5),  # the cloud may pick up to exit 2
+               Sample(0, 3, {"image": images[2].numpy()}),  # the edge chose exit 3
+               Sample(0, last, {"image": images[3].numpy()}, exit_price=20.0)]
+    results = run_batch(model, samples)
+    expected = [_priced(model, images[0], 0.0), _priced(model, images[1], 0.5, cap=2), 3, _priced(model, images[3], 20.0)]
+    assert [r.exit for r in results] == expected and expected[1] <= 2
+    with torch.no_grad():
+        for r, im, k in zip(results, images, expected):
+            torch.testing.assert_close(torch.from_numpy(r.logits), model.run_to_exit(im, k)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_replica_refuses_a_checkpoint_with_another_identity(model_file):
     from cloud.app import CloudStages, IdentityMismatch
 
@@ -168,6 +195,20 @@ def test_each_split_point_matches_the_monolithic_model(stub, model_file, contrac
             assert resp.model_identity == contract.identity
             assert resp.class_index == int(ref.argmax()), f"split {split} exit {exit_index}"
             assert resp.top_k[0].score == pytest.approx(float(ref.max()), abs=1e-4)
+
+
+def test_cloud_picks_the_exit_with_the_edges_rule(stub, model_file, contract):
+    model, _, _ = model_file
+    for seed, price, cap in [(1, 0.0, None), (2, 0.05, None), (3, 0.0, 2), (4, 10.0, None)]:
+        image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        expected = _priced(model, image, price, cap)
+        cap = model.num_exits - 1 if cap is None else cap
+        with torch.no_grad():
+            req = build_request(contract, model.edge_part(image, 0), 0, cap, FP32, cloud_exit_price=price)
+            reference = model.run_to_exit(image, expected)[0]
+        resp = stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
+        assert resp.exit_used == expected <= cap
+        assert resp.class_index == int(reference.argmax())
 
 
 def test_concurrent_mixed_requests_are_batched_and_correct(stub, model_file, contract, server):

@@ -1,6 +1,7 @@
 """The wire codec: round-trip bounds, strict and bounded decoding, and split == monolithic over the wire."""
 from __future__ import annotations
 
+import dataclasses
 import struct
 import tracemalloc
 from pathlib import Path
@@ -472,6 +473,37 @@ def test_contract_mismatches_are_failed_precondition(setup, images):
         with pytest.raises(ContractMismatch, match=match) as info:
             codec.parse_request(req, contract)
         assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_cloud_exit_requests(setup, images):
+    model, contract = setup
+    pixels = images[0]
+    image_carry = model.edge_part(codec.pixels_to_tensor(pixels), 0)
+    req = codec.build_request(contract, image_carry, 0, model.num_exits - 1, image=pixels, cloud_exit_price=0.0)
+    parsed = codec.parse_request_bytes(_wire(req), contract)
+    assert parsed.exit_price == 0.0 and parsed.exit == model.num_exits - 1  # price 0 is a price, not "unset"
+    assert codec.parse_request_bytes(_wire(codec.build_request(contract, image_carry, 0, 2, image=pixels)),
+                                     contract).exit_price is None
+    with pytest.raises(ValueError, match="split point 0"):  # features cannot feed the predictor
+        codec.build_request(contract, model.edge_part(codec.pixels_to_tensor(pixels), 4), 4, model.num_exits - 1,
+                            image=pixels, cloud_exit_price=0.03)
+    for price, error in [(-1.0, MalformedMessage), (float("nan"), MalformedMessage), (float("inf"), MalformedMessage)]:
+        bad = pb.InferRequest()
+        bad.CopyFrom(req)
+        bad.cloud_exit.price = price
+        with pytest.raises(error, match="cloud_exit.price") as info:
+            codec.parse_request(bad, contract)
+        assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    moved = pb.InferRequest()
+    moved.CopyFrom(codec.build_request(contract, model.edge_part(codec.pixels_to_tensor(pixels), 4), 4,
+                                       model.num_exits - 1, image=pixels))
+    moved.cloud_exit.price = 0.03
+    with pytest.raises(ContractMismatch, match="split point 0"):
+        codec.parse_request(moved, contract)
+    no_predictor = dataclasses.replace(contract, has_predictor=False)
+    with pytest.raises(ContractMismatch, match="no exit predictor") as info:
+        codec.parse_request(req, no_predictor)
+    assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_wrong_carry_is_invalid_argument(setup, images):

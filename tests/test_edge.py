@@ -334,6 +334,30 @@ def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_pric
     assert TOKEN not in captured.err + captured.out + out.read_text()
 
 
+def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, workdir, token_env):
+    """A device so slow that every exit goes to the cloud as the image: the agent skips its predictor, the
+    cloud runs it with the same rule and price, and the answers equal the offline policy's."""
+    out = workdir / "cloud-exit.jsonl"
+    flags = ["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, "--fixed-network",
+             "--bandwidth-mbps", "1000", "--rtt-ms", "1", "--device-gflops", "0.01", "--calibration-frames", "8",
+             "--deadline-ms", "30000", "--quiet", "--limit", "12", "--price", "0.05"]
+    app = run_agent([*flags, "--output", str(out)])
+    lines = read_lines(out)
+    assert len(lines) == 12 and all(r["where"] == "cloud" and r["exit_picked_by"] == "cloud" for r in lines)
+    assert all(r["split"] == 0 and r["predictor_score"] is None and r["latency_ms"]["predictor"] < 0.5 for r in lines)
+    model = app.model
+    costs = app.decider.planner.relative_costs
+    with torch.no_grad():
+        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size))[:12]]
+        exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, costs)[0]) for x in xs]
+        classes = [int(model.run_to_exit(x, k).argmax(1)[0]) for x, k in zip(xs, exits)]
+    assert [r["exit"] for r in lines] == exits and [r["class"] for r in lines] == classes
+    app = run_agent([*flags, "--no-cloud-exit", "--output", str(workdir / "edge-predictor.jsonl")])
+    lines = read_lines(workdir / "edge-predictor.jsonl")
+    assert all(r["exit_picked_by"] == "edge" and r["predictor_score"] is not None for r in lines)
+    assert [r["exit"] for r in lines] == exits
+
+
 def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, token_env):
     out = workdir / "down.jsonl"
     deadline = 500

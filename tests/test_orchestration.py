@@ -265,7 +265,7 @@ def test_simulated_latency_matches_planner_without_noise(traces, world):
     assert res.offload_share == 0
     assert res.mean_ms == pytest.approx(table.latency[world.rapnet_exits].mean())
     # with a network and a lightly loaded cloud, simulated latency ~ planner expectation (+ real byte spread)
-    lone = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7))
+    lone = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=False))
     c = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05)
     res = lone.run_policy("rapnet_split", c)
     table = lone.planners["rapnet"].option_table(c)
@@ -277,6 +277,33 @@ def test_simulated_latency_matches_planner_without_noise(traces, world):
     assert res9.offload_share == res.offload_share
     assert res9.mean_ms == pytest.approx(res.mean_ms + 9 * res.offload_share)
     assert res9.mean_ms == pytest.approx(lone.planners["rapnet"].option_table(c9).latency[lone.rapnet_exits].mean(), rel=0.02)
+
+
+
+def test_cloud_picks_the_exit_when_every_exit_sends_the_image(traces):
+    edge_pred = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=False))
+    remote = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7))
+    planner = remote.planners["rapnet"]
+    slow = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05)
+    parts = planner.cloud_exit_parts(slow)
+    assert parts is not None and all(p["edge_ms"] == 0 for p in parts)  # the predictor moved to the cloud
+    table = planner.option_table(slow)
+    assert all(p["total_ms"] < lat for p, lat in zip(parts, table.latency))
+    a, b = edge_pred.run_policy("rapnet_split", slow), remote.run_policy("rapnet_split", slow)
+    assert b.detail["cloud_exit"] and not a.detail["cloud_exit"]
+    assert b.accuracy == a.accuracy and b.exit_histogram == a.exit_histogram  # same rule on the same scores
+    assert b.mean_ms < a.mean_ms
+    assert b.mean_ms == pytest.approx(np.mean([parts[k]["total_ms"] for k in remote.rapnet_exits]), rel=0.02)
+    plan = planner.cloud_exit_plan(slow)
+    assert plan.offload and plan.split == 0 and plan.exit_index == len(parts) - 1 and plan.breakdown["cloud_exit"]
+    # a device fast enough to answer some exit itself needs the predictor's verdict first
+    fast = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=50)
+    assert not planner.option_table(fast).offload.all() and planner.cloud_exit_parts(fast) is None
+    assert remote.run_policy("rapnet_split", fast).detail["cloud_exit"] is False
+    # the threshold rule and the objectives that need the scores keep the predictor on the edge
+    assert planner.with_threshold(0.8).cloud_exit_parts(slow) is None
+    assert planner.cloud_exit_parts(Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05,
+                                               latency_budget_ms=500)) is None
 
 
 def test_offload_when_network_is_free_and_device_is_slow(world):

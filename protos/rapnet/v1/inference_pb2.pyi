@@ -102,7 +102,7 @@ class Policy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model_identity", "split_point", "target_exit", "policy", "tensors", "image", "deadline_ms", "client_sent_unix_ns", "edge_compute_ms")
+    __slots__ = ("request_id", "model_identity", "split_point", "target_exit", "policy", "tensors", "image", "deadline_ms", "client_sent_unix_ns", "edge_compute_ms", "cloud_exit")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     SPLIT_POINT_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class InferRequest(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     EDGE_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_EXIT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_identity: str
     split_point: int
@@ -123,7 +124,14 @@ class InferRequest(_message.Message):
     deadline_ms: int
     client_sent_unix_ns: int
     edge_compute_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., model_identity: _Optional[str] = ..., split_point: _Optional[int] = ..., target_exit: _Optional[int] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., image: _Optional[_Union[ImagePayload, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., client_sent_unix_ns: _Optional[int] = ..., edge_compute_ms: _Optional[float] = ...) -> None: ...
+    cloud_exit: CloudExit
+    def __init__(self, request_id: _Optional[str] = ..., model_identity: _Optional[str] = ..., split_point: _Optional[int] = ..., target_exit: _Optional[int] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., image: _Optional[_Union[ImagePayload, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., client_sent_unix_ns: _Optional[int] = ..., edge_compute_ms: _Optional[float] = ..., cloud_exit: _Optional[_Union[CloudExit, _Mapping]] = ...) -> None: ...
+
+class CloudExit(_message.Message):
+    __slots__ = ("price",)
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    price: float
+    def __init__(self, price: _Optional[float] = ...) -> None: ...
 
 class TopK(_message.Message):
     __slots__ = ("class_index", "score")
