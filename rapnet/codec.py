@@ -628,7 +628,8 @@ class EncodeOptions:
     jpeg_quality: int = 90
 
 
-# Measured defaults per split point for models/rapnet-cifar10.pt (identity 81dbf1bd6e4c...), from
+# Measured defaults per split point for models/rapnet-cifar10.pt (identity 81dbf1bd6e4c..., whose backbone the
+# refitted 61212a4a233d... shares bit for bit), from
 # benchmarks/results/codec.json ("recommended"): the smallest request, without shared state such as a zstd
 # dictionary, whose CIFAR-10 test accuracy (2000 images, final exit) is within 0.3 points of fp32 features.
 # docs/wire.md has the table and the caveats (2000 images: +-0.3-0.5 points 95% interval on int4/tensor rows;
