@@ -119,14 +119,15 @@ def _wait_port(port: int, timeout: float) -> bool:
 
 
 def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: int, point: LivePoint,
-                  overhead_ms: float, output: Path, summary: Path, split: str = "test") -> list[str]:
+                  overhead_ms: float, output: Path, summary: Path, split: str = "test", extra: tuple = ()) -> list[str]:
     from .planner import REF_GFLOPS
 
     return [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--split", split, "--limit", str(frames),
             "--rate", str(fps), "--cloud", f"127.0.0.1:{port}", "--token-file", str(token), *rule,
             "--device-gflops", str(point.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
             "--fixed-network", "--bandwidth-mbps", str(point.bandwidth_mbps), "--rtt-ms", str(point.rtt_ms),
-            "--cloud-overhead-ms", str(overhead_ms), "--summary-json", str(summary), "--quiet", "--output", str(output)]
+            "--cloud-overhead-ms", str(overhead_ms), "--summary-json", str(summary), "--quiet", "--output", str(output),
+            *extra]
 
 
 def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, frames: int, tmp: Path,
@@ -139,7 +140,9 @@ def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, 
     shaper = Shaper(("127.0.0.1", port), point.bandwidth_mbps, point.rtt_ms)
     output, summary = tmp / "frames-calibration.jsonl", tmp / "summary-calibration.json"
     try:
-        done = subprocess.run(agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, "train"),
+        # --no-cloud-exit: the predictor on the edge, as at most points (the serving path is the same either way)
+        done = subprocess.run(agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, "train",
+                                            ("--no-cloud-exit",)),
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     finally:
         shaper.close()
