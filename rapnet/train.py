@@ -225,6 +225,17 @@ def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, devic
     model.eval()
 
 
+def dataset_parts(dataset, cfg: TrainConfig):
+    """The recipe's view of the training archive: (dataset, cut to --limit-train images plus the validation
+    split when asked; train, validation and predictor-fit indices). The one place these parts are drawn."""
+    if cfg.limit_train:
+        keep = np.random.default_rng(cfg.seed).permutation(len(dataset))[: cfg.limit_train + cfg.val_size]
+        dataset = dataset.subset(np.sort(keep))
+    train_idx, val_idx = train_val_split(len(dataset), cfg.val_size, seed=cfg.seed)
+    fit_idx, _ = predictor_calibration_split(val_idx, int(len(val_idx) * cfg.predictor_fit_share), seed=cfg.seed)
+    return dataset, train_idx, val_idx, fit_idx
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
@@ -246,12 +257,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     data_path = locate_dataset(args.data, args.dataset)
     dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
-    if args.limit_train:
-        keep = np.random.default_rng(args.seed).permutation(len(dataset))[: args.limit_train + cfg.val_size]
-        dataset = dataset.subset(np.sort(keep))
-    train_idx, val_idx = train_val_split(len(dataset), cfg.val_size, seed=args.seed)
-    n_fit = int(len(val_idx) * cfg.predictor_fit_share)
-    fit_idx, _ = predictor_calibration_split(val_idx, n_fit, seed=args.seed)
+    dataset, train_idx, val_idx, fit_idx = dataset_parts(dataset, cfg)
+    n_fit = len(fit_idx)
     train = _to_split(dataset.images[train_idx], dataset.labels[train_idx], device)
     val = _to_split(dataset.images[val_idx], dataset.labels[val_idx], device)
     fit = _to_split(dataset.images[fit_idx], dataset.labels[fit_idx], device)
@@ -307,12 +314,8 @@ def refit_predictor(args: argparse.Namespace) -> dict:
         raise DatasetError(f"{data_path} is not the archive {path} was trained on (sha256 {digest[:12]}, the checkpoint "
                            f"says {meta['data_sha256'][:12]}): pass --data with the training archive")
     dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
-    if cfg.limit_train:
-        keep = np.random.default_rng(cfg.seed).permutation(len(dataset))[: cfg.limit_train + cfg.val_size]
-        dataset = dataset.subset(np.sort(keep))
-    _, val_idx = train_val_split(len(dataset), cfg.val_size, seed=cfg.seed)
-    n_fit = int(len(val_idx) * cfg.predictor_fit_share)
-    fit_idx, _ = predictor_calibration_split(val_idx, n_fit, seed=cfg.seed)
+    dataset, _, val_idx, fit_idx = dataset_parts(dataset, cfg)
+    n_fit = len(fit_idx)
     torch.manual_seed(cfg.seed)
     model.predictor.load_state_dict(build_model(model.config).predictor.state_dict())  # a fresh start, same init
     log: list = []
