@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--frames", type=int, default=100, help="test frames per point")
     live.add_argument("--points", type=int, default=6, help="how many of the built-in sweep points")
     live.add_argument("--timeout", type=float, default=300, help="seconds per point")
-    live.add_argument("--calibration-frames", type=int, default=60,
+    live.add_argument("--overhead-frames", type=int, default=60,
                       help="training images offloaded first to measure the cloud's fixed per-request overhead")
     live.add_argument("--no-cloud-overhead", dest="cloud_overhead", action="store_false",
                       help="measure the overhead but plan and simulate without it (the model before calibration)")

@@ -181,7 +181,7 @@ def run_live(args) -> dict:
     try:
         if not _wait_port(port, 120):
             raise RuntimeError(f"the cloud did not start on 127.0.0.1:{port}; see {tmp / 'cloud.log'}")
-        calibration = measure_cloud_overhead(port, token, rule, args.fps, args.calibration_frames, tmp, args.timeout)
+        calibration = measure_cloud_overhead(port, token, rule, args.fps, args.overhead_frames, tmp, args.timeout)
         overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
         print(json.dumps({"calibration": calibration, "used_overhead_ms": overhead}), flush=True)
         for p in DEFAULT_POINTS[: args.points]:
