@@ -38,10 +38,11 @@ class Shaper:
 
     def _run(self, ready):
         asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
         ready.set()
         self.loop.run_forever()
+        self.loop.close()
 
     async def _pipe(self, reader, writer, rate):
         queue: asyncio.Queue = asyncio.Queue()
@@ -83,11 +84,25 @@ class Shaper:
         except OSError:
             w_client.close()
             return
-        await asyncio.gather(self._pipe(r_client, w_server, self.rate), self._pipe(r_server, w_client, None),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pipe(r_client, w_server, self.rate), self._pipe(r_server, w_client, None),
+                                 return_exceptions=True)
+        finally:
+            w_server.close()
+            w_client.close()
 
     def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        """Stop accepting, drop every proxied connection (both ends see it closed), stop the thread."""
+        async def shutdown():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self.thread.join(5)
 
 
 @dataclass

@@ -337,6 +337,44 @@ def test_payloads_are_real_serialized_sizes(traces):
         assert t.payload[s, "fp32+zstd"].mean() > t.payload[s, "fp16+zstd"].mean() > t.payload[s, "int8+zstd"].mean()
 
 
+def test_shaper_serialises_the_uplink_and_delays_both_ways():
+    """rapnet-sim live's transport shaping: a 25 KB upload at 2 Mbit/s takes 100 ms on the wire, plus RTT/2
+    each way before the echo comes back (loopback echo server, 127.0.0.1 only)."""
+    import socket
+    import threading
+    import time
+
+    from orchestration.live import Shaper
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo():
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    echoing = threading.Thread(target=echo, daemon=True)
+    echoing.start()
+    shaper = Shaper(server.getsockname(), bandwidth_mbps=2.0, rtt_ms=40.0)
+    try:
+        payload = b"x" * 25_000
+        with socket.create_connection(("127.0.0.1", shaper.port)) as client:
+            started = time.perf_counter()
+            client.sendall(payload)
+            received = b""
+            while len(received) < len(payload):
+                received += client.recv(65536)
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+        assert received == payload
+        assert 100 + 40 - 5 <= elapsed_ms <= 100 + 40 + 150, elapsed_ms
+    finally:
+        shaper.close()
+        server.close()
+        echoing.join(5)
+    assert not shaper.thread.is_alive() and not echoing.is_alive()
+
+
 def test_cli_help(capsys):
     from orchestration.cli import main
 
