@@ -275,7 +275,12 @@ class EdgeAgent:
                     logits = model.run_to_exit(job.x, k)
             else:
                 first = next(i for i, s in enumerate(model.exit_stages) if s >= split)
-                k = self.decider.fallback_exit(job.conditions, job.plan.exit_index, first)
+                target = job.plan.exit_index
+                if job.scores is None and job.plan.breakdown.get("cloud_exit"):
+                    # the cloud was to pick the exit: run the predictor now rather than the whole network
+                    job.scores = model.exit_scores(job.x).numpy()[0]
+                    target = self.decider.local_plan(job.scores, job.conditions).exit_index
+                k = self.decider.fallback_exit(job.conditions, target, first)
                 logits = model.cloud_part(job.carry, split, k)  # runs stages [split, exit k] here, on the edge
         job.lat["fallback"] = (time.perf_counter() - t) * 1e3
         return self._local_result(job.frame, job.frame_id, logits, k, job.plan.exit_index, job.lat, job.t_start,

@@ -378,6 +378,25 @@ def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, to
     assert elapsed < 60
 
 
+def test_cloud_down_when_the_cloud_was_to_pick_the_exit(checkpoint, dataset, workdir, token_env):
+    """Frames sent without the edge's predictor fall back to the exit the predictor picks locally, not to the
+    whole network."""
+    out = workdir / "down-cloud-exit.jsonl"
+    app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", f"127.0.0.1:{free_port()}",
+                     "--fixed-network", "--bandwidth-mbps", "1000", "--rtt-ms", "1", "--device-gflops", "0.01",
+                     "--calibration-frames", "8", "--deadline-ms", "500", "--quiet", "--limit", "10",
+                     "--price", "0.05", "--output", str(out)])
+    lines = read_lines(out)
+    assert len(lines) == 10 and all(r["degraded"] and r["where"] in ("edge", "edge-fallback") for r in lines)
+    assert any(r["where"] == "edge-fallback" for r in lines)  # sent without the predictor, then fell back
+    model = app.model
+    with torch.no_grad():
+        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size))[:10]]
+        exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, app.decider.planner.relative_costs)[0])
+                 for x in xs]
+    assert [r["exit"] for r in lines] == exits
+
+
 def _slow_cloud():
     """A gRPC server on 127.0.0.1 that accepts rapnet.v1.Inference/Infer and never answers in time."""
     from concurrent.futures import ThreadPoolExecutor
