@@ -20,7 +20,7 @@ class Stats:
     def __init__(self, num_exits: int):
         self.num_exits = num_exits
         self.t0 = time.perf_counter()
-        self.n = self.offloaded = self.degraded = self.labelled = self.correct = 0
+        self.n = self.offloaded = self.degraded = self.labelled = self.correct = self.cloud_picked = 0
         self.bytes_sent = 0
         self.total_ms: list[float] = []
         self.parts: dict[str, list[float]] = {k: [] for k in BREAKDOWN}
@@ -32,6 +32,7 @@ class Stats:
     def add(self, r: FrameResult) -> None:
         self.n += 1
         self.offloaded += r.where == "cloud"
+        self.cloud_picked += r.exit_picked_by == "cloud"
         self.degraded += r.degraded
         self.bytes_sent += r.bytes_sent
         self.where[r.where] += 1
@@ -79,6 +80,7 @@ class Stats:
         out = {
             "frames": self.n, "seconds": round(self.elapsed, 3), "fps": round(self.fps, 2),
             "offloaded": self.offloaded, "offload_share": round(self.offload_share, 4),
+            "exit_picked_by_cloud": self.cloud_picked,
             "degraded": self.degraded, "degraded_reasons": dict(self.reasons), "where": dict(self.where),
             "accuracy": None if self.accuracy is None else round(self.accuracy, 4), "labelled": self.labelled,
             "exit_histogram": [self.exits.get(k, 0) for k in range(self.num_exits)],
@@ -99,7 +101,9 @@ def summary_table(summary: dict) -> str:
         ("frames answered", f"{s['frames']}" + (f"  (captured {s['captured']}, dropped {s['dropped']})" if "captured" in s else "")),
         ("throughput", f"{s['fps']:.1f} frames/s over {s['seconds']:.1f} s"),
         ("answered on the edge", f"{s['where'].get('edge', 0)}"),
-        ("offloaded (cloud answered)", f"{s['offloaded']}  ({100 * s['offload_share']:.1f}%)"),
+        ("offloaded (cloud answered)", f"{s['offloaded']}  ({100 * s['offload_share']:.1f}%)"
+                                       + (f", {s['exit_picked_by_cloud']} with the exit picked there"
+                                          if s.get("exit_picked_by_cloud") else "")),
         ("degraded", f"{s['degraded']}" + (f"  {s['degraded_reasons']}" if s['degraded_reasons'] else "")),
         ("accuracy", "n/a (unlabelled source)" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%  ({s['labelled']} labelled)"),
         ("exit histogram", " ".join(str(v) for v in s["exit_histogram"])),

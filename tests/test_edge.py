@@ -352,6 +352,7 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
         exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, costs)[0]) for x in xs]
         classes = [int(model.run_to_exit(x, k).argmax(1)[0]) for x, k in zip(xs, exits)]
     assert [r["exit"] for r in lines] == exits and [r["class"] for r in lines] == classes
+    assert app.summary["exit_picked_by_cloud"] == 12
     app = run_agent([*flags, "--no-cloud-exit", "--output", str(workdir / "edge-predictor.jsonl")])
     lines = read_lines(workdir / "edge-predictor.jsonl")
     assert all(r["exit_picked_by"] == "edge" and r["predictor_score"] is not None for r in lines)
