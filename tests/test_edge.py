@@ -458,7 +458,7 @@ def test_cloud_killed_in_the_middle(cloud, checkpoint, dataset, mixed_threshold,
     deadline = 2000  # long enough that healthy calls on a loaded machine finish; a dead front fails fast
     try:
         run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", front.address, *POLICY,
-                         "--threshold", str(mixed_threshold), "--deadline-ms", str(deadline), "--rate", "40",
+                         "--threshold", str(mixed_threshold), "--deadline-ms", str(deadline), "--rate", "20",
                          "--output", str(out)], stopper=kill)
     finally:
         front.stop()
