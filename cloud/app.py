@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
-from .batching import Sample, SampleResult, run_batch
+from .batching import Sample, SampleResult, priced_rule_costs, run_batch
 from .config import CloudConfig
 
 
@@ -45,12 +45,7 @@ class CloudStages:
         self.device = torch.device("cuda") if torch.cuda.is_available() else None
         self.model = model.to(self.device) if self.device is not None else model
         self.identity = metadata["identity"]
-        self.relative_costs = None  # the priced rule's costs, for requests that leave the exit to the cloud
-        if model.predictor is not None:
-            from rapnet.costs import measure_costs
-            from rapnet.evaluate import relative_exit_costs
-
-            self.relative_costs = relative_exit_costs(measure_costs(model))
+        self.relative_costs = priced_rule_costs(model)  # for requests that leave the exit to the cloud
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_s)
         # Compute off the replica's event loop, so the next batch gathers while this one runs.

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rapnet.costs import measure_costs
+from rapnet.evaluate import priced_exits, relative_exit_costs
 from rapnet.network import MultiExitNetwork
 
 
@@ -43,13 +45,17 @@ class SampleResult:
     exit: int = -1  # the exit it answered at
 
 
+def priced_rule_costs(model: MultiExitNetwork) -> np.ndarray | None:
+    """The priced rule's per-exit relative costs (the edge's own, rapnet.evaluate.relative_exit_costs); None for a
+    model without a predictor, which cannot pick exits."""
+    return relative_exit_costs(measure_costs(model)) if model.predictor is not None else None
+
+
 def pick_exits(model: MultiExitNetwork, samples: list[Sample], relative_costs: np.ndarray,
                device: torch.device | None = None) -> float:
     """For samples that leave the exit to the cloud: the predictor on their images and RAPNet's priced rule
     (rapnet.evaluate.priced_exits, the edge's own rule), capped at each sample's `exit`. Sets `sample.exit`;
     returns the milliseconds it took."""
-    from rapnet.evaluate import priced_exits
-
     t0 = time.perf_counter()
     images = torch.from_numpy(np.concatenate([s.carry["image"] for s in samples]))
     scores = model.exit_scores(images if device is None else images.to(device)).float().cpu().numpy()
@@ -69,10 +75,7 @@ def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.devi
     picking_ms = 0.0
     if choosers:
         if relative_costs is None:
-            from rapnet.costs import measure_costs
-            from rapnet.evaluate import relative_exit_costs
-
-            relative_costs = relative_exit_costs(measure_costs(model))
+            relative_costs = priced_rule_costs(model)
         picking_ms = pick_exits(model, choosers, relative_costs, device)
     groups: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):

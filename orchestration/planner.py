@@ -197,6 +197,7 @@ class Planner:
                         cloud_l += heads(s, end, k - 1, hl)
                     self._options[k].append((s, enc, edge_f, edge_l, cloud_f, cloud_l, float(payload_bytes[s, enc])))
         self._cache: dict[Conditions, OptionTable] = {}
+        self._cloud_exit_cache: dict[Conditions, list[dict] | None] = {}  # per Conditions, like the option tables
         self._max_cached = max_cached
 
     # --- timing model -----------------------------------------------------------------------------------
@@ -262,17 +263,24 @@ class Planner:
         pred_f, pred_l = self._predictor_cost
         if self.price is None or pred_f == 0 or c.accuracy_target is not None or c.latency_budget_ms is not None:
             return None
+        if c in self._cloud_exit_cache:
+            return self._cloud_exit_cache[c]
         table = self.option_table(c)
-        if not (table.offload.all() and (table.split == 0).all()) or len(set(table.encoding)) != 1:
-            return None
-        parts = []
-        for k in range(self.costs.num_exits):
-            s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(
-                o for o in self._options[k] if o[0] == 0 and o[1] == table.encoding[k])
-            p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f, cloud_l + pred_l, nbytes), c)
-            if p["total_ms"] > table.latency[k]:
-                return None
-            parts.append({**p, "encoding": enc, "cloud_exit": True})
+        parts: list[dict] | None = None
+        if table.offload.all() and (table.split == 0).all() and len(set(table.encoding)) == 1:
+            parts = []
+            for k in range(self.costs.num_exits):
+                s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(
+                    o for o in self._options[k] if o[0] == 0 and o[1] == table.encoding[k])
+                p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f, cloud_l + pred_l,
+                                        nbytes), c)
+                if p["total_ms"] > table.latency[k]:
+                    parts = None
+                    break
+                parts.append({**p, "encoding": enc, "cloud_exit": True})
+        if len(self._cloud_exit_cache) >= self._max_cached:
+            self._cloud_exit_cache.clear()
+        self._cloud_exit_cache[c] = parts
         return parts
 
     def cloud_exit_plan(self, c: Conditions) -> Plan | None:
