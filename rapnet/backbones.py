@@ -43,7 +43,7 @@ _MOBILENETV2 = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 
 _RESNET18 = ((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2))
 
 
-def mobilenetv2_layout(width: float) -> Layout:
+def mobilenetv2_layout(width: float, fusion_stride: int = 2) -> Layout:
     ch = lambda c: make_divisible(c * width)  # noqa: E731
     stem = ch(32)
     blocks, in_ch = [], stem
@@ -51,13 +51,16 @@ def mobilenetv2_layout(width: float) -> Layout:
         for i in range(repeats):
             blocks.append(BlockSpec(in_ch, ch(channels), stride if i == 0 else 1, expand))
             in_ch = ch(channels)
-    # Low-res path: through the 64-channel stage (total stride 4). Thin high-res stem: stride 2 conv, then two
-    # blocks to the same stride-4 grid, narrow because the fused low-res features carry the semantics.
-    hr_stem = (BlockSpec(ch(16), ch(24), 1, 6), BlockSpec(ch(24), ch(32), 2, 6))
-    return Layout(stem, tuple(blocks), make_divisible(1280 * max(1.0, width)), 10, 2, hr_stem)
+    head = make_divisible(1280 * max(1.0, width))
+    # Thin high-res stem (a stride-2 conv, then narrow blocks, because the fused low-res features carry the
+    # semantics) ending on the grid where the low-res path stops.
+    if fusion_stride == 2:  # low-res path through the 32-channel stage: fuse on the 16x16 grid (CIFAR)
+        return Layout(stem, tuple(blocks), head, 6, 2, (BlockSpec(ch(16), ch(24), 1, 6), BlockSpec(ch(24), ch(32), 1, 6)))
+    # fusion_stride 4 (the first release): low-res path through the 64-channel stage, fuse on the 8x8 grid
+    return Layout(stem, tuple(blocks), head, 10, 2, (BlockSpec(ch(16), ch(24), 1, 6), BlockSpec(ch(24), ch(32), 2, 6)))
 
 
-def resnet_layout(width: float) -> Layout:
+def resnet_layout(width: float, fusion_stride: int = 2) -> Layout:
     ch = lambda c: make_divisible(c * width)  # noqa: E731
     stem = ch(64)
     blocks, in_ch = [], stem
@@ -65,12 +68,13 @@ def resnet_layout(width: float) -> Layout:
         for i in range(repeats):
             blocks.append(BlockSpec(in_ch, ch(channels), stride if i == 0 else 1))
             in_ch = ch(channels)
-    hr_stem = (BlockSpec(ch(32), ch(64), 2),)
-    return Layout(stem, tuple(blocks), 0, 6, 2, hr_stem)
+    if fusion_stride == 2:  # low-res path through layer 2
+        return Layout(stem, tuple(blocks), 0, 4, 2, (BlockSpec(ch(32), ch(64), 1),))
+    return Layout(stem, tuple(blocks), 0, 6, 2, (BlockSpec(ch(32), ch(64), 2),))  # through layer 3
 
 
-def layout_for(arch: str, width: float) -> Layout:
-    layout = {"mobilenetv2": mobilenetv2_layout, "resnet": resnet_layout}[arch](width)
+def layout_for(arch: str, width: float, fusion_stride: int = 2) -> Layout:
+    layout = {"mobilenetv2": mobilenetv2_layout, "resnet": resnet_layout}[arch](width, fusion_stride)
     hr_stride = layout.hr_stem_stride
     for spec in layout.hr_stem:
         hr_stride *= spec.stride

@@ -33,7 +33,7 @@ class _FusionUnit(nn.Module):
 
 
 def build_model(config: ModelConfig) -> MultiExitNetwork:
-    layout = layout_for(config.arch, config.width)
+    layout = layout_for(config.arch, config.width, config.fusion_stride)
     units = _rapnet_units(config, layout) if config.kind == "rapnet" else _full_res_units(layout)
     _measure_units(units, config)
     fractions = config.rapnet_exit_fractions if config.kind == "rapnet" else config.sdn_exit_fractions

@@ -27,7 +27,7 @@ class CheckpointError(Exception):
 
 def model_identity(model: MultiExitNetwork) -> str:
     """sha256 over the architecture config and all weights and buffers (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(model.config.identity_dict(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())

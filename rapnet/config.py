@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 ARCHES = ("mobilenetv2", "resnet")
 KINDS = ("rapnet", "sdn", "static")
+FUSION_STRIDES = (2, 4)
+# Fields added after the first release, with the value a checkpoint written before them implies. They are left
+# out of the identity hash while they hold that value, so earlier checkpoints keep their identity.
+LEGACY_VALUES = {"fusion_stride": 4}
 
 
 @dataclass(frozen=True)
@@ -19,9 +23,13 @@ class ModelConfig:
     num_classes: int = 10
     image_size: int = 32
     lowres_factor: int = 2  # RAPNet's early stages see the image downsampled by this factor
+    # Where RAPNet's two paths meet, as the full-resolution backbone's total stride there: 2 fuses on the 16x16
+    # grid of a CIFAR image (the low-res path runs through the 32-channel stage), 4 on the 8x8 grid (through the
+    # 64-channel stage, the first release: 1.9 points under the static network at its last exit).
+    fusion_stride: int = 2
     # Exit placement (ours): cut points nearest these fractions of the full network's measured FLOPs.
     # RAPNet additionally always exits at the end of the low-resolution path and at the end of the network.
-    rapnet_exit_fractions: tuple[float, ...] = (0.05, 0.1, 0.45, 0.7)
+    rapnet_exit_fractions: tuple[float, ...] = (0.05, 0.1, 0.3, 0.5, 0.75)
     # SDN's own rule: ICs at fixed fractions of the backbone's cost (Kaya et al., 2019).
     sdn_exit_fractions: tuple[float, ...] = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
     ic_channels: int = 128  # width of the internal-classifier heads
@@ -37,11 +45,17 @@ class ModelConfig:
                 f"image_size {self.image_size} must be a multiple of {8 * self.lowres_factor} "
                 f"(8 x lowres_factor) so that low- and high-resolution feature maps line up"
             )
+        if self.fusion_stride not in FUSION_STRIDES:
+            raise ValueError(f"fusion_stride {self.fusion_stride} is not one of {FUSION_STRIDES}")
         if not 0.1 <= self.width <= 4.0:
             raise ValueError(f"width multiplier {self.width} is outside 0.1..4.0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity_dict(self) -> dict:
+        """What the model identity hashes: to_dict() less added fields that hold their legacy value."""
+        return {k: v for k, v in self.to_dict().items() if k not in LEGACY_VALUES or LEGACY_VALUES[k] != v}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -49,7 +63,7 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config fields {sorted(unknown)}: checkpoint from a newer version?")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        values = {**LEGACY_VALUES, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}}
         return cls(**values)
 
     def replace(self, **changes) -> "ModelConfig":

@@ -194,6 +194,25 @@ def test_split_carry_sizes_match_cost_table(models, costs, arch, width, kind):
             assert table.split_fp32_bytes[s] == sum(len(t.numpy().tobytes()) for t in carry.values())
 
 
+@pytest.mark.parametrize("arch,width", ARCH_WIDTHS, ids=[a for a, _ in ARCH_WIDTHS])
+def test_first_release_fusion_point_still_builds_and_splits(arch, width):
+    """fusion_stride 4 (the shipped first-release checkpoints) passes the same structure and split checks."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, kind="rapnet", width=width, fusion_stride=4))
+    _randomize_bn(model, 1)
+    models = {(arch, "rapnet"): model.eval()}
+    test_structure_and_forward_matches_run_to_exit(models, arch, width, "rapnet")
+    test_split_execution_equals_monolithic(models, arch, width, "rapnet")
+    later = build_model(ModelConfig(arch=arch, kind="rapnet", width=width))
+    # the later fusion point runs fewer blocks at low resolution: the first fused stage sits on a finer grid
+    assert later.config.fusion_stride == 2
+    fused = lambda m: next(s for s in m.stages if s.reads[0] == "image" and len(s.reads) == 2)  # noqa: E731
+    x = _image(1)
+    with torch.inference_mode():
+        grid = {m.config.fusion_stride: fused(m).stem(x).shape[-1] for m in (model.eval(), later.eval())}
+    assert grid == {4: 8, 2: 16}
+
+
 # --- 2. real early exit ----------------------------------------------------------------------------------------
 
 
@@ -511,7 +530,7 @@ def test_truncated_checkpoint_refused(tmp_path, ckpt_model):
         load_model(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("change", [{"width": 0.5}, {"arch": "resnet", "width": 0.25}, {"kind": "sdn"}])
+@pytest.mark.parametrize("change", [{"width": 0.5}, {"arch": "resnet", "width": 0.25}, {"kind": "sdn"}, {"fusion_stride": 4}])
 def test_checkpoint_from_other_architecture_refused(tmp_path, ckpt_model, change):
     path = tmp_path / "m.pt"
     save_checkpoint(path, ckpt_model)
@@ -521,6 +540,25 @@ def test_checkpoint_from_other_architecture_refused(tmp_path, ckpt_model, change
     torch.save(payload, forged)
     with pytest.raises(CheckpointError):
         load_model(forged)
+
+
+def test_checkpoint_from_before_fusion_stride_keeps_its_identity(tmp_path):
+    """Checkpoints written before ModelConfig.fusion_stride existed (no such key) load as fusion stride 4, and the
+    identity hash leaves the field out at that value, so their identity (edge and cloud compare it) is unchanged."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.35, fusion_stride=4)).eval()
+    path = tmp_path / "m.pt"
+    identity = save_checkpoint(path, model)
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"].pop("fusion_stride") == 4
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    loaded, meta = load_model(old)
+    assert loaded.config.fusion_stride == 4 and meta["identity"] == identity
+    assert "fusion_stride" not in model.config.identity_dict()
+    assert ModelConfig(width=0.35).identity_dict()["fusion_stride"] == 2
+    with pytest.raises(ValueError, match="fusion_stride 3"):
+        ModelConfig(fusion_stride=3)
 
 
 def test_edited_weights_refused(tmp_path, ckpt_model):
