@@ -43,7 +43,7 @@ _MOBILENETV2 = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 
 _RESNET18 = ((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2))
 
 
-def mobilenetv2_layout(width: float, fusion_stride: int = 2) -> Layout:
+def mobilenetv2_layout(width: float, fusion_stride: int) -> Layout:
     ch = lambda c: make_divisible(c * width)  # noqa: E731
     stem = ch(32)
     blocks, in_ch = [], stem
@@ -60,7 +60,7 @@ def mobilenetv2_layout(width: float, fusion_stride: int = 2) -> Layout:
     return Layout(stem, tuple(blocks), head, 10, 2, (BlockSpec(ch(16), ch(24), 1, 6), BlockSpec(ch(24), ch(32), 2, 6)))
 
 
-def resnet_layout(width: float, fusion_stride: int = 2) -> Layout:
+def resnet_layout(width: float, fusion_stride: int) -> Layout:
     ch = lambda c: make_divisible(c * width)  # noqa: E731
     stem = ch(64)
     blocks, in_ch = [], stem
@@ -73,7 +73,7 @@ def resnet_layout(width: float, fusion_stride: int = 2) -> Layout:
     return Layout(stem, tuple(blocks), 0, 6, 2, (BlockSpec(ch(32), ch(64), 2),))  # through layer 3
 
 
-def layout_for(arch: str, width: float, fusion_stride: int = 2) -> Layout:
+def layout_for(arch: str, width: float, fusion_stride: int) -> Layout:
     layout = {"mobilenetv2": mobilenetv2_layout, "resnet": resnet_layout}[arch](width, fusion_stride)
     hr_stride = layout.hr_stem_stride
     for spec in layout.hr_stem:
