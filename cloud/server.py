@@ -212,11 +212,7 @@ class CloudServer:
             self._owns_ray = False
 
     def _run_loop(self, contract) -> None:
-        if os.environ.get("RAPNET_FRONT_UVLOOP") == "1":  # EXPERIMENT
-            import uvloop
-            self._loop = uvloop.new_event_loop()
-        else:
-            self._loop = asyncio.new_event_loop()
+        self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main(contract))
