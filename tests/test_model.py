@@ -204,7 +204,7 @@ def test_first_release_fusion_point_still_builds_and_splits(arch, width):
     test_structure_and_forward_matches_run_to_exit(models, arch, width, "rapnet")
     test_split_execution_equals_monolithic(models, arch, width, "rapnet")
     later = build_model(ModelConfig(arch=arch, kind="rapnet", width=width))
-    # the later fusion point runs fewer blocks at low resolution: the first fused stage sits on a finer grid
+    # fusion_stride 2 ends the low-res path two stages earlier: the paths meet on a finer grid
     assert later.config.fusion_stride == 2
     fused = lambda m: next(s for s in m.stages if s.reads[0] == "image" and len(s.reads) == 2)  # noqa: E731
     x = _image(1)
