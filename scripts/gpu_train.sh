@@ -5,7 +5,7 @@
 # copied into the git-ignored .data/ folder first:
 #     cp ../shared/datasets/cifar10/cifar10-jpeg.tar.gz .data/        # path: see ../shared/datasets/README
 #     device run (carry: [".data"], timeout_s 560):  bash scripts/gpu_train.sh
-# The checkpoints, logs and evaluation come back under $OUT/gpu-w1. About 8 minutes of H100 time for RAPNet
+# The checkpoints and logs come back under $OUT/gpu-w1 (evaluate them here with rapnet-eval). About 8 minutes of H100 time for RAPNet
 # alone (MODELS=rapnet: SDN and static do not depend on fusion_stride, so the shipped ones stay comparable),
 # about the same for all three with --jobs 3 (one process per model).
 set -euo pipefail
