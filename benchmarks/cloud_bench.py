@@ -212,6 +212,8 @@ def main() -> None:
                         help="clients call Infer once per request, or keep one InferStream each")
     parser.add_argument("--pipeline-per-replica", type=int, default=None,
                         help="handle calls the front keeps outstanding per replica (default: CloudConfig's)")
+    parser.add_argument("--chunk-hold-ms", type=float, default=None,
+                        help="front: how long a partial chunk waits for company while the replica is busy (default: config's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -251,8 +253,9 @@ def main() -> None:
     config = CloudConfig().with_overrides(
         batch={"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         replica={"torch_threads": args.torch_threads, "num_cpus": 1},
-        front={"port": 0, "max_in_flight": 1024, **({"pipeline_per_replica": args.pipeline_per_replica}
-                                                     if args.pipeline_per_replica else {})},
+        front={"port": 0, "max_in_flight": 1024,
+               **({"pipeline_per_replica": args.pipeline_per_replica} if args.pipeline_per_replica else {}),
+               **({"chunk_hold_ms": args.chunk_hold_ms} if args.chunk_hold_ms is not None else {})},
         metrics={"port": None}, ray={"temp_dir": temp},
     )
     info = machine_info(args.torch_threads)
@@ -295,7 +298,8 @@ def main() -> None:
         "split": args.split, "exit": exit_index, "encoding": args.encoding,
         "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
                      "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False, "rpc": args.rpc,
-                     "pipeline_per_replica": config.front.pipeline_per_replica},
+                     "pipeline_per_replica": config.front.pipeline_per_replica,
+                     "chunk_hold_ms": config.front.chunk_hold_ms},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
         "loadavg_end": os.getloadavg()[0],
     }

@@ -103,6 +103,7 @@ class FrontSettings:
     retries: int = 1  # retries of a request whose replica died under it
     honour_request_deadline_ms: bool = True  # also honour InferRequest.deadline_ms (same-clock assumption)
     pipeline_per_replica: int = 2  # chunks the front keeps outstanding per running replica (see front.py)
+    chunk_hold_ms: float = 0.0  # while a replica is busy, a partial chunk waits this long for company (front.py)
     stream_window: int = 64  # outstanding messages per InferStream before the server stops reading
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
 
@@ -113,6 +114,8 @@ class FrontSettings:
             raise ValueError("front.max_message_bytes must be at least 1024")
         if self.max_in_flight < 1 or self.retries < 0 or self.stream_window < 1 or self.pipeline_per_replica < 1:
             raise ValueError("front: max_in_flight, stream_window and pipeline_per_replica must be >= 1, retries >= 0")
+        if not 0 <= self.chunk_hold_ms <= 1000:
+            raise ValueError(f"front.chunk_hold_ms {self.chunk_hold_ms} is outside 0..1000")
 
     @property
     def is_loopback(self) -> bool:

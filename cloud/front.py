@@ -214,29 +214,45 @@ class Coalescer:
     free leaves at once (no added latency when idle); under load samples wait for a slot and leave together,
     up to `max_chunk` per call. Replicas then merge chunks with @serve.batch. A chunk whose replica died is
     re-sent `retries` times (only its samples that are still waiting), then its samples get UNAVAILABLE.
+
+    With `chunk_hold_ms` > 0, a partial chunk whose replica still has a chunk to work on waits up to that long for
+    more samples before it leaves: fewer, fuller calls, as each call costs milliseconds of CPU on both sides.
     """
 
     def __init__(self, handle, settings: FrontSettings, metrics: FrontMetrics, max_chunk: int):
         self.handle, self.settings, self.metrics, self.max_chunk = handle, settings, metrics, max_chunk
         self.replicas = 1  # running replicas; the server's health watcher keeps it current
-        self.pending: list[tuple[Sample, asyncio.Future]] = []
+        self.pending: list[tuple[Sample, float, asyncio.Future]] = []  # (sample, arrival, caller's future)
         self.outstanding = 0
+        self.hold_timer: asyncio.TimerHandle | None = None
         self.log = get_logger("rapnet.cloud.front")
 
     def submit(self, sample: Sample) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((sample, future))
+        self.pending.append((sample, time.monotonic(), future))
         self._flush()
         return future
 
     def _flush(self) -> None:
         limit = self.settings.pipeline_per_replica * max(1, self.replicas)
+        hold_s = self.settings.chunk_hold_ms / 1e3
         while self.pending and self.outstanding < limit:
-            chunk = [(s, f) for s, f in self.pending[: self.max_chunk] if not f.done()]
+            every_replica_busy = self.outstanding >= max(1, self.replicas)
+            if hold_s and every_replica_busy and len(self.pending) < self.max_chunk:
+                wait = self.pending[0][1] + hold_s - time.monotonic()
+                if wait > 0:
+                    if self.hold_timer is None:
+                        self.hold_timer = asyncio.get_running_loop().call_later(wait, self._hold_expired)
+                    return
+            chunk = [(s, f) for s, _, f in self.pending[: self.max_chunk] if not f.done()]
             del self.pending[: self.max_chunk]
             if chunk:
                 self.outstanding += 1
                 asyncio.get_running_loop().create_task(self._send(chunk))
+
+    def _hold_expired(self) -> None:
+        self.hold_timer = None
+        self._flush()
 
     async def _send(self, chunk: list[tuple[Sample, asyncio.Future]]) -> None:
         try:

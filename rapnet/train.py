@@ -43,6 +43,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     distill_weight: float = 0.5  # share of the early exits' loss that comes from the last exit's soft labels
     distill_temperature: float = 3.0
+    # Share of the early exits' gradient that reaches the shared trunk (their heads always learn at full rate).
+    # 1.0 is plain joint training; lower keeps the early exits from pulling the trunk away from the last exit.
+    early_exit_trunk_grad: float = 1.0
     predictor_epochs: int = 60
     predictor_lr: float = 0.01
     val_size: int = 5000  # held out from the training set; thresholds and the predictor live on it
@@ -70,6 +73,15 @@ def multi_exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: Trai
             kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft_target, reduction="batchmean") * t * t
             loss = loss + w * ((1 - cfg.distill_weight) * ce + cfg.distill_weight * kd)
     return loss
+
+
+def _scale_trunk_gradient(model: MultiExitNetwork, share: float) -> list:
+    """Hooks that hand each early exit head its features unchanged in the forward pass but pass only `share`
+    of its gradient back into the trunk; remove them with `handle.remove()`."""
+    def hook(_module, args):
+        features = args[0]
+        return (features * share + features.detach() * (1.0 - share),)
+    return [head.register_forward_pre_hook(hook) for head in list(model.exits)[:-1]] if share != 1.0 else []
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -142,6 +154,7 @@ def train_network(
         start_epoch = int(state["epoch"])
         log.extend(json.loads(state["log"]))
         print(f"resuming {state_path.name} at epoch {start_epoch}/{cfg.epochs}")
+    hooks = _scale_trunk_gradient(model, cfg.early_exit_trunk_grad)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -182,6 +195,8 @@ def train_network(
             state_path.with_suffix(".tmp"),
         )
         os.replace(state_path.with_suffix(".tmp"), state_path)
+    for handle in hooks:
+        handle.remove()
 
 
 def correctness_matrix(model: MultiExitNetwork, split: Split, device: torch.device) -> torch.Tensor:
@@ -254,6 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, predictor_epochs=args.predictor_epochs,
         val_size=args.val_size, seed=args.seed, limit_train=args.limit_train,
+        early_exit_trunk_grad=args.early_exit_trunk_grad,
     )
     data_path = locate_dataset(args.data, args.dataset)
     dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
@@ -354,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR at batch 128 (scaled with batch size)")
+    p.add_argument("--early-exit-trunk-grad", type=float, default=TrainConfig.early_exit_trunk_grad,
+                   help="share of the early exits' gradient that reaches the shared trunk (1.0: plain joint training)")
     p.add_argument("--predictor-epochs", type=int, default=TrainConfig.predictor_epochs)
     p.add_argument("--val-size", type=int, default=TrainConfig.val_size)
     p.add_argument("--limit-train", type=int, default=0, help="smoke runs: train on this many images only")

@@ -1,6 +1,7 @@
 """Cloud tier over real Ray Serve and real gRPC on 127.0.0.1 (one Ray instance for the whole module)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -160,6 +161,50 @@ def test_run_batch_picks_exits_for_samples_that_ask(model_file):
     with torch.no_grad():
         for r, im, k in zip(results, images, expected):
             torch.testing.assert_close(torch.from_numpy(r.logits), model.run_to_exit(im, k)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_coalescer_holds_partial_chunks_only_while_the_replica_is_busy():
+    """The front's chunking policy, against a handle whose calls finish when the test says (the real Ray path is
+    covered by every served test below)."""
+    from types import SimpleNamespace
+
+    from cloud.config import FrontSettings
+    from cloud.front import Coalescer
+    from cloud.metrics import FrontMetrics
+
+    async def scenario():
+        calls = []
+
+        class ManualHandle:
+            def remote(self, samples):
+                call = asyncio.get_running_loop().create_future()
+                calls.append((list(samples), call))
+                return call
+
+        coalescer = Coalescer(ManualHandle(), FrontSettings(pipeline_per_replica=2, chunk_hold_ms=100),
+                              FrontMetrics(), max_chunk=4)
+        submit = lambda n: [coalescer.submit(SimpleNamespace(name=i)) for i in range(n)]  # noqa: E731
+        first = submit(1)
+        await asyncio.sleep(0)
+        assert [len(c) for c, _ in calls] == [1]  # an idle replica gets the sample at once
+        submit(2)
+        await asyncio.sleep(0.02)
+        assert len(calls) == 1  # the replica is busy: two samples wait for company
+        submit(2)
+        await asyncio.sleep(0)
+        assert [len(c) for c, _ in calls] == [1, 4]  # a full chunk leaves without waiting
+        held = submit(1)
+        calls[0][1].set_result(["answer"])
+        assert await first[0] == "answer"
+        await asyncio.sleep(0.02)
+        assert len(calls) == 2  # a call slot is free, but a replica is still busy: hold
+        await asyncio.sleep(0.15)
+        assert [len(c) for c, _ in calls] == [1, 4, 1]  # ... for chunk_hold_ms at most
+        calls[2][1].set_result(["late"])
+        assert await held[0] == "late"
+        calls[1][1].set_result(list("abcd"))
+
+    asyncio.run(scenario())
 
 
 def test_replica_refuses_a_checkpoint_with_another_identity(model_file):

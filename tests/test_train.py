@@ -110,3 +110,30 @@ def test_legacy_predictor_split_is_refused() -> None:
     with pytest.raises(CheckpointError, match="--predictor-only"):
         evaluate.calibration_indices(300, legacy, has_predictor=True)
     assert len(evaluate.calibration_indices(300, legacy, has_predictor=False)) == 18  # SDN / static: any part is unseen
+
+
+def test_early_exit_trunk_gradient_is_scaled_and_the_forward_pass_is_not() -> None:
+    from rapnet.build import build_model
+    from rapnet.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.25)).eval()
+    image = torch.randn(2, 3, 32, 32)
+
+    def early_exit_gradients(share: float):
+        model.zero_grad()
+        hooks = train._scale_trunk_gradient(model, share)
+        outputs = model(image)
+        sum(o.sum() for o in outputs[:-1]).backward()  # only the early exits' losses
+        for handle in hooks:
+            handle.remove()
+        trunk = next(model.stages[0].parameters()).grad.norm().item()
+        head = next(model.exits[0].parameters()).grad.norm().item()
+        return [o.detach() for o in outputs], trunk, head
+
+    plain, trunk_plain, head_plain = early_exit_gradients(1.0)
+    scaled, trunk_scaled, head_scaled = early_exit_gradients(0.25)
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    assert trunk_scaled == pytest.approx(0.25 * trunk_plain, rel=1e-4)
+    assert head_scaled == pytest.approx(head_plain, rel=1e-6)
+    assert not model.exits[0]._forward_pre_hooks  # training leaves no hooks behind
