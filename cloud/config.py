@@ -103,7 +103,7 @@ class FrontSettings:
     retries: int = 1  # retries of a request whose replica died under it
     honour_request_deadline_ms: bool = True  # also honour InferRequest.deadline_ms (same-clock assumption)
     pipeline_per_replica: int = 2  # chunks the front keeps outstanding per running replica (see front.py)
-    chunk_hold_ms: float = 0.0  # while a replica is busy, a partial chunk waits this long for company (front.py)
+    chunk_hold_ms: float = 50.0  # cap on how long a partial chunk waits for company while replicas are busy (front.py)
     stream_window: int = 64  # outstanding messages per InferStream before the server stops reading
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
 

@@ -215,8 +215,9 @@ class Coalescer:
     up to `max_chunk` per call. Replicas then merge chunks with @serve.batch. A chunk whose replica died is
     re-sent `retries` times (only its samples that are still waiting), then its samples get UNAVAILABLE.
 
-    With `chunk_hold_ms` > 0, a partial chunk whose replica still has a chunk to work on waits up to that long for
-    more samples before it leaves: fewer, fuller calls, as each call costs milliseconds of CPU on both sides.
+    While every replica has a chunk to work on, a partial chunk waits for company: up to the replicas' recent
+    compute time per batch (by then a replica is free to take it, so the wait costs little latency), never longer
+    than `chunk_hold_ms` (0: never wait). Fewer, fuller calls: each costs milliseconds of CPU on both sides.
     """
 
     def __init__(self, handle, settings: FrontSettings, metrics: FrontMetrics, max_chunk: int):
@@ -225,6 +226,7 @@ class Coalescer:
         self.pending: list[tuple[Sample, float, asyncio.Future]] = []  # (sample, arrival, caller's future)
         self.outstanding = 0
         self.hold_timer: asyncio.TimerHandle | None = None
+        self.batch_compute_s = 0.0  # moving average of the replicas' compute time per batch
         self.log = get_logger("rapnet.cloud.front")
 
     def submit(self, sample: Sample) -> asyncio.Future:
@@ -235,7 +237,7 @@ class Coalescer:
 
     def _flush(self) -> None:
         limit = self.settings.pipeline_per_replica * max(1, self.replicas)
-        hold_s = self.settings.chunk_hold_ms / 1e3
+        hold_s = min(self.settings.chunk_hold_ms / 1e3, self.batch_compute_s)
         while self.pending and self.outstanding < limit:
             every_replica_busy = self.outstanding >= max(1, self.replicas)
             if hold_s and every_replica_busy and len(self.pending) < self.max_chunk:
@@ -283,6 +285,10 @@ class Coalescer:
                     self.metrics.retries.inc(len(chunk))
                     self.log.warning("retry", extra=fields(reason="replica lost", error=err.__class__.__name__,
                                                            samples=len(chunk)))
+            for result in results:
+                if result.first_in_batch:
+                    observed = result.compute_ms / 1e3
+                    self.batch_compute_s += (0.2 if self.batch_compute_s else 1.0) * (observed - self.batch_compute_s)
             for (_, future), result in zip(chunk, results):
                 if not future.done():
                     future.set_result(result)

@@ -172,6 +172,9 @@ def test_coalescer_holds_partial_chunks_only_while_the_replica_is_busy():
     from cloud.front import Coalescer
     from cloud.metrics import FrontMetrics
 
+    def answers(n, compute_ms=100.0):
+        return [SimpleNamespace(first_in_batch=i == 0, compute_ms=compute_ms) for i in range(n)]
+
     async def scenario():
         calls = []
 
@@ -181,28 +184,33 @@ def test_coalescer_holds_partial_chunks_only_while_the_replica_is_busy():
                 calls.append((list(samples), call))
                 return call
 
-        coalescer = Coalescer(ManualHandle(), FrontSettings(pipeline_per_replica=2, chunk_hold_ms=100),
+        coalescer = Coalescer(ManualHandle(), FrontSettings(pipeline_per_replica=2, chunk_hold_ms=1000),
                               FrontMetrics(), max_chunk=4)
         submit = lambda n: [coalescer.submit(SimpleNamespace(name=i)) for i in range(n)]  # noqa: E731
+        sizes = lambda: [len(samples) for samples, _ in calls]  # noqa: E731
         first = submit(1)
         await asyncio.sleep(0)
-        assert [len(c) for c, _ in calls] == [1]  # an idle replica gets the sample at once
+        assert sizes() == [1]  # an idle replica gets the sample at once
+        calls[0][1].set_result(answers(1))  # the replica reports 100 ms of compute per batch
+        await first[0]
+        submit(1)
+        await asyncio.sleep(0)
+        assert sizes() == [1, 1]  # idle again: at once
         submit(2)
         await asyncio.sleep(0.02)
-        assert len(calls) == 1  # the replica is busy: two samples wait for company
+        assert sizes() == [1, 1]  # the replica is busy: two samples wait for company
         submit(2)
         await asyncio.sleep(0)
-        assert [len(c) for c, _ in calls] == [1, 4]  # a full chunk leaves without waiting
-        held = submit(1)
-        calls[0][1].set_result(["answer"])
-        assert await first[0] == "answer"
+        assert sizes() == [1, 1, 4]  # a full chunk leaves without waiting
+        held = submit(1)  # both call slots are taken
+        calls[1][1].set_result(answers(1))
         await asyncio.sleep(0.02)
-        assert len(calls) == 2  # a call slot is free, but a replica is still busy: hold
+        assert sizes() == [1, 1, 4]  # a slot is free, but the replica is still busy: hold ...
         await asyncio.sleep(0.15)
-        assert [len(c) for c, _ in calls] == [1, 4, 1]  # ... for chunk_hold_ms at most
-        calls[2][1].set_result(["late"])
-        assert await held[0] == "late"
-        calls[1][1].set_result(list("abcd"))
+        assert sizes() == [1, 1, 4, 1]  # ... for about one batch's compute time, not the 1000 ms cap
+        calls[3][1].set_result(answers(1))
+        calls[2][1].set_result(answers(4))
+        await held[0]
 
     asyncio.run(scenario())
 
