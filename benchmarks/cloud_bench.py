@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="replica batch wait (default: CloudConfig's)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--rpc", choices=["unary", "stream"], default="unary",
                         help="clients call Infer once per request, or keep one InferStream each")
@@ -227,6 +227,8 @@ def main() -> None:
     import torch
 
     from cloud.config import CloudConfig
+    if args.batch_wait_ms is None:
+        args.batch_wait_ms = CloudConfig().batch.batch_wait_ms
     from cloud.server import CloudServer, local_ray_environment
     from rapnet.checkpoint import load_model
     from rapnet.codec import EncodeOptions, ModelContract, build_request

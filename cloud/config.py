@@ -4,7 +4,7 @@ fields. Unknown keys are refused, so a typo never silently falls back to a defau
 
 Example (every key optional; see cloud/cluster/serve-config.yaml):
 
-    batch: {max_batch_size: 32, batch_wait_ms: 5}
+    batch: {max_batch_size: 32, batch_wait_ms: 0}
     autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}
     replica: {num_cpus: 1, torch_threads: 1}
     front: {port: 50051, max_in_flight: 256}
@@ -26,7 +26,9 @@ class BatchSettings:
     """Dynamic batching inside each replica (@serve.batch)."""
 
     max_batch_size: int = 32  # samples per forward pass
-    batch_wait_ms: float = 5.0  # how long the first sample of a batch waits for company
+    # How long the first sample of a replica batch waits for company. 0: the front already coalesces samples into
+    # chunks, and waiting again in the replica measured slower (0.68 -> 0.72 of bare torch at 32 clients at 0).
+    batch_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 1024:
