@@ -212,8 +212,9 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--rpc", choices=["unary", "stream"], default="unary",
                         help="clients call Infer once per request, or keep one InferStream each")
-    parser.add_argument("--pipeline-per-replica", type=int, default=None,
-                        help="handle calls the front keeps outstanding per replica (default: CloudConfig's)")
+    parser.add_argument("--pipeline-per-replica", type=int, nargs="+", default=None,
+                        help="handle calls the front keeps outstanding per replica (default: CloudConfig's); several "
+                             "values are measured one after another in each repeat")
     parser.add_argument("--chunk-hold-ms", type=float, nargs="+", default=None,
                         help="front: how long a partial chunk waits for company while the replica is busy (default: "
                              "config's); several values are measured one after another in each repeat")
@@ -258,26 +259,29 @@ def main() -> None:
     config = CloudConfig().with_overrides(
         batch={"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         replica={"torch_threads": args.torch_threads, "num_cpus": 1},
-        front={"port": 0, "max_in_flight": 1024,
-               **({"pipeline_per_replica": args.pipeline_per_replica} if args.pipeline_per_replica else {})},
+        front={"port": 0, "max_in_flight": 1024},
         metrics={"port": None}, ray={"temp_dir": temp},
     )
     info = machine_info(args.torch_threads)
     t_start = time.perf_counter()
     server = CloudServer(checkpoint, config, token=TOKEN).start()
-    holds = args.chunk_hold_ms or [config.front.chunk_hold_ms]
+    variants = list(itertools.product(args.pipeline_per_replica or [config.front.pipeline_per_replica],
+                                      args.chunk_hold_ms or [config.front.chunk_hold_ms]))
     runs: list[dict] = []
     try:
         for rep in range(args.repeats):
             for clients in args.clients:
                 bare = bare_torch(model, carries, args.split, exit_index, min(clients, args.max_batch_size),
                                   args.warmup, args.seconds)
-                for hold in holds:  # the front reads its settings at every flush: switching between runs is safe
+                for pipeline, hold in variants:  # the front reads these at every flush: switching between runs is safe
                     coalescer = server._front.coalescer
-                    coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=hold)
+                    coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=hold,
+                                                             pipeline_per_replica=pipeline)
                     srv = served(server, payload_file.name, clients, args.warmup, args.seconds, args.rpc)
-                    runs.append({"repeat": rep, "clients": clients, "chunk_hold_ms": hold, "bare": bare, "served": srv})
-                    print(f"rep {rep} clients {clients:>2} hold {hold:g} ms: bare {bare['samples_per_s']:8.1f}/s  "
+                    runs.append({"repeat": rep, "clients": clients, "pipeline_per_replica": pipeline,
+                                 "chunk_hold_ms": hold, "bare": bare, "served": srv})
+                    print(f"rep {rep} clients {clients:>2} pipeline {pipeline} hold {hold:g} ms: "
+                          f"bare {bare['samples_per_s']:8.1f}/s  "
                           f"served {srv['samples_per_s']:8.1f}/s  ratio {srv['samples_per_s'] / bare['samples_per_s']:.2f}  "
                           f"batch {srv['mean_batch']:.1f}  busy {srv['replica_busy']:.2f}  errors {srv['errors']}",
                           flush=True)
@@ -285,14 +289,16 @@ def main() -> None:
         server.stop()
         os.unlink(payload_file.name)
     summary = []
-    for clients, hold in itertools.product(args.clients, holds):
-        rows = [r for r in runs if r["clients"] == clients and r["chunk_hold_ms"] == hold]
+    for clients, (pipeline, hold) in itertools.product(args.clients, variants):
+        rows = [r for r in runs if r["clients"] == clients and r["chunk_hold_ms"] == hold
+                and r["pipeline_per_replica"] == pipeline]
 
         def med(side: str, key: str) -> float:
             return statistics.median(r[side][key] for r in rows)
 
         summary.append({
-            "clients": clients, "chunk_hold_ms": hold, "batch": min(clients, args.max_batch_size),
+            "clients": clients, "pipeline_per_replica": pipeline, "chunk_hold_ms": hold,
+            "batch": min(clients, args.max_batch_size),
             "bare_samples_per_s": med("bare", "samples_per_s"), "bare_p50_ms": med("bare", "p50_ms"),
             "bare_p99_ms": med("bare", "p99_ms"),
             "served_samples_per_s": med("served", "samples_per_s"), "served_p50_ms": med("served", "p50_ms"),
@@ -306,19 +312,18 @@ def main() -> None:
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
         "split": args.split, "exit": exit_index, "encoding": args.encoding,
         "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
-                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False, "rpc": args.rpc,
-                     "pipeline_per_replica": config.front.pipeline_per_replica},
+                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False, "rpc": args.rpc},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
         "loadavg_end": os.getloadavg()[0],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | hold ms | batch | bare torch samples/s | served samples/s | served / bare | served p50 ms | served p99 ms "
+    print("| clients | pipeline | hold ms | batch | bare torch samples/s | served samples/s | served / bare | served p50 ms | served p99 ms "
           "| bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch | queue ms | decode ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
-        print(f"| {s['clients']} | {s['chunk_hold_ms']:g} | {s['batch']} | {s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
+        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['batch']} | {s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "
               f"{s['queue_ms_mean']:.1f} | {s['decode_ms_mean']:.2f} |")
