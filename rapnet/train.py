@@ -266,6 +266,8 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device: use --device cpu")
+    if not 0.0 <= args.early_exit_trunk_grad <= 1.0:
+        raise SystemExit(f"--early-exit-trunk-grad {args.early_exit_trunk_grad} is outside 0..1 (1: plain joint training)")
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, predictor_epochs=args.predictor_epochs,
         val_size=args.val_size, seed=args.seed, limit_train=args.limit_train,
