@@ -280,9 +280,9 @@ def main() -> None:
                     srv = served(server, payload_file.name, clients, args.warmup, args.seconds, args.rpc)
                     runs.append({"repeat": rep, "clients": clients, "pipeline_per_replica": pipeline,
                                  "chunk_hold_ms": hold, "bare": bare, "served": srv})
+                    ratio = srv["samples_per_s"] / bare["samples_per_s"]
                     print(f"rep {rep} clients {clients:>2} pipeline {pipeline} hold {hold:g} ms: "
-                          f"bare {bare['samples_per_s']:8.1f}/s  "
-                          f"served {srv['samples_per_s']:8.1f}/s  ratio {srv['samples_per_s'] / bare['samples_per_s']:.2f}  "
+                          f"bare {bare['samples_per_s']:8.1f}/s  served {srv['samples_per_s']:8.1f}/s  ratio {ratio:.2f}  "
                           f"batch {srv['mean_batch']:.1f}  busy {srv['replica_busy']:.2f}  errors {srv['errors']}",
                           flush=True)
     finally:
@@ -312,18 +312,21 @@ def main() -> None:
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
         "split": args.split, "exit": exit_index, "encoding": args.encoding,
         "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
-                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False, "rpc": args.rpc},
+                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False,
+                     "rpc": args.rpc},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
         "loadavg_end": os.getloadavg()[0],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | batch | bare torch samples/s | served samples/s | served / bare | served p50 ms | served p99 ms "
-          "| bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch | queue ms | decode ms |")
+    print("| clients | pipeline | hold ms | batch | bare torch samples/s | served samples/s | served / bare "
+          "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
+          "| queue ms | decode ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
-        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['batch']} | {s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
+        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['batch']} | "
+              f"{s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "
               f"{s['queue_ms_mean']:.1f} | {s['decode_ms_mean']:.2f} |")
