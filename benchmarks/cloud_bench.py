@@ -181,6 +181,17 @@ def served(server, payload_file: str, clients: int, warmup_s: float, seconds: fl
     }
 
 
+def renice_replicas(nice: int) -> None:
+    """Set the nice value of every thread of every Serve replica on this machine (Linux; lowering it needs root)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                for task in (proc / "task").iterdir():
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the process or thread ended meanwhile
+
+
 def machine_info(torch_threads: int) -> dict:
     def sh(cmd: str) -> str:
         try:
@@ -218,6 +229,9 @@ def main() -> None:
     parser.add_argument("--chunk-hold-ms", type=float, nargs="+", default=None,
                         help="front: how long a partial chunk waits for company while the replica is busy (default: "
                              "config's); several values are measured one after another in each repeat")
+    parser.add_argument("--replica-nice", type=int, nargs="+", default=None,
+                        help="renice the replica's threads to each value in turn (Linux, root; default: leave "
+                             "config's ray.worker_niceness); several values are measured one after another in each repeat")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -266,22 +280,25 @@ def main() -> None:
     t_start = time.perf_counter()
     server = CloudServer(checkpoint, config, token=TOKEN).start()
     variants = list(itertools.product(args.pipeline_per_replica or [config.front.pipeline_per_replica],
-                                      args.chunk_hold_ms or [config.front.chunk_hold_ms]))
+                                      args.chunk_hold_ms or [config.front.chunk_hold_ms],
+                                      args.replica_nice or [config.ray.worker_niceness]))
     runs: list[dict] = []
     try:
         for rep in range(args.repeats):
             for clients in args.clients:
                 bare = bare_torch(model, carries, args.split, exit_index, min(clients, args.max_batch_size),
                                   args.warmup, args.seconds)
-                for pipeline, hold in variants:  # the front reads these at every flush: switching between runs is safe
+                for pipeline, hold, nice in variants:  # all take effect at once: switching between runs is safe
                     coalescer = server._front.coalescer
                     coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=hold,
                                                              pipeline_per_replica=pipeline)
+                    if args.replica_nice:
+                        renice_replicas(nice)
                     srv = served(server, payload_file.name, clients, args.warmup, args.seconds, args.rpc)
                     runs.append({"repeat": rep, "clients": clients, "pipeline_per_replica": pipeline,
-                                 "chunk_hold_ms": hold, "bare": bare, "served": srv})
+                                 "chunk_hold_ms": hold, "replica_nice": nice, "bare": bare, "served": srv})
                     ratio = srv["samples_per_s"] / bare["samples_per_s"]
-                    print(f"rep {rep} clients {clients:>2} pipeline {pipeline} hold {hold:g} ms: "
+                    print(f"rep {rep} clients {clients:>2} pipeline {pipeline} hold {hold:g} ms nice {nice}: "
                           f"bare {bare['samples_per_s']:8.1f}/s  served {srv['samples_per_s']:8.1f}/s  ratio {ratio:.2f}  "
                           f"batch {srv['mean_batch']:.1f}  busy {srv['replica_busy']:.2f}  errors {srv['errors']}",
                           flush=True)
@@ -289,15 +306,15 @@ def main() -> None:
         server.stop()
         os.unlink(payload_file.name)
     summary = []
-    for clients, (pipeline, hold) in itertools.product(args.clients, variants):
-        rows = [r for r in runs if r["clients"] == clients and r["chunk_hold_ms"] == hold
+    for clients, (pipeline, hold, nice) in itertools.product(args.clients, variants):
+        rows = [r for r in runs if r["clients"] == clients and r["chunk_hold_ms"] == hold and r["replica_nice"] == nice
                 and r["pipeline_per_replica"] == pipeline]
 
         def med(side: str, key: str) -> float:
             return statistics.median(r[side][key] for r in rows)
 
         summary.append({
-            "clients": clients, "pipeline_per_replica": pipeline, "chunk_hold_ms": hold,
+            "clients": clients, "pipeline_per_replica": pipeline, "chunk_hold_ms": hold, "replica_nice": nice,
             "batch": min(clients, args.max_batch_size),
             "bare_samples_per_s": med("bare", "samples_per_s"), "bare_p50_ms": med("bare", "p50_ms"),
             "bare_p99_ms": med("bare", "p99_ms"),
@@ -320,12 +337,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | batch | bare torch samples/s | served samples/s | served / bare "
+    print("| clients | pipeline | hold ms | replica nice | batch | bare torch samples/s | served samples/s | served / bare "
           "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
           "| queue ms | decode ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
-        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['batch']} | "
+        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | {s['batch']} | "
               f"{s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "

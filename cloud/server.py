@@ -60,6 +60,7 @@ def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
     if address is not None:
         ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
         return False
+    os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)  # read by the raylet ray.init starts
     kwargs = {}
     if settings.temp_dir:
         kwargs["_temp_dir"] = settings.temp_dir

@@ -18,9 +18,11 @@ def ray_instance():
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from cloud.config import RaySettings
+    from cloud.server import ensure_ray
+
     temp = tempfile.mkdtemp(prefix="rapnet-ray-", dir="/tmp")
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, _temp_dir=temp,
-             _node_ip_address="127.0.0.1", namespace="rapnet", log_to_driver=False)
+    ensure_ray(RaySettings(num_cpus=2, temp_dir=temp))  # the path start_local takes: 127.0.0.1, 200 MB store
     yield temp
     try:
         serve.shutdown()

@@ -451,6 +451,17 @@ def test_metrics_are_exported(server, stub, model_file, contract):
         assert name in body
 
 
+def test_replicas_run_at_the_configured_niceness(server):
+    """Ray starts workers at nice 15; the replicas do the heavy work and must not yield to the front."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(server.config.deployment_name, server.config.app_name)
+    pids = {handle.whoami.remote().result(timeout_s=30)["pid"] for _ in range(6)}
+    assert pids
+    for pid in pids:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == server.config.ray.worker_niceness == 0
+
+
 # ------------------------------------------------------------------------------------------------------
 # A replica dies during a burst (last: it disturbs the deployment)
 # ------------------------------------------------------------------------------------------------------
@@ -522,6 +533,8 @@ def test_config_yaml_is_strict(tmp_path):
         CloudConfig.from_yaml(bad)
     with pytest.raises(ValueError):
         CloudConfig.from_dict({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ValueError, match="worker_niceness"):
+        CloudConfig.from_dict({"ray": {"worker_niceness": -5}})  # raising priority needs privileges Ray lacks
     assert CloudConfig().with_overrides(autoscaling={"min_replicas": 2, "max_replicas": 2}).autoscaling.serve_options() == {"num_replicas": 2}
 
 
