@@ -53,6 +53,9 @@ def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
     address = address or settings.address
     if address is None:
         local_ray_environment()
+        os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)  # read by the raylet ray.init starts
+    # Read by this process's Ray core worker, which decides how the front's calls carry their arguments.
+    os.environ["RAY_max_direct_call_object_size"] = str(settings.inline_args_bytes)
     import ray
 
     if ray.is_initialized():
@@ -60,7 +63,6 @@ def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
     if address is not None:
         ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
         return False
-    os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)  # read by the raylet ray.init starts
     kwargs = {}
     if settings.temp_dir:
         kwargs["_temp_dir"] = settings.temp_dir

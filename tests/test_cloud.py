@@ -535,6 +535,8 @@ def test_config_yaml_is_strict(tmp_path):
         CloudConfig.from_dict({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
     with pytest.raises(ValueError, match="worker_niceness"):
         CloudConfig.from_dict({"ray": {"worker_niceness": -5}})  # raising priority needs privileges Ray lacks
+    with pytest.raises(ValueError, match="inline_args_bytes"):
+        CloudConfig.from_dict({"ray": {"inline_args_bytes": 64 << 20}})  # over what Ray inlines in one call
     assert CloudConfig().with_overrides(autoscaling={"min_replicas": 2, "max_replicas": 2}).autoscaling.serve_options() == {"num_replicas": 2}
 
 
