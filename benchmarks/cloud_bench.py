@@ -221,8 +221,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="replica batch wait (default: CloudConfig's)")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--rpc", choices=["unary", "stream"], default="unary",
-                        help="clients call Infer once per request, or keep one InferStream each")
+    parser.add_argument("--rpc", choices=["unary", "stream"], nargs="+", default=["unary"],
+                        help="clients call Infer once per request, or keep one InferStream each; several values are "
+                             "measured one after another in each repeat")
     parser.add_argument("--pipeline-per-replica", type=int, nargs="+", default=None,
                         help="handle calls the front keeps outstanding per replica (default: CloudConfig's); several "
                              "values are measured one after another in each repeat")
@@ -279,26 +280,26 @@ def main() -> None:
     info = machine_info(args.torch_threads)
     t_start = time.perf_counter()
     server = CloudServer(checkpoint, config, token=TOKEN).start()
-    variants = list(itertools.product(args.pipeline_per_replica or [config.front.pipeline_per_replica],
-                                      args.chunk_hold_ms or [config.front.chunk_hold_ms],
-                                      args.replica_nice or [config.ray.worker_niceness]))
+    axes = {"pipeline_per_replica": args.pipeline_per_replica or [config.front.pipeline_per_replica],
+            "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
+            "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc}
+    variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     runs: list[dict] = []
     try:
         for rep in range(args.repeats):
             for clients in args.clients:
                 bare = bare_torch(model, carries, args.split, exit_index, min(clients, args.max_batch_size),
                                   args.warmup, args.seconds)
-                for pipeline, hold, nice in variants:  # all take effect at once: switching between runs is safe
+                for v in variants:  # all take effect at once: switching between runs is safe
                     coalescer = server._front.coalescer
-                    coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=hold,
-                                                             pipeline_per_replica=pipeline)
+                    coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=v["chunk_hold_ms"],
+                                                             pipeline_per_replica=v["pipeline_per_replica"])
                     if args.replica_nice:
-                        renice_replicas(nice)
-                    srv = served(server, payload_file.name, clients, args.warmup, args.seconds, args.rpc)
-                    runs.append({"repeat": rep, "clients": clients, "pipeline_per_replica": pipeline,
-                                 "chunk_hold_ms": hold, "replica_nice": nice, "bare": bare, "served": srv})
+                        renice_replicas(v["replica_nice"])
+                    srv = served(server, payload_file.name, clients, args.warmup, args.seconds, v["rpc"])
+                    runs.append({"repeat": rep, "clients": clients, **v, "bare": bare, "served": srv})
                     ratio = srv["samples_per_s"] / bare["samples_per_s"]
-                    print(f"rep {rep} clients {clients:>2} pipeline {pipeline} hold {hold:g} ms nice {nice}: "
+                    print(f"rep {rep} clients {clients:>2} " + " ".join(f"{k} {x}" for k, x in v.items()) + ": "
                           f"bare {bare['samples_per_s']:8.1f}/s  served {srv['samples_per_s']:8.1f}/s  ratio {ratio:.2f}  "
                           f"batch {srv['mean_batch']:.1f}  busy {srv['replica_busy']:.2f}  errors {srv['errors']}",
                           flush=True)
@@ -306,15 +307,14 @@ def main() -> None:
         server.stop()
         os.unlink(payload_file.name)
     summary = []
-    for clients, (pipeline, hold, nice) in itertools.product(args.clients, variants):
-        rows = [r for r in runs if r["clients"] == clients and r["chunk_hold_ms"] == hold and r["replica_nice"] == nice
-                and r["pipeline_per_replica"] == pipeline]
+    for clients, v in itertools.product(args.clients, variants):
+        rows = [r for r in runs if r["clients"] == clients and all(r[k] == x for k, x in v.items())]
 
         def med(side: str, key: str) -> float:
             return statistics.median(r[side][key] for r in rows)
 
         summary.append({
-            "clients": clients, "pipeline_per_replica": pipeline, "chunk_hold_ms": hold, "replica_nice": nice,
+            "clients": clients, **v,
             "batch": min(clients, args.max_batch_size),
             "bare_samples_per_s": med("bare", "samples_per_s"), "bare_p50_ms": med("bare", "p50_ms"),
             "bare_p99_ms": med("bare", "p99_ms"),
@@ -329,20 +329,19 @@ def main() -> None:
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
         "split": args.split, "exit": exit_index, "encoding": args.encoding,
         "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
-                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False,
-                     "rpc": args.rpc},
+                     "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
         "loadavg_end": os.getloadavg()[0],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | replica nice | batch | bare torch samples/s | served samples/s | served / bare "
+    print("| clients | pipeline | hold ms | replica nice | rpc | batch | bare torch samples/s | served samples/s | served / bare "
           "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
           "| queue ms | decode ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
-        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | {s['batch']} | "
+        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | {s['rpc']} | {s['batch']} | "
               f"{s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "

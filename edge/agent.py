@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use the threshold rule instead: the shallowest exit whose predictor score reaches THRESHOLD")
     m.add_argument("--device-gflops", type=float, default=5.0, help="the device's compute, for the planner")
     m.add_argument("--emulate-device", action="store_true",
-                   help="pad local compute (sleep) to the planner's modelled time on --device-gflops, to emulate a "
-                        "device slower than this CPU")
+                   help="pad local compute and encoding (sleep) to the planner's modelled time on --device-gflops, to "
+                        "emulate a device slower than this CPU")
     m.add_argument("--device-layer-us", type=float, default=None, help="per-layer-call cost on the device (default: scaled reference CPU)")
     m.add_argument("--cloud-gflops", type=float, default=100.0)
     m.add_argument("--latency-budget-ms", type=float, default=None, help="per-frame latency budget the planner keeps")

@@ -361,6 +361,22 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
     assert [r["exit"] for r in lines] == exits
 
 
+def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, dataset, workdir, token_env):
+    """--emulate-device pads encoding like compute: the planner scales codec time with the device speed, so a
+    live run on this CPU must pay what the simulator charges (rapnet-sim live calibrates against it)."""
+    out = workdir / "emulated.jsonl"
+    app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, "--fixed-network",
+                     "--bandwidth-mbps", "1000", "--rtt-ms", "1", "--device-gflops", "0.5", "--emulate-device",
+                     "--calibration-frames", "8", "--deadline-ms", "30000", "--quiet", "--limit", "4",
+                     "--price", "0.05", "--output", str(out)])
+    lines = [r for r in read_lines(out) if r["where"] == "cloud"]
+    assert lines, "a 0.5 GFLOP/s device at 1000 Mbit/s should offload"
+    conditions = app.decider.conditions()
+    for r in lines:
+        modelled = app.decider.planner.codec_scaled(r["split"], r["encoding"], conditions)[0]
+        assert modelled > 1.0 and r["latency_ms"]["encode"] >= modelled - 0.01
+
+
 def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, token_env):
     out = workdir / "down.jsonl"
     deadline = 500
