@@ -232,7 +232,8 @@ def main() -> None:
                              "config's); several values are measured one after another in each repeat")
     parser.add_argument("--replica-nice", type=int, nargs="+", default=None,
                         help="renice the replica's threads to each value in turn (Linux, root; default: leave "
-                             "config's ray.worker_niceness); several values are measured one after another in each repeat")
+                             "config's ray.worker_niceness); several values are measured one after another in "
+                             "each repeat")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -336,12 +337,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | replica nice | rpc | batch | bare torch samples/s | served samples/s | served / bare "
+    print("| clients | pipeline | hold ms | replica nice | rpc | batch | bare torch samples/s | served samples/s "
+          "| served / bare "
           "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
           "| queue ms | decode ms |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
-        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | {s['rpc']} | {s['batch']} | "
+        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | "
+              f"{s['rpc']} | {s['batch']} | "
               f"{s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "

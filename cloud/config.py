@@ -147,7 +147,7 @@ class RaySettings:
     temp_dir: str | None = None  # default: Ray's own (/tmp/ray)
     namespace: str = "rapnet"
     # Nice value of the worker processes (replicas). Ray's default, 15, lets the front and the load outrank the
-    # replicas on a shared machine: 0 measured 0.63 -> 0.70 of bare torch at 32 clients (docs/cloud.md).
+    # replicas on a shared machine: 0 measured 0.64 -> 0.69 of bare torch at 32 clients (docs/cloud.md).
     worker_niceness: int = 0
     # Call arguments up to this size travel inside the call. Ray's default (100 KB) sends a chunk of 16 samples
     # at split 4 (~400 KB) through the object store instead: a put, raylet work and a fetch per call.

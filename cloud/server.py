@@ -49,7 +49,8 @@ def local_ray_environment() -> None:
 
 def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
     """Connect to Ray: the running instance, the cluster at `address`, or a new local one bound to
-    127.0.0.1 (num_cpus, capped object store, no dashboard). Returns True when this call started it."""
+    127.0.0.1 (num_cpus, capped object store, no dashboard, workers at `worker_niceness`). When this call starts
+    or joins Ray, this process inlines call arguments up to `inline_args_bytes`. Returns True when it started Ray."""
     address = address or settings.address
     if address is None:
         local_ray_environment()
