@@ -219,6 +219,11 @@ def run_live(args) -> dict:
                          "measured_p50_ms": measured.get("latency_ms", {}).get("p50"),
                          "abs_rel_error": abs(sim.mean_ms - m) / m, "simulated_offload": sim.offload_share,
                          "measured_offload": sum(f.get("where") == "cloud" for f in frames) / len(frames),
+                         # the cloud picks the exit (no predictor on the edge): a decision that can flip near its
+                         # boundary and move the latency by the predictor's time, so compare it too
+                         "simulated_cloud_exit": bool(sim.detail.get("cloud_exit")),
+                         "measured_cloud_exit_share":
+                             sum(f.get("exit_picked_by") == "cloud" for f in frames) / len(frames),
                          "simulated_accuracy": sim.accuracy, "measured_summary": measured})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "measured_summary"}), flush=True)
     finally:
