@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="paced runs: frames/s delivered, like a camera")
     p.add_argument("--cpu-rounds", type=int, default=200, help="rounds for the CPU breakdown")
     p.add_argument("--devices", default="33.3,5",
-                   help="device GFLOP/s to plan for and emulate (local compute padded to the modelled time); "
+                   help="device GFLOP/s to plan for and emulate (compute and encoding padded to the modelled time); "
                         "33.3 is the planner's reference CPU, i.e. about this machine")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "edge.json"))
