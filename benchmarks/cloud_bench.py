@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -221,6 +222,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="replica batch wait (default: CloudConfig's)")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1, help="fixed replica count (each num_cpus 1 / replicas)")
     parser.add_argument("--rpc", choices=["unary", "stream"], nargs="+", default=["unary"],
                         help="clients call Infer once per request, or keep one InferStream each; several values are "
                              "measured one after another in each repeat")
@@ -234,6 +236,9 @@ def main() -> None:
                         help="renice the replica's threads to each value in turn (Linux, root; default: leave "
                              "config's ray.worker_niceness); several values are measured one after another in "
                              "each repeat")
+    parser.add_argument("--gc-freeze", choices=["on", "off"], nargs="+", default=["on"],
+                        help="the front process's startup heap frozen (gc.freeze, as CloudServer.start does) or "
+                             "not; several values are measured one after another in each repeat")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -274,7 +279,8 @@ def main() -> None:
     temp = tempfile.mkdtemp(prefix="rapnet-ray-bench-", dir="/tmp")
     config = CloudConfig().with_overrides(
         batch={"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
-        replica={"torch_threads": args.torch_threads, "num_cpus": 1},
+        replica={"torch_threads": args.torch_threads, "num_cpus": 1 / args.replicas},
+        autoscaling={"min_replicas": args.replicas, "max_replicas": args.replicas},
         front={"port": 0, "max_in_flight": 1024},
         metrics={"port": None}, ray={"temp_dir": temp},
     )
@@ -283,7 +289,8 @@ def main() -> None:
     server = CloudServer(checkpoint, config, token=TOKEN).start()
     axes = {"pipeline_per_replica": args.pipeline_per_replica or [config.front.pipeline_per_replica],
             "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
-            "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc}
+            "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc,
+            "gc_freeze": args.gc_freeze}
     variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     runs: list[dict] = []
     try:
@@ -297,6 +304,11 @@ def main() -> None:
                                                              pipeline_per_replica=v["pipeline_per_replica"])
                     if args.replica_nice:
                         renice_replicas(v["replica_nice"])
+                    if v["gc_freeze"] == "on":
+                        gc.collect()
+                        gc.freeze()
+                    else:
+                        gc.unfreeze()
                     srv = served(server, payload_file.name, clients, args.warmup, args.seconds, v["rpc"])
                     runs.append({"repeat": rep, "clients": clients, **v, "bare": bare, "served": srv})
                     ratio = srv["samples_per_s"] / bare["samples_per_s"]
@@ -329,7 +341,7 @@ def main() -> None:
     result = {
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
         "split": args.split, "exit": exit_index, "encoding": args.encoding,
-        "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": 1,
+        "settings": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "replicas": args.replicas,
                      "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
         "loadavg_end": os.getloadavg()[0],
@@ -337,14 +349,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | replica nice | rpc | batch | bare torch samples/s | served samples/s "
+    print("| clients | pipeline | hold ms | replica nice | rpc | gc freeze | batch | bare torch samples/s | served samples/s "
           "| served / bare "
           "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
           "| queue ms | decode ms |")
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
         print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | "
-              f"{s['rpc']} | {s['batch']} | "
+              f"{s['rpc']} | {s['gc_freeze']} | {s['batch']} | "
               f"{s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "

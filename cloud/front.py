@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -164,7 +163,7 @@ class InferenceFront:
             raise Refusal(Code.INTERNAL, f"the replica failed on this request ({result.error})")
         self._record_batch(result, split)
         call.exit = result.exit
-        return build_response(parsed.request_id, torch.tensor(result.logits), result.exit, self.contract, parsed.split,
+        return build_response(parsed.request_id, result.logits, result.exit, self.contract, parsed.split,
                               queue_ms=result.queue_ms, compute_ms=result.compute_ms, decode_ms=parsed.decode_ms)
 
     def _deadline(self, context) -> float:

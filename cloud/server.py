@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from rapnet.runtime import freeze_startup_heap
+
 from .config import CloudConfig, RaySettings
 from .logs import fields, get_logger
 from .metrics import FrontMetrics
@@ -168,6 +170,7 @@ class CloudServer:
             failure = self._failure
             self.stop()
             raise StartError(f"the gRPC front did not become ready: {failure or 'timed out'}")
+        freeze_startup_heap()
         log.info("serving", extra=fields(address=self.address, tls=self.tls is not None,
                                          mutual_tls=bool(self.tls and self.tls.client_ca), metrics_port=self.metrics_port))
         return self

@@ -401,7 +401,7 @@ def _decode_tensor(msg, limits, expected_shape, dictionaries) -> torch.Tensor:
         raw = zstd_decompress_bounded(msg.data, msg.raw_size, dictionary, what)
     else:
         raw = msg.data
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = math.prod(shape)
     if enc == pb.ENCODING_FP32:
         x = np.frombuffer(raw, dtype="<f4").astype(np.float32)  # copy: writable, native order
     elif enc == pb.ENCODING_FP16:
@@ -791,7 +791,7 @@ def parse_request(
 
 def build_response(
     request_id: str,
-    logits: torch.Tensor,
+    logits: np.ndarray | torch.Tensor,
     exit_used: int,
     contract: ModelContract,
     split: int,
@@ -800,14 +800,22 @@ def build_response(
     decode_ms: float = 0.0,
     top_k: int = 5,
 ) -> pb.InferResponse:
-    """The answer for one sample's logits (shape (num_classes,) or (1, num_classes))."""
-    probs = torch.softmax(logits.detach().float().reshape(-1), dim=0)
-    k = min(top_k, probs.numel())
-    scores, classes = probs.topk(k)
+    """The answer for one sample's logits (shape (num_classes,) or (1, num_classes)).
+
+    numpy, not torch: for ten numbers torch's per-op dispatch costs several times the arithmetic, and the
+    front builds one of these per request (docs/cloud.md).
+    """
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().float().cpu().numpy()
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    k = min(top_k, probs.size)
+    classes = np.argsort(-probs, kind="stable")[:k].tolist()  # stable: ties go to the lower class, like argmax
     return pb.InferResponse(
         request_id=request_id,
-        class_index=int(classes[0]),
-        top_k=[pb.TopK(class_index=int(c), score=float(s)) for c, s in zip(classes, scores)],
+        class_index=classes[0],
+        top_k=[pb.TopK(class_index=c, score=float(probs[c])) for c in classes],
         exit_used=exit_used,
         timings=pb.ServerTimings(queue_ms=queue_ms, compute_ms=compute_ms, decode_ms=decode_ms),
         model_identity=contract.identity,
