@@ -193,6 +193,20 @@ def renice_replicas(nice: int) -> None:
             pass  # the process or thread ended meanwhile
 
 
+def deploy_with_env(server, checkpoint, identity: str, config, env: str, app_name: str):
+    """The deployment handle for replicas with `env` ("NAME=VALUE[,NAME=VALUE]", or "default": the server's own);
+    other environments are deployed as an extra app (gone with the server's Ray instance)."""
+    if env == "default":
+        return server._front.coalescer.handle
+    from ray import serve
+
+    from cloud.app import build_app
+
+    env_vars = dict(item.split("=", 1) for item in env.split(","))
+    variant = dataclasses.replace(config.with_overrides(replica={"env_vars": env_vars}), app_name=app_name)
+    return serve.run(build_app(str(checkpoint), identity, variant), name=variant.app_name, route_prefix=None)
+
+
 def machine_info(torch_threads: int) -> dict:
     def sh(cmd: str) -> str:
         try:
@@ -239,6 +253,10 @@ def main() -> None:
     parser.add_argument("--gc-freeze", choices=["on", "off"], nargs="+", default=["on"],
                         help="the front process's startup heap frozen (gc.freeze, as CloudServer.start does) or "
                              "not; several values are measured one after another in each repeat")
+    parser.add_argument("--replica-env", nargs="+", default=["default"], metavar="NAME=VALUE|default",
+                        help="replica environment (replica.env_vars), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
+                             "each value gets its own deployed app and the front switches between them, so several "
+                             "values are measured one after another in each repeat")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -290,8 +308,10 @@ def main() -> None:
     axes = {"pipeline_per_replica": args.pipeline_per_replica or [config.front.pipeline_per_replica],
             "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
             "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc,
-            "gc_freeze": args.gc_freeze}
+            "gc_freeze": args.gc_freeze, "replica_env": args.replica_env}
     variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    handles = {env: deploy_with_env(server, checkpoint, metadata["identity"], config, env, f"bench-{i}")
+               for i, env in enumerate(args.replica_env)}
     runs: list[dict] = []
     try:
         for rep in range(args.repeats):
@@ -300,6 +320,7 @@ def main() -> None:
                                   args.warmup, args.seconds)
                 for v in variants:  # all take effect at once: switching between runs is safe
                     coalescer = server._front.coalescer
+                    coalescer.handle = handles[v["replica_env"]]
                     coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=v["chunk_hold_ms"],
                                                              pipeline_per_replica=v["pipeline_per_replica"])
                     if args.replica_nice:
@@ -349,14 +370,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | replica nice | rpc | gc freeze | batch | bare torch samples/s | served samples/s "
+    print("| clients | pipeline | hold ms | replica nice | rpc | gc freeze | replica env | batch | bare torch samples/s | served samples/s "
           "| served / bare "
           "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
           "| queue ms | decode ms |")
-    print("|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
         print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | "
-              f"{s['rpc']} | {s['gc_freeze']} | {s['batch']} | "
+              f"{s['rpc']} | {s['gc_freeze']} | {s['replica_env']} | {s['batch']} | "
               f"{s['bare_samples_per_s']:.0f} | {s['served_samples_per_s']:.0f} | "
               f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
               f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "

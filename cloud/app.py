@@ -83,7 +83,8 @@ def build_app(checkpoint: str, identity: str, config: CloudConfig):
     rep = config.replica
     options = dict(
         name=config.deployment_name,
-        ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus},
+        ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus,
+                           **({"runtime_env": {"env_vars": dict(rep.env_vars)}} if rep.env_vars else {})},
         max_ongoing_requests=rep.max_ongoing_requests,
         health_check_period_s=rep.health_check_period_s,
         health_check_timeout_s=rep.health_check_timeout_s,

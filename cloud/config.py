@@ -87,10 +87,15 @@ class ReplicaSettings:
     health_check_timeout_s: float = 10.0
     graceful_shutdown_timeout_s: float = 5.0
     max_constructor_retry_count: int = 3  # a replica that cannot load the checkpoint fails fast
+    # Environment of the replica processes (Ray runtime_env), e.g. Ray Serve's RAY_SERVE_* switches; works on a
+    # cluster too, unlike variables set for the local raylet.
+    env_vars: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 1:
             raise ValueError("replica: num_cpus and num_gpus must be >= 0 and torch_threads >= 1")
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in dict(self.env_vars).items()):
+            raise ValueError("replica.env_vars must map names to strings (quote numbers in YAML: '0')")
 
 
 @dataclass(frozen=True)

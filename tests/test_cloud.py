@@ -18,6 +18,7 @@ import yaml  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
+from cloud.app import build_app  # noqa: E402
 from cloud.batching import Sample, run_batch  # noqa: E402
 from cloud.client import InferenceStub, auth_metadata, health_status, open_channel  # noqa: E402
 from cloud.config import CloudConfig  # noqa: E402
@@ -551,6 +552,12 @@ def test_config_yaml_is_strict(tmp_path):
     with pytest.raises(ValueError, match="inline_args_bytes"):
         CloudConfig.from_dict({"ray": {"inline_args_bytes": 64 << 20}})  # over what Ray inlines in one call
     assert CloudConfig().with_overrides(autoscaling={"min_replicas": 2, "max_replicas": 2}).autoscaling.serve_options() == {"num_replicas": 2}
+    with pytest.raises(ValueError, match="env_vars"):
+        CloudConfig.from_dict({"replica": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": 0}}})  # unquoted
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    app = build_app("m.pt", "id", CloudConfig.from_dict({"replica": {"env_vars": env}}))
+    assert app._bound_deployment.ray_actor_options["runtime_env"] == {"env_vars": env}
+    assert "runtime_env" not in build_app("m.pt", "id", CloudConfig())._bound_deployment.ray_actor_options
 
 
 def test_cli_helpers(tmp_path, monkeypatch, model_file):
