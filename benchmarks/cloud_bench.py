@@ -170,12 +170,14 @@ def _metric_totals(registry) -> dict:
     )}
 
 
-def served(server, payload_file: str, clients: int, warmup_s: float, seconds: float, rpc: str = "unary") -> dict:
+def served(server, payload_file: str, clients: int, warmup_s: float, seconds: float, rpc: str = "unary",
+           client_cpus: set[int] | None = None) -> dict:
     before = _metric_totals(server.metrics.registry)
     cmd = [sys.executable, __file__, "--client", "--address", server.address, "--payloads", payload_file,
            "--clients", str(clients), "--warmup", str(warmup_s), "--seconds", str(seconds), "--rpc", rpc]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=warmup_s + seconds + 120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         preexec_fn=(lambda: os.sched_setaffinity(0, client_cpus)) if client_cpus else None)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     after = _metric_totals(server.metrics.registry)
     d = {k: after[k] - before[k] for k in after}
@@ -194,6 +196,26 @@ def served(server, payload_file: str, clients: int, warmup_s: float, seconds: fl
         "decode_ms_mean": d["rapnet_cloud_decode_seconds_sum"] / max(d["rapnet_cloud_decode_seconds_count"], 1) * 1e3,
         "front_ms_mean": d["rapnet_cloud_request_seconds_sum"] / requests * 1e3,
     }
+
+
+def _replica_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                pids.append(int(proc.name))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return pids
+
+
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """CPU affinity of every thread of process `pid` (threads that end meanwhile are skipped)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
 
 
 def renice_replicas(nice: int) -> None:
@@ -275,6 +297,9 @@ def main() -> None:
                         help="replica environment (replica.env_vars), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
                              "each value gets its own deployed app and the front switches between them, so several "
                              "values are measured one after another in each repeat")
+    parser.add_argument("--pin", choices=["off", "on"], nargs="+", default=["off"],
+                        help="on: the replicas' threads on CPU 0, the front (this process) and the client on the "
+                             "others; several values are measured one after another in each repeat")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -333,7 +358,8 @@ def main() -> None:
     axes = {"pipeline_per_replica": args.pipeline_per_replica or [config.front.pipeline_per_replica],
             "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
             "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc,
-            "gc_freeze": args.gc_freeze, "replica_env": args.replica_env, "max_batch_size": args.max_batch_size}
+            "gc_freeze": args.gc_freeze, "replica_env": args.replica_env, "max_batch_size": args.max_batch_size,
+            "pin": args.pin}
     variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     handles = {(env, batch): deploy_variant(server, checkpoint, metadata["identity"], config, env, batch, f"bench-{i}")
                for i, (env, batch) in enumerate(itertools.product(args.replica_env, args.max_batch_size))}
@@ -357,7 +383,14 @@ def main() -> None:
                         gc.freeze()
                     else:
                         gc.unfreeze()
-                    srv = served(server, payload_file.name, clients, args.warmup, args.seconds, v["rpc"])
+                    everything = set(range(os.cpu_count() or 1))
+                    pinned = v["pin"] == "on" and len(everything) > 1
+                    for pid in _replica_pids():
+                        pin_threads(pid, {0} if pinned else everything)
+                    pin_threads(os.getpid(), everything - {0} if pinned else everything)
+                    srv = served(server, payload_file.name, clients, args.warmup, args.seconds, v["rpc"],
+                                 everything - {0} if pinned else None)
+                    pin_threads(os.getpid(), everything)
                     runs.append({"repeat": rep, "clients": clients, **v, "bare": bare, "served": srv})
                     ratio = srv["samples_per_s"] / bare["samples_per_s"]
                     print(f"rep {rep} clients {clients:>2} " + " ".join(f"{k} {x}" for k, x in v.items()) + ": "
