@@ -1,0 +1,63 @@
+"""Bare torch throughput of the cloud stages at several batch sizes, interleaved (one thread, as a replica).
+
+Why the cloud benchmark's limit is the best of several batch sizes, and why replicas batch 16 samples here: per
+sample, the largest batch is not the fastest on a CPU whose L2 cache the activations outgrow.
+
+    python benchmarks/bare_batch_sizes.py --split 4 0      # ~1 minute
+Writes benchmarks/results/bare_batch_sizes.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from cloud_bench import bare_torch, machine_info  # noqa: E402
+from rapnet.checkpoint import load_model  # noqa: E402
+from rapnet.codec import pixels_to_tensor, tensor_to_pixels  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"))
+    parser.add_argument("--split", type=int, nargs="+", default=[4, 0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=0.6, help="measured per batch size and repeat")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bare_batch_sizes.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, _ = load_model(args.checkpoint)
+    exit_index = model.num_exits - 1
+    result = {"benchmark": "bare_batch_sizes", "machine": machine_info(1), "exit": exit_index, "splits": {}}
+    for split in args.split:
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode():  # split 0 starts from decoded PNG pixels, as the cloud does
+            carries = [model.edge_part(pixels_to_tensor(tensor_to_pixels(x)) if split == 0 else x, split)
+                       for x in (torch.randn(1, 3, 32, 32, generator=gen) for _ in range(64))]
+        runs = {b: [] for b in args.batches}
+        for _ in range(args.repeats):
+            for b in args.batches:  # interleaved: machine drift hits every size alike
+                runs[b].append(bare_torch(model, carries, split, exit_index, b, 0.1, args.seconds)["samples_per_s"])
+        largest = max(args.batches)
+        summary = {b: {"median": statistics.median(v), "min": min(v), "max": max(v),
+                       "median_vs_largest": statistics.median(x / y for x, y in zip(v, runs[largest]))}
+                   for b, v in runs.items()}
+        result["splits"][split] = {"summary": summary, "runs": runs}
+        for b, s in summary.items():
+            print(f"split {split} batch {b:>3}: median {s['median']:6.0f} samples/s ({s['min']:.0f}-{s['max']:.0f}), "
+                  f"{s['median_vs_largest']:.2f}x batch {largest} (paired)")
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
