@@ -112,7 +112,8 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def bare_limit(model, carries, split: int, exit_index: int, max_batch: int, warmup_s: float, seconds: float) -> dict:
+def bare_limit(model, carries, split: int, exit_index: int, max_batch: int, warmup_s: float, seconds: float,
+               exit_price: float | None = None) -> dict:
     """Bare torch at the best of max_batch, max_batch/2 and max_batch/4 (the limit the served path is held to).
 
     The best batch is not always the largest: on the 2-vCPU EPYC one thread runs these stages ~1.4x (split 4)
@@ -120,13 +121,22 @@ def bare_limit(model, carries, split: int, exit_index: int, max_batch: int, warm
     Comparing against the largest batch alone would flatter the served path, whose batches hold ~16 samples.
     """
     sizes = sorted({max(1, max_batch >> k) for k in range(3)}, reverse=True)
-    by_batch = {b: bare_torch(model, carries, split, exit_index, b, warmup_s, seconds / len(sizes)) for b in sizes}
+    by_batch = {b: bare_torch(model, carries, split, exit_index, b, warmup_s, seconds / len(sizes), exit_price)
+                for b in sizes}
     best = max(by_batch, key=lambda b: by_batch[b]["samples_per_s"])
     return {**by_batch[best], "batch": best, "by_batch": {b: r["samples_per_s"] for b, r in by_batch.items()}}
 
 
-def bare_torch(model, carries, split: int, exit_index: int, batch: int, warmup_s: float, seconds: float) -> dict:
+def bare_torch(model, carries, split: int, exit_index: int, batch: int, warmup_s: float, seconds: float,
+               exit_price: float | None = None) -> dict:
+    """`exit_price`: the samples' exits come from the predictor and the priced rule, as the replica picks them for
+    requests that leave the exit to the cloud (split 0); that work is timed too."""
     import torch
+
+    from cloud.batching import priced_rule_costs
+    from rapnet.evaluate import priced_exits
+
+    costs = priced_rule_costs(model)[: exit_index + 1] if exit_price is not None else None
 
     keys = carries[0].keys()
     batches = []
@@ -143,7 +153,11 @@ def bare_torch(model, carries, split: int, exit_index: int, batch: int, warmup_s
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 break
-            model.continue_mixed(batches[i % len(batches)], split, exits)
+            carry = batches[i % len(batches)]
+            if exit_price is not None:
+                scores = model.exit_scores(carry["image"])[:, : exit_index + 1].numpy()
+                exits = torch.from_numpy(priced_exits(scores, exit_price, costs))
+            model.continue_mixed(carry, split, exits)
             t1 = time.perf_counter()
             if t0 >= measure_from:
                 latencies.append(t1 - t0)
@@ -266,6 +280,12 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=4, help="split point the requests carry (0: the PNG image, what "
                         "edge agents send when they offload; 4: high-resolution features, ~12 KB in fp16)")
     parser.add_argument("--exit", type=int, default=None, help="default: the last exit")
+    parser.add_argument("--dataset", default=None,
+                        help="take the requests' images from this dataset's test split (e.g. cifar10; found like "
+                             "rapnet-train finds it) instead of random noise")
+    parser.add_argument("--cloud-exit-price", type=float, default=None,
+                        help="split 0 only: requests leave the exit (up to --exit) to the cloud's predictor and "
+                             "priced rule at this price, as edge agents do by default")
     parser.add_argument("--encoding", default="fp16", help="carry encoding the edge sends (fp32/fp16/int8/int4)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
@@ -329,15 +349,23 @@ def main() -> None:
     contract = ModelContract.from_model(model, metadata["identity"])
     gen = torch.Generator().manual_seed(0)
     carries, payloads = [], []
+    if args.cloud_exit_price is not None and args.split != 0:
+        sys.exit("--cloud-exit-price needs --split 0: the cloud picks exits for image requests only")
+    images = None
+    if args.dataset:
+        from rapnet.data import load_dataset, locate_dataset
+        from rapnet.preprocess import to_model_input
+
+        images = load_dataset(locate_dataset(None, args.dataset), "test").images[:64]
     with torch.inference_mode():
-        for _ in range(64):
-            x = torch.randn(1, 3, 32, 32, generator=gen)
+        for k in range(64):
+            x = to_model_input(images[k][None]) if images is not None else torch.randn(1, 3, 32, 32, generator=gen)
             # Split 0 sends the image (PNG, as the edge does): both sides start from the pixels the cloud decodes.
             pixels = tensor_to_pixels(x) if args.split == 0 else None
             carry = model.edge_part(pixels_to_tensor(pixels) if args.split == 0 else x, args.split)
             carries.append(carry)
             payloads.append(build_request(contract, carry, args.split, exit_index, EncodeOptions(encoding=args.encoding),
-                                          image=pixels).SerializeToString())
+                                          image=pixels, cloud_exit_price=args.cloud_exit_price).SerializeToString())
     payload_file = tempfile.NamedTemporaryFile(prefix="rapnet-bench-", suffix=".bin", delete=False)
     payload_file.write(b"".join(struct.pack("<I", len(p)) + p for p in payloads))
     payload_file.close()
@@ -369,7 +397,7 @@ def main() -> None:
             for clients in args.clients:
                 # At least up to batch 32, whatever the server's max batch: the limit must not shrink with it.
                 bare = bare_limit(model, carries, args.split, exit_index, min(clients, max(32, *args.max_batch_size)),
-                                  args.warmup, args.seconds)
+                                  args.warmup, args.seconds, args.cloud_exit_price)
                 for v in variants:  # all take effect at once: switching between runs is safe
                     coalescer = server._front.coalescer
                     coalescer.handle = handles[v["replica_env"], v["max_batch_size"]]
@@ -421,7 +449,8 @@ def main() -> None:
         })
     result = {
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
-        "split": args.split, "exit": exit_index, "encoding": args.encoding,
+        "split": args.split, "exit": exit_index, "encoding": args.encoding, "dataset": args.dataset,
+        "cloud_exit_price": args.cloud_exit_price,
         "settings": {"batch_wait_ms": args.batch_wait_ms, "replicas": args.replicas,
                      "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),
