@@ -117,7 +117,7 @@ def bare_limit(model, carries, split: int, exit_index: int, max_batch: int, warm
     """Bare torch at the best of max_batch, max_batch/2 and max_batch/4 (the limit the served path is held to).
 
     The best batch is not always the largest: on the 2-vCPU EPYC one thread runs these stages ~1.4x (split 4)
-    and ~1.9x (split 0) faster per sample at batch 16 than at 32 (activations outgrow the 2 MiB L2 cache).
+    and 1.8-1.9x (split 0) faster per sample at batch 16 than at 32 (activations outgrow the 2 MiB L2 cache).
     Comparing against the largest batch alone would flatter the served path, whose batches hold ~16 samples.
     """
     sizes = sorted({max(1, max_batch >> k) for k in range(3)}, reverse=True)
@@ -213,34 +213,34 @@ def served(server, payload_file: str, clients: int, warmup_s: float, seconds: fl
 
 
 def _replica_pids() -> list[int]:
+    """Every Serve replica process on this machine."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
                 pids.append(int(proc.name))
         except (FileNotFoundError, ProcessLookupError):
-            pass
+            pass  # the process ended meanwhile
     return pids
 
 
-def pin_threads(pid: int, cpus: set[int]) -> None:
-    """CPU affinity of every thread of process `pid` (threads that end meanwhile are skipped)."""
+def _each_thread(pid: int, apply) -> None:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            os.sched_setaffinity(int(task.name), cpus)
+            apply(int(task.name))
         except (FileNotFoundError, ProcessLookupError):
-            pass
+            pass  # the thread ended meanwhile
+
+
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """CPU affinity of every thread of process `pid`."""
+    _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cpus))
 
 
 def renice_replicas(nice: int) -> None:
     """Set the nice value of every thread of every Serve replica on this machine (Linux; lowering it needs root)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
-                for task in (proc / "task").iterdir():
-                    os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # the process or thread ended meanwhile
+    for pid in _replica_pids():
+        _each_thread(pid, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice))
 
 
 def deploy_variant(server, checkpoint, identity: str, config, env: str, max_batch: int, app_name: str):
@@ -296,7 +296,7 @@ def main() -> None:
                              "deployed app and are measured one after another in each repeat")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="replica batch wait (default: CloudConfig's)")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--replicas", type=int, default=1, help="fixed replica count (each num_cpus 1 / replicas)")
+    parser.add_argument("--replicas", type=int, default=1, help="fixed replica count per deployed app")
     parser.add_argument("--rpc", choices=["unary", "stream"], nargs="+", default=["unary"],
                         help="clients call Infer once per request, or keep one InferStream each; several values are "
                              "measured one after another in each repeat")
@@ -459,19 +459,19 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    print("| clients | pipeline | hold ms | replica nice | rpc | gc freeze | replica env | max batch | bare torch samples/s "
-          "(at batch) | served samples/s "
-          "| served / bare "
-          "| served p50 ms | served p99 ms | bare p50 ms (per batch) | mean batch | replica busy | compute ms/batch "
-          "| queue ms | decode ms |")
-    print("|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    columns = ["clients", "pipeline", "hold ms", "replica nice", "rpc", "gc freeze", "replica env", "max batch", "pin",
+               "bare torch samples/s (at batch)", "served samples/s", "served / bare", "served p50 ms", "served p99 ms",
+               "bare p50 ms (per batch)", "mean batch", "replica busy", "compute ms/batch", "queue ms", "decode ms"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if c in ("rpc", "gc freeze", "replica env", "pin") else "---:" for c in columns) + "|")
     for s in summary:
-        print(f"| {s['clients']} | {s['pipeline_per_replica']} | {s['chunk_hold_ms']:g} | {s['replica_nice']} | "
-              f"{s['rpc']} | {s['gc_freeze']} | {s['replica_env']} | {s['max_batch_size']} | "
-              f"{s['bare_samples_per_s']:.0f} ({s['bare_batch']}) | {s['served_samples_per_s']:.0f} | "
-              f"{s['ratio']:.2f} | {s['served_p50_ms']:.1f} | {s['served_p99_ms']:.1f} | {s['bare_p50_ms']:.1f} | "
-              f"{s['mean_batch']:.1f} | {s['replica_busy']:.2f} | {s['compute_ms_per_batch']:.1f} | "
-              f"{s['queue_ms_mean']:.1f} | {s['decode_ms_mean']:.2f} |")
+        cells = [s["clients"], s["pipeline_per_replica"], f"{s['chunk_hold_ms']:g}", s["replica_nice"], s["rpc"],
+                 s["gc_freeze"], s["replica_env"], s["max_batch_size"], s["pin"],
+                 f"{s['bare_samples_per_s']:.0f} ({s['bare_batch']})", f"{s['served_samples_per_s']:.0f}",
+                 f"{s['ratio']:.2f}", f"{s['served_p50_ms']:.1f}", f"{s['served_p99_ms']:.1f}", f"{s['bare_p50_ms']:.1f}",
+                 f"{s['mean_batch']:.1f}", f"{s['replica_busy']:.2f}", f"{s['compute_ms_per_batch']:.1f}",
+                 f"{s['queue_ms_mean']:.1f}", f"{s['decode_ms_mean']:.2f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

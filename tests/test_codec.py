@@ -557,9 +557,9 @@ def test_response_top_k(setup):
 def test_response_matches_torch_softmax_for_numpy_and_torch_logits(setup):
     _, contract = setup
     logits = torch.randn(10, generator=torch.Generator().manual_seed(3)) * 4
-    for given in (logits, logits.numpy(), logits.to(torch.bfloat16)):
-        expected = torch.softmax(torch.as_tensor(given).float(), dim=0).topk(5)
-        resp = codec.build_response("r", given, 2, contract, 4)
+    for sent in (logits, logits.numpy(), logits.to(torch.bfloat16)):
+        expected = torch.softmax(torch.as_tensor(sent).float(), dim=0).topk(5)
+        resp = codec.build_response("r", sent, 2, contract, 4)
         assert resp.class_index == int(expected.indices[0])
         assert [t.class_index for t in resp.top_k] == expected.indices.tolist()
         np.testing.assert_allclose([t.score for t in resp.top_k], expected.values.numpy(), rtol=1e-5)
