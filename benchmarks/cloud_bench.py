@@ -291,35 +291,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--max-batch-size", type=int, nargs="+", default=None,
-                        help="replica max batch and the front's chunk size (default: CloudConfig's); several values each get their own "
-                             "deployed app and are measured one after another in each repeat")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="replica batch wait (default: CloudConfig's)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1, help="fixed replica count per deployed app")
-    parser.add_argument("--rpc", choices=["unary", "stream"], nargs="+", default=["unary"],
-                        help="clients call Infer once per request, or keep one InferStream each; several values are "
-                             "measured one after another in each repeat")
-    parser.add_argument("--pipeline-per-replica", type=int, nargs="+", default=None,
-                        help="handle calls the front keeps outstanding per replica (default: CloudConfig's); several "
-                             "values are measured one after another in each repeat")
-    parser.add_argument("--chunk-hold-ms", type=float, nargs="+", default=None,
-                        help="front: how long a partial chunk waits for company while the replica is busy (default: "
-                             "config's); several values are measured one after another in each repeat")
-    parser.add_argument("--replica-nice", type=int, nargs="+", default=None,
-                        help="renice the replica's threads to each value in turn (Linux, root; default: leave "
-                             "config's ray.worker_niceness); several values are measured one after another in "
-                             "each repeat")
-    parser.add_argument("--gc-freeze", choices=["on", "off"], nargs="+", default=["on"],
-                        help="the front process's startup heap frozen (gc.freeze, as CloudServer.start does) or "
-                             "not; several values are measured one after another in each repeat")
-    parser.add_argument("--replica-env", nargs="+", default=["default"], metavar="NAME=VALUE|default",
-                        help="replica environment (replica.env_vars), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
-                             "each value gets its own deployed app and the front switches between them, so several "
-                             "values are measured one after another in each repeat")
-    parser.add_argument("--pin", choices=["off", "on"], nargs="+", default=["off"],
-                        help="on: the replicas' threads on CPU 0, the front (this process) and the client on the "
-                             "others; several values are measured one after another in each repeat")
+    # Axes: each takes several values, measured one after another within each repeat (interleaved).
+    def axis(flag: str, help: str, **kwargs) -> None:
+        parser.add_argument(flag, nargs="+", help=help + "; several values are measured one after another in each "
+                            "repeat", **kwargs)
+
+    axis("--rpc", "clients call Infer once per request, or keep one InferStream each", choices=["unary", "stream"],
+         default=["unary"])
+    axis("--pipeline-per-replica", "handle calls the front keeps outstanding per replica (default: CloudConfig's)",
+         type=int, default=None)
+    axis("--chunk-hold-ms", "front: how long a partial chunk waits for company while the replica is busy "
+         "(default: config's)", type=float, default=None)
+    axis("--replica-nice", "renice the replica's threads to each value in turn (Linux, root; default: leave config's "
+         "ray.worker_niceness)", type=int, default=None)
+    axis("--gc-freeze", "the front process's startup heap frozen (gc.freeze, as CloudServer.start does) or not",
+         choices=["on", "off"], default=["on"])
+    axis("--max-batch-size", "replica max batch and the front's chunk size (default: CloudConfig's); each value gets "
+         "its own deployed app", type=int, default=None)
+    axis("--replica-env", "replica environment (replica.env_vars), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
+         "each value gets its own deployed app", default=["default"], metavar="NAME=VALUE|default")
+    axis("--pin", "on: the replicas' threads on CPU 0, the front (this process) and the client on the others",
+         choices=["off", "on"], default=["off"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
