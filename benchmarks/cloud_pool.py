@@ -1,0 +1,50 @@
+"""Pool `cloud_bench.py` results over several runs: served / bare per repeat, for one setting, by traffic.
+
+Runs of the same command minutes apart differ by up to 0.2 in their median ratio on a shared 2-vCPU host, so the
+figures in docs/cloud.md are pooled over every run with the shipped settings. Only results whose limit is the best
+of several batch sizes (`bare_limit`, sixth session on) are read.
+
+    python benchmarks/cloud_pool.py benchmarks/results/cloud*.json --clients 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def traffic(result: dict) -> str:
+    if result.get("cloud_exit_price") is not None:
+        return f"split {result['split']}, cloud picks the exit"
+    return f"split {result['split']}, exit {result['exit']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="the setting to pool (default: shipped)")
+    args = parser.parse_args()
+    shipped = {"max_batch_size": args.max_batch_size, "pin": "off", "replica_env": "default", "gc_freeze": "on"}
+    pooled: dict[str, list[tuple[str, list[float]]]] = {}
+    for path in sorted(args.files):
+        result = json.loads(Path(path).read_text())
+        runs = [r for r in result.get("runs", []) if "by_batch" in r["bare"] and r["clients"] == args.clients
+                and all(r.get(k, v) == v for k, v in shipped.items())]
+        if runs:
+            ratios = [r["served"]["samples_per_s"] / r["bare"]["samples_per_s"] for r in runs]
+            pooled.setdefault(traffic(result), []).append((Path(path).name, ratios))
+    print("| traffic | runs | repeats | median served / bare | range | run medians |")
+    print("|---|---:|---:|---:|---|---|")
+    for name, runs in pooled.items():
+        every = [x for _, ratios in runs for x in ratios]
+        medians = sorted(statistics.median(ratios) for _, ratios in runs)
+        print(f"| {name} | {len(runs)} | {len(every)} | {statistics.median(every):.2f} | {min(every):.2f}-"
+              f"{max(every):.2f} | {', '.join(f'{m:.2f}' for m in medians)} |")
+    for name, runs in pooled.items():
+        print(f"\n{name}: " + "; ".join(f"{f} {', '.join(f'{x:.2f}' for x in ratios)}" for f, ratios in runs))
+
+
+if __name__ == "__main__":
+    main()
