@@ -243,10 +243,13 @@ def renice_replicas(nice: int) -> None:
         _each_thread(pid, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice))
 
 
-def deploy_variant(server, checkpoint, identity: str, config, env: str, max_batch: int, app_name: str):
-    """The deployment handle for replicas with `env` ("NAME=VALUE[,NAME=VALUE]", or "default") and `max_batch`:
-    the server's own app for its config, else an extra app (gone with the server's Ray instance)."""
-    if env == "default" and max_batch == config.batch.max_batch_size:
+def deploy_variant(server, checkpoint, identity: str, config, env: str, max_batch: int, keep_freed: str,
+                   app_name: str):
+    """The deployment handle for replicas with `env` ("NAME=VALUE[,NAME=VALUE]", or "default"), `max_batch` and
+    `keep_freed` ("on"/"off"): the server's own app for its config, else an extra app (gone with the server's Ray
+    instance)."""
+    keep = keep_freed == "on"
+    if env == "default" and max_batch == config.batch.max_batch_size and keep == config.replica.keep_freed_memory:
         return server._front.coalescer.handle
     from ray import serve
 
@@ -254,7 +257,9 @@ def deploy_variant(server, checkpoint, identity: str, config, env: str, max_batc
 
     env_vars = {} if env == "default" else dict(item.split("=", 1) for item in env.split(","))
     variant = dataclasses.replace(
-        config.with_overrides(replica={"env_vars": env_vars}, batch={"max_batch_size": max_batch}), app_name=app_name)
+        config.with_overrides(replica={"env_vars": env_vars, "keep_freed_memory": keep},
+                              batch={"max_batch_size": max_batch}),
+        app_name=app_name)
     return serve.run(build_app(str(checkpoint), identity, variant), name=variant.app_name, route_prefix=None)
 
 
@@ -313,6 +318,8 @@ def main() -> None:
          "its own deployed app", type=int, default=None)
     axis("--replica-env", "replica environment (replica.env_vars), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
          "each value gets its own deployed app", default=["default"], metavar="NAME=VALUE|default")
+    axis("--keep-freed-memory", "replicas keep freed heap memory (replica.keep_freed_memory) or not; each value gets "
+         "its own deployed app. The bare limit always keeps it (the faster)", choices=["on", "off"], default=["on"])
     axis("--pin", "on: the replicas' threads on CPU 0, the front (this process) and the client on the others",
          choices=["off", "on"], default=["off"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
@@ -332,6 +339,7 @@ def main() -> None:
     from cloud.server import CloudServer, local_ray_environment
     from rapnet.checkpoint import load_model
     from rapnet.codec import EncodeOptions, ModelContract, build_request, pixels_to_tensor, tensor_to_pixels
+    from rapnet.runtime import keep_freed_memory
 
     local_ray_environment()
     checkpoint = args.checkpoint or next(
@@ -339,6 +347,7 @@ def main() -> None:
     if checkpoint is None:
         sys.exit("no checkpoint: pass --checkpoint (models/rapnet-cifar10.pt is written by rapnet-train)")
     torch.set_num_threads(args.torch_threads)
+    keep_freed_memory()  # the bare limit runs in this process: held to the faster allocator setting, as replicas
     model, metadata = load_model(checkpoint)
     exit_index = model.num_exits - 1 if args.exit is None else args.exit
     contract = ModelContract.from_model(model, metadata["identity"])
@@ -365,12 +374,13 @@ def main() -> None:
     payload_file.write(b"".join(struct.pack("<I", len(p)) + p for p in payloads))
     payload_file.close()
 
+    replica_variants = list(itertools.product(args.replica_env, args.max_batch_size, args.keep_freed_memory))
     temp = tempfile.mkdtemp(prefix="rapnet-ray-bench-", dir="/tmp")
     config = CloudConfig().with_overrides(
         batch={"max_batch_size": args.max_batch_size[0], "batch_wait_ms": args.batch_wait_ms},
-        # Ray's CPU bookkeeping must fit every app the axes deploy (replica_env x max_batch_size) on its 2 CPUs.
+        # Ray's CPU bookkeeping must fit every app the axes deploy (one per replica variant) on its 2 CPUs.
         replica={"torch_threads": args.torch_threads,
-                 "num_cpus": 1 / (args.replicas * len(args.replica_env) * len(args.max_batch_size))},
+                 "num_cpus": 1 / (args.replicas * len(replica_variants))},
         autoscaling={"min_replicas": args.replicas, "max_replicas": args.replicas},
         front={"port": 0, "max_in_flight": 1024},
         metrics={"port": None}, ray={"temp_dir": temp},
@@ -382,10 +392,10 @@ def main() -> None:
             "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
             "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc,
             "gc_freeze": args.gc_freeze, "replica_env": args.replica_env, "max_batch_size": args.max_batch_size,
-            "pin": args.pin}
+            "keep_freed_memory": args.keep_freed_memory, "pin": args.pin}
     variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-    handles = {(env, batch): deploy_variant(server, checkpoint, metadata["identity"], config, env, batch, f"bench-{i}")
-               for i, (env, batch) in enumerate(itertools.product(args.replica_env, args.max_batch_size))}
+    handles = {variant: deploy_variant(server, checkpoint, metadata["identity"], config, *variant, f"bench-{i}")
+               for i, variant in enumerate(replica_variants)}
     runs: list[dict] = []
     try:
         for rep in range(args.repeats):
@@ -395,7 +405,7 @@ def main() -> None:
                                   args.warmup, args.seconds, args.cloud_exit_price)
                 for v in variants:  # all take effect at once: switching between runs is safe
                     coalescer = server._front.coalescer
-                    coalescer.handle = handles[v["replica_env"], v["max_batch_size"]]
+                    coalescer.handle = handles[v["replica_env"], v["max_batch_size"], v["keep_freed_memory"]]
                     coalescer.max_chunk = v["max_batch_size"]
                     coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=v["chunk_hold_ms"],
                                                              pipeline_per_replica=v["pipeline_per_replica"])
@@ -454,14 +464,16 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}\n")
-    columns = ["clients", "pipeline", "hold ms", "replica nice", "rpc", "gc freeze", "replica env", "max batch", "pin",
+    columns = ["clients", "pipeline", "hold ms", "replica nice", "rpc", "gc freeze", "replica env", "max batch",
+               "keep freed", "pin",
                "bare torch samples/s (at batch)", "served samples/s", "served / bare", "served p50 ms", "served p99 ms",
                "bare p50 ms (per batch)", "mean batch", "replica busy", "compute ms/batch", "queue ms", "decode ms"]
     print("| " + " | ".join(columns) + " |")
-    print("|" + "|".join("---" if c in ("rpc", "gc freeze", "replica env", "pin") else "---:" for c in columns) + "|")
+    print("|" + "|".join("---" if c in ("rpc", "gc freeze", "replica env", "keep freed", "pin") else "---:"
+                         for c in columns) + "|")
     for s in summary:
         cells = [s["clients"], s["pipeline_per_replica"], f"{s['chunk_hold_ms']:g}", s["replica_nice"], s["rpc"],
-                 s["gc_freeze"], s["replica_env"], s["max_batch_size"], s["pin"],
+                 s["gc_freeze"], s["replica_env"], s["max_batch_size"], s["keep_freed_memory"], s["pin"],
                  f"{s['bare_samples_per_s']:.0f} ({s['bare_batch']})", f"{s['served_samples_per_s']:.0f}",
                  f"{s['ratio']:.2f}", f"{s['served_p50_ms']:.1f}", f"{s['served_p99_ms']:.1f}", f"{s['bare_p50_ms']:.1f}",
                  f"{s['mean_batch']:.1f}", f"{s['replica_busy']:.2f}", f"{s['compute_ms_per_batch']:.1f}",

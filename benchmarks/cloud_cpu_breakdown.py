@@ -1,5 +1,5 @@
-"""Where the CPU goes while the cloud tier serves: CPU seconds per process during the served phase of one
-32-client `cloud_bench.py` run, read from /proc (Linux only).
+"""Where the CPU goes while the cloud tier serves: CPU seconds and minor page faults per process during the
+served phase of one 32-client `cloud_bench.py` run, read from /proc (Linux only).
 
     python benchmarks/cloud_cpu_breakdown.py --chunk-hold-ms 50
 """
@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, user + system CPU seconds so far) for every process this user can read."""
+def cpu_seconds() -> dict[int, tuple[str, float, int]]:
+    """pid -> (command line, user + system CPU seconds so far, minor page faults so far) for every process this
+    user can read."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -25,8 +26,9 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
             cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
         except OSError:
             continue  # the process ended meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime and stime are fields 14-15
-        out[int(pid)] = (cmd[:100] or stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / TICK)
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": minflt is field 10, utime and stime 14-15
+        name = cmd[:100] or stat[stat.index("(") + 1 : stat.rindex(")")]
+        out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / TICK, int(fields[7]))
     return out
 
 
@@ -41,7 +43,7 @@ def main() -> None:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     start = end = None
     while bench.poll() is None:
-        if start is None and any(" --client " in cmd for cmd, _ in cpu_seconds().values()):
+        if start is None and any(" --client " in cmd for cmd, _, _ in cpu_seconds().values()):
             time.sleep(1.5)  # past the client's 1 s warm-up
             start, t0 = cpu_seconds(), time.time()
             time.sleep(args.window)
@@ -50,10 +52,11 @@ def main() -> None:
     if start is None or end is None:
         sys.exit("the served phase was not seen: did cloud_bench.py fail?")
     print("\n".join(line for line in bench.stdout.read().splitlines() if line.startswith("rep ")))
-    rows = sorted(((cpu - start[pid][1], pid, cmd) for pid, (cmd, cpu) in end.items() if pid in start), reverse=True)
+    rows = sorted(((cpu - start[pid][1], faults - start[pid][2], pid, cmd) for pid, (cmd, cpu, faults) in end.items()
+                   if pid in start), reverse=True)
     rows = [r for r in rows if r[0] >= 0.02]
-    for seconds, pid, cmd in rows:
-        print(f"{seconds:6.2f} s  {pid:>7}  {cmd}")
+    for seconds, faults, pid, cmd in rows:
+        print(f"{seconds:6.2f} s  {faults:>9} minor faults  {pid:>7}  {cmd}")
     print(f"window {t1 - t0:.1f} s x {os.cpu_count()} CPUs; used {sum(r[0] for r in rows):.1f} CPU-s")
 
 

@@ -26,9 +26,13 @@ class CloudStages:
     """Runs stages [split, exit] of the RAPNet model for batches of samples."""
 
     def __init__(self, checkpoint: str, expected_identity: str, max_batch_size: int, batch_wait_s: float,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, keep_freed_memory: bool = True):
         import torch
 
+        from rapnet.runtime import keep_freed_memory as keep
+
+        # Before the first forward pass, so that its activations' memory is reused from then on.
+        self.keeps_freed_memory = keep_freed_memory and keep()
         torch.set_num_threads(torch_threads)  # oversubscribed intra-op threads make small convs many times slower
         try:
             torch.set_num_interop_threads(1)
@@ -72,10 +76,11 @@ class CloudStages:
         return self.identity
 
     def whoami(self) -> dict:
-        """Process id and Ray actor name of this replica (tests kill it by name)."""
+        """Process id and Ray actor name of this replica (tests kill it by name), and its process settings."""
         import ray
 
-        return {"pid": os.getpid(), "actor_name": ray.get_runtime_context().get_actor_name()}
+        return {"pid": os.getpid(), "actor_name": ray.get_runtime_context().get_actor_name(),
+                "keeps_freed_memory": self.keeps_freed_memory}
 
 
 def build_app(checkpoint: str, identity: str, config: CloudConfig):
@@ -93,5 +98,6 @@ def build_app(checkpoint: str, identity: str, config: CloudConfig):
         **config.autoscaling.serve_options(),
     )
     return CloudStages.options(**options).bind(
-        checkpoint, identity, config.batch.max_batch_size, config.batch.batch_wait_ms / 1e3, rep.torch_threads
+        checkpoint, identity, config.batch.max_batch_size, config.batch.batch_wait_ms / 1e3, rep.torch_threads,
+        rep.keep_freed_memory,
     )

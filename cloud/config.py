@@ -90,6 +90,9 @@ class ReplicaSettings:
     health_check_timeout_s: float = 10.0
     graceful_shutdown_timeout_s: float = 5.0
     max_constructor_retry_count: int = 3  # a replica that cannot load the checkpoint fails fast
+    # Keep freed heap memory for reuse (glibc mallopt; rapnet.runtime.keep_freed_memory): no page faults on every
+    # batch's fresh activations, at the cost of keeping the peak heap.
+    keep_freed_memory: bool = True
     # Environment of the replica processes (Ray runtime_env), e.g. Ray Serve's RAY_SERVE_* switches; works on a
     # cluster too, unlike variables set for the local raylet.
     env_vars: dict[str, str] = field(default_factory=dict)

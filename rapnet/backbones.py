@@ -54,6 +54,12 @@ def mobilenetv2_layout(width: float, fusion_stride: int) -> Layout:
     head = make_divisible(1280 * max(1.0, width))
     # Thin high-res stem (narrow, because the fused low-res features carry the semantics) ending on the grid where
     # the low-res path stops.
+    if fusion_stride == 1:
+        # Low-res path through the 24-channel stage only, fuse on the full 32x32 grid (CIFAR): from the 32-channel
+        # stage on, RAPNet is the static network. After its conv the stem has one depthwise-separable block (no
+        # expansion): at full resolution every channel is expensive (an expanded block puts the full path at 91%
+        # of the static network's FLOPs instead of 86%).
+        return Layout(stem, tuple(blocks), head, 3, 1, (BlockSpec(ch(16), ch(16), 1, 1),))
     if fusion_stride == 2:
         # Low-res path through the 32-channel stage, fuse on the 16x16 grid (CIFAR). The stem's conv keeps the full
         # resolution and its first block halves it: 2.5 points better at the deep exits than a stride-2 conv
@@ -71,6 +77,8 @@ def resnet_layout(width: float, fusion_stride: int) -> Layout:
         for i in range(repeats):
             blocks.append(BlockSpec(in_ch, ch(channels), stride if i == 0 else 1))
             in_ch = ch(channels)
+    if fusion_stride == 1:  # low-res path through layer 1, fuse on the full-resolution grid
+        return Layout(stem, tuple(blocks), 0, 2, 1, (BlockSpec(ch(32), ch(32), 1),))
     if fusion_stride == 2:  # low-res path through layer 2; the stem's conv at full resolution, as above
         return Layout(stem, tuple(blocks), 0, 4, 1, (BlockSpec(ch(32), ch(64), 2),))
     return Layout(stem, tuple(blocks), 0, 6, 2, (BlockSpec(ch(32), ch(64), 2),))  # through layer 3

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .build import build_model
 from .checkpoint import CheckpointError, load_model, save_checkpoint
-from .config import ModelConfig
+from .config import FUSION_STRIDES, ModelConfig
 from .data import (
     RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file,
     train_val_split,
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     for kind in args.models:
         config = ModelConfig(arch=args.arch, kind=kind, width=args.width, num_classes=len(dataset.classes),
-                             image_size=image_size)
+                             image_size=image_size, fusion_stride=args.fusion_stride)
         torch.manual_seed(args.seed)
         model = build_model(config)
         log: list = []
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated kinds to train: rapnet,sdn,static")
     p.add_argument("--arch", default="mobilenetv2", choices=["mobilenetv2", "resnet"])
     p.add_argument("--width", type=float, default=0.5, help="channel width multiplier")
+    p.add_argument("--fusion-stride", type=int, default=ModelConfig.fusion_stride, choices=FUSION_STRIDES,
+                   help="RAPNet: where the low- and high-resolution paths meet, as the backbone's stride there")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR at batch 128 (scaled with batch size)")

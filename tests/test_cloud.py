@@ -476,6 +476,15 @@ def test_replicas_run_at_the_configured_niceness(server):
         assert os.getpriority(os.PRIO_PROCESS, pid) == server.config.ray.worker_niceness == 0
 
 
+def test_replicas_keep_freed_memory(server):
+    """replica.keep_freed_memory (on by default) reaches the replica processes: glibc keeps their freed heap."""
+    from ray import serve
+
+    assert server.config.replica.keep_freed_memory
+    handle = serve.get_deployment_handle(server.config.deployment_name, server.config.app_name)
+    assert handle.whoami.remote().result(timeout_s=30)["keeps_freed_memory"] is True
+
+
 # ------------------------------------------------------------------------------------------------------
 # A replica dies during a burst (last: it disturbs the deployment)
 # ------------------------------------------------------------------------------------------------------

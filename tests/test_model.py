@@ -195,22 +195,22 @@ def test_split_carry_sizes_match_cost_table(models, costs, arch, width, kind):
 
 
 @pytest.mark.parametrize("arch,width", ARCH_WIDTHS, ids=[a for a, _ in ARCH_WIDTHS])
-def test_first_release_fusion_point_still_builds_and_splits(arch, width):
-    """fusion_stride 4 (the shipped first-release checkpoints) passes the same structure and split checks."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, kind="rapnet", width=width, fusion_stride=4))
-    _randomize_bn(model, 1)
-    models = {(arch, "rapnet"): model.eval()}
-    test_structure_and_forward_matches_run_to_exit(models, arch, width, "rapnet")
-    test_split_execution_equals_monolithic(models, arch, width, "rapnet")
-    later = build_model(ModelConfig(arch=arch, kind="rapnet", width=width))
-    # fusion_stride 2 ends the low-res path two stages earlier: the paths meet on a finer grid
-    assert later.config.fusion_stride == 2
+def test_other_fusion_points_build_and_split(arch, width):
+    """fusion_stride 4 (the shipped first-release checkpoints) and 1 (an experiment) pass the same structure and
+    split checks as the default 2, and the paths meet on the grid each names."""
     fused = lambda m: next(s for s in m.stages if s.reads[0] == "image" and len(s.reads) == 2)  # noqa: E731
-    x = _image(1)
-    with torch.inference_mode():
-        grid = {m.config.fusion_stride: fused(m).stem(x).shape[-1] for m in (model.eval(), later.eval())}
-    assert grid == {4: 8, 2: 16}
+    grid = {}
+    for fusion_stride in (4, 2, 1):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch=arch, kind="rapnet", width=width, fusion_stride=fusion_stride))
+        _randomize_bn(model, 1)
+        models = {(arch, "rapnet"): model.eval()}
+        test_structure_and_forward_matches_run_to_exit(models, arch, width, "rapnet")
+        test_split_execution_equals_monolithic(models, arch, width, "rapnet")
+        with torch.inference_mode():
+            grid[fusion_stride] = fused(model).stem(_image(1)).shape[-1]
+    assert ModelConfig().fusion_stride == 2
+    assert grid == {4: 8, 2: 16, 1: 32}
 
 
 # --- 2. real early exit ----------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""Process-level tuning (rapnet.runtime): each setting does what it claims, in a fresh process."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Minor page faults per forward pass of a small RAPNet at batch 16, in a worker thread (as a replica computes).
+_FAULTS_PER_FORWARD = """
+import resource, sys, threading, torch
+from rapnet.build import build_model
+from rapnet.config import ModelConfig
+from rapnet.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.set_num_threads(1)
+model = build_model(ModelConfig(width=0.35)).eval()
+x = torch.randn(16, 3, 32, 32)
+out = {}
+def run():
+    with torch.inference_mode():
+        for _ in range(3):
+            model.run_to_exit(x, model.num_exits - 1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            model.run_to_exit(x, model.num_exits - 1)
+        out["faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+worker = threading.Thread(target=run)
+worker.start()
+worker.join()
+print(out["faults"])
+"""
+
+
+def _faults_per_forward(setting: str) -> float:
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_FORWARD, setting], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc mallopt")
+def test_keeping_freed_memory_stops_the_page_faults_of_repeated_forward_passes():
+    default, kept = _faults_per_forward("default"), _faults_per_forward("keep")
+    # glibc's default hands large activations back to the kernel after each pass and faults them in again
+    assert default > 200
+    assert kept < default / 20
