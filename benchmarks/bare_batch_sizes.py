@@ -1,7 +1,8 @@
 """Bare torch throughput of the cloud stages at several batch sizes, interleaved (one thread, as a replica).
 
-Why the cloud benchmark's limit is the best of several batch sizes, and why replicas batch 16 samples here: per
-sample, the largest batch is not the fastest on a CPU whose L2 cache the activations outgrow.
+Why the cloud benchmark's limit is the best of several batch sizes: per sample, the largest batch is not always
+the fastest. With glibc's default malloc, batch 16 beat batch 32 by 1.4-1.8x here (sixth session); the process
+keeps freed memory (`rapnet.runtime.keep_freed_memory`), as replicas do, unless --default-malloc.
 
     python benchmarks/bare_batch_sizes.py --split 4 0      # ~1 minute
 Writes benchmarks/results/bare_batch_sizes.json.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from cloud_bench import bare_torch, machine_info  # noqa: E402
 from rapnet.checkpoint import load_model  # noqa: E402
 from rapnet.codec import pixels_to_tensor, tensor_to_pixels  # noqa: E402
+from rapnet.runtime import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:
@@ -32,12 +34,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=0.6, help="measured per batch size and repeat")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc at its defaults")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bare_batch_sizes.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    kept = not args.default_malloc and keep_freed_memory()
     model, _ = load_model(args.checkpoint)
     exit_index = model.num_exits - 1
-    result = {"benchmark": "bare_batch_sizes", "machine": machine_info(1), "exit": exit_index, "splits": {}}
+    result = {"benchmark": "bare_batch_sizes", "machine": machine_info(1), "exit": exit_index,
+              "keeps_freed_memory": kept, "splits": {}}
     for split in args.split:
         gen = torch.Generator().manual_seed(0)
         with torch.inference_mode():  # split 0 starts from decoded PNG pixels, as the cloud does

@@ -347,7 +347,7 @@ def main() -> None:
     if checkpoint is None:
         sys.exit("no checkpoint: pass --checkpoint (models/rapnet-cifar10.pt is written by rapnet-train)")
     torch.set_num_threads(args.torch_threads)
-    keep_freed_memory()  # the bare limit runs in this process: held to the faster allocator setting, as replicas
+    bare_kept = keep_freed_memory()  # the bare limit runs in this process: the faster allocator setting, as replicas
     model, metadata = load_model(checkpoint)
     exit_index = model.num_exits - 1 if args.exit is None else args.exit
     contract = ModelContract.from_model(model, metadata["identity"])
@@ -455,7 +455,7 @@ def main() -> None:
     result = {
         "benchmark": "cloud_bench", "machine": info, "checkpoint": str(checkpoint), "identity": metadata["identity"][:12],
         "split": args.split, "exit": exit_index, "encoding": args.encoding, "dataset": args.dataset,
-        "cloud_exit_price": args.cloud_exit_price,
+        "cloud_exit_price": args.cloud_exit_price, "bare_keeps_freed_memory": bare_kept,
         "settings": {"batch_wait_ms": args.batch_wait_ms, "replicas": args.replicas,
                      "seconds": args.seconds, "warmup_s": args.warmup, "repeats": args.repeats, "tls": False},
         "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1),

@@ -204,9 +204,6 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
 
     torch.set_num_threads(max(1, args.torch_threads))
     from rapnet.checkpoint import CheckpointError, load_model
-    from rapnet.runtime import freeze_startup_heap, keep_freed_memory
-
-    keep_freed_memory()  # before the device profile is measured: every forward pass reuses its activations' memory
 
     from .decide import DecisionSettings, build_decider
     from .frames import SourceError, SourceSpec, open_source
@@ -255,6 +252,8 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
     except BaseException:
         close_app(app)
         raise
+    from rapnet.runtime import freeze_startup_heap
+
     freeze_startup_heap()  # no 0.2 s collector pauses in the frame loop
     return app
 

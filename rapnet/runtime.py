@@ -30,11 +30,12 @@ def freeze_startup_heap() -> None:
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel at once.
 
-    torch allocates every activation of a forward pass afresh. By default glibc serves blocks over 128 KiB with
-    mmap and trims the heap's free top, so each batch's activations are new pages that the kernel must fault in
-    and zero: 160-250 minor page faults per sample at split 4, batch 16, and one thread ran the cloud stages
-    1.4x faster without them (docs/cloud.md). With these settings a process keeps its peak heap (tens of MB
-    for these models). Returns False, changing nothing, where the C library is not glibc.
+    torch allocates every activation of a forward pass afresh. By default glibc serves large blocks with mmap
+    and trims the heap's free top, so a batch's activations are new pages that the kernel must fault in and
+    zero: ~240 minor page faults per sample for the cloud stages at split 4, batch 16, which one thread then
+    ran 1.4x faster without them (benchmarks/allocator_bench.py, docs/cloud.md). Batch-1 edge calls fault
+    nothing either way. The process keeps its peak heap (tens of MB for these models). Returns False,
+    changing nothing, where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
