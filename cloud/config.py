@@ -25,9 +25,9 @@ import yaml
 class BatchSettings:
     """Dynamic batching inside each replica (@serve.batch)."""
 
-    # Samples per forward pass, and per chunk the front sends. 16: one CPU thread runs the cloud stages up to 1.4x
-    # (split 4) and 1.9x (split 0) faster per sample at 16 than at 32 here (activations outgrow the 2 MiB L2), and
-    # two chunks of 16 keep one queued behind the one computing (docs/cloud.md). GPU workers want more.
+    # Samples per forward pass, and per chunk the front sends. 16: two chunks of 16 keep one queued behind the one
+    # computing, and at 32 clients 16 served 19 % more than 32 (5 of 5 interleaved pairs; one thread runs the
+    # stages as fast per sample at either size once replicas keep freed memory; docs/cloud.md). GPUs want more.
     max_batch_size: int = 16
     # How long the first sample of a replica batch waits for company. 0: the front already coalesces samples into
     # chunks, and waiting again in the replica measured slower (0.68 -> 0.72 of bare torch at 32 clients at 0).
