@@ -38,11 +38,13 @@ def keep_freed_memory() -> bool:
     changing nothing, where the C library is not glibc.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        log.info("no glibc mallopt here: freed memory goes back to the kernel as usual")
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; fixing either threshold also turns off glibc's dynamic adjustment of both.
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+        mallopt = None
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        # mallopt returns 1 on success; fixing either threshold also turns off glibc's dynamic adjustment of both.
+        if mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1:
+            return True
+    log.info("no glibc mallopt here: freed memory goes back to the kernel as usual")
+    return False
