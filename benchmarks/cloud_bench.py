@@ -320,6 +320,8 @@ def main() -> None:
          "each value gets its own deployed app", default=["default"], metavar="NAME=VALUE|default")
     axis("--keep-freed-memory", "replicas keep freed heap memory (replica.keep_freed_memory) or not; each value gets "
          "its own deployed app. The bare limit always keeps it (the faster)", choices=["on", "off"], default=["on"])
+    axis("--transport", "front.replica_transport: grpc (Serve's direct gRPC to the replica, pickle both ways) or ray "
+         "(Ray actor calls with object references)", choices=["grpc", "ray"], default=["grpc"])
     axis("--pin", "on: the replicas' threads on CPU 0, the front (this process) and the client on the others",
          choices=["off", "on"], default=["off"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
@@ -336,6 +338,7 @@ def main() -> None:
         args.batch_wait_ms = CloudConfig().batch.batch_wait_ms
     if args.max_batch_size is None:
         args.max_batch_size = [CloudConfig().batch.max_batch_size]
+    from cloud.front import replica_handle
     from cloud.server import CloudServer, local_ray_environment
     from rapnet.checkpoint import load_model
     from rapnet.codec import EncodeOptions, ModelContract, build_request, pixels_to_tensor, tensor_to_pixels
@@ -394,7 +397,7 @@ def main() -> None:
             "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
             "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc,
             "gc_freeze": args.gc_freeze, "replica_env": args.replica_env, "max_batch_size": args.max_batch_size,
-            "keep_freed_memory": args.keep_freed_memory, "pin": args.pin}
+            "keep_freed_memory": args.keep_freed_memory, "transport": args.transport, "pin": args.pin}
     variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     handles = {variant: deploy_variant(server, checkpoint, metadata["identity"], config, *variant, f"bench-{i}")
                for i, variant in enumerate(replica_variants)}
@@ -407,7 +410,8 @@ def main() -> None:
                                   args.warmup, args.seconds, args.cloud_exit_price)
                 for v in variants:  # all take effect at once: switching between runs is safe
                     coalescer = server._front.coalescer
-                    coalescer.handle = handles[v["replica_env"], v["max_batch_size"], v["keep_freed_memory"]]
+                    coalescer.handle = replica_handle(handles[v["replica_env"], v["max_batch_size"],
+                                                              v["keep_freed_memory"]], v["transport"])
                     coalescer.max_chunk = v["max_batch_size"]
                     coalescer.settings = dataclasses.replace(coalescer.settings, chunk_hold_ms=v["chunk_hold_ms"],
                                                              pipeline_per_replica=v["pipeline_per_replica"])

@@ -296,6 +296,18 @@ class Coalescer:
             self._flush()
 
 
+def replica_handle(handle, transport: str):
+    """The deployment handle the front sends chunks through, over the configured transport.
+
+    "grpc" is Serve's direct gRPC channel from the handle to each replica (what RAY_SERVE_USE_GRPC_BY_DEFAULT turns
+    on process-wide); "ray" is Serve's default, Ray actor calls passing object references. Samples and results are
+    plain dataclasses of numpy arrays, so standard pickle carries them; cloudpickle is only needed for code.
+    """
+    if transport == "ray":
+        return handle.options(_by_reference=True)
+    return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
+
+
 def _fail(chunk, refusal: Refusal) -> None:
     for _, future in chunk:
         if not future.done():

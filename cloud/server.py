@@ -231,7 +231,7 @@ class CloudServer:
             self._loop.close()
 
     async def _main(self, contract) -> None:
-        from .front import InferenceFront
+        from .front import InferenceFront, replica_handle
 
         front_cfg = self.config.front
         self._stop_event = asyncio.Event()
@@ -240,8 +240,8 @@ class CloudServer:
             ("grpc.max_send_message_length", front_cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        front = InferenceFront(contract, self._handle, front_cfg, self._token, self.metrics,
-                               max_chunk=self.config.batch.max_batch_size)
+        front = InferenceFront(contract, replica_handle(self._handle, front_cfg.replica_transport), front_cfg,
+                               self._token, self.metrics, max_chunk=self.config.batch.max_batch_size)
         front.coalescer.replicas = self.config.autoscaling.min_replicas
         self._front = front
         server.add_generic_rpc_handlers((front.generic_handler(),))

@@ -476,6 +476,15 @@ def test_replicas_run_at_the_configured_niceness(server):
         assert os.getpriority(os.PRIO_PROCESS, pid) == server.config.ray.worker_niceness == 0
 
 
+def test_the_front_reaches_replicas_over_the_configured_transport(server):
+    """front.replica_transport grpc (the default): chunks go over Serve's direct gRPC channel, pickled, not as Ray
+    object references (the requests in the other tests went this way too)."""
+    options = server._front.coalescer.handle.handle_options
+    assert server.config.front.replica_transport == "grpc"
+    assert (options._by_reference, options.request_serialization, options.response_serialization) == (
+        False, "pickle", "pickle")
+
+
 def test_replicas_keep_freed_memory(server):
     """replica.keep_freed_memory (on by default) reaches the replica processes: glibc keeps their freed heap."""
     from ray import serve
@@ -567,6 +576,8 @@ def test_config_yaml_is_strict(tmp_path):
     app = build_app("m.pt", "id", CloudConfig.from_dict({"replica": {"env_vars": env}}))
     assert app._bound_deployment.ray_actor_options["runtime_env"] == {"env_vars": env}
     assert "runtime_env" not in build_app("m.pt", "id", CloudConfig())._bound_deployment.ray_actor_options
+    with pytest.raises(ValueError, match="replica_transport"):
+        CloudConfig.from_dict({"front": {"replica_transport": "http"}})
 
 
 def test_cli_helpers(tmp_path, monkeypatch, model_file):
