@@ -1,5 +1,6 @@
-"""What one call from the front to a replica costs the caller: a Ray Serve deployment handle against a plain Ray
-actor method with the same chunk of samples, and the front's `serve.status()` health poll.
+"""What one call from the front to a replica costs the caller: a Ray Serve deployment handle over each
+`front.replica_transport` against a plain Ray actor method with the same chunk of samples, and the front's
+`serve.status()` health poll.
 
 Caller CPU comes from getrusage over the whole front process (its event loop, Serve's router thread and Ray's
 core-worker threads), so it includes everything a call makes the front do; the replica's side is not counted.
@@ -53,6 +54,7 @@ def main() -> None:
 
     from cloud.batching import Sample
     from cloud.config import CloudConfig
+    from cloud.front import replica_handle
     from cloud.server import CloudServer, local_ray_environment
     from cloud_bench import machine_info
     from rapnet.checkpoint import load_model
@@ -76,20 +78,20 @@ def main() -> None:
             return [len(sample.carry) for sample in chunk]
 
     echo = Echo.remote()
-    handle = server._front.coalescer.handle
+    handles = {transport: replica_handle(server._handle, transport) for transport in ("ray", "grpc")}
+    paths = {f"serve handle, {t}": h.remote for t, h in handles.items()} | {"plain Ray actor": echo.call.remote}
     rows = []
 
     async def measure() -> None:
-        await handle.remote(chunk_of(16))  # warm both paths
-        await echo.call.remote(chunk_of(16))
+        for call in paths.values():  # warm every path
+            await call(chunk_of(16))
         for size in (1, 16):
             for outstanding in (1, 2):
-                for path, call in (("serve handle", lambda c: handle.remote(c)),
-                                   ("plain Ray actor", lambda c: echo.call.remote(c))):
+                for path, call in paths.items():
                     cpu_ms, wall_ms = await _calls(call, chunk_of(size), args.calls, outstanding)
                     rows.append({"path": path, "chunk": size, "outstanding": outstanding,
                                  "caller_cpu_ms": cpu_ms, "wall_ms": wall_ms})
-                    print(f"{path:16s} chunk {size:2d} outstanding {outstanding}: caller CPU {cpu_ms:5.2f} ms, "
+                    print(f"{path:18s} chunk {size:2d} outstanding {outstanding}: caller CPU {cpu_ms:5.2f} ms, "
                           f"wall {wall_ms:6.2f} ms per call", flush=True)
 
     try:
