@@ -21,6 +21,30 @@ class IdentityMismatch(RuntimeError):
     """The checkpoint a replica loaded is not the model the front serves."""
 
 
+def _bind_replica_grpc_to_loopback() -> None:
+    """On a local Ray instance (node address 127.0.0.1), bind Serve's per-replica gRPC server to 127.0.0.1.
+
+    Ray Serve 2.60 starts that server (the channel `front.replica_transport: grpc` uses) on every interface,
+    `[::]:0`, whatever the node address, after the replica's constructor has run; on one machine nothing outside it
+    needs to reach it. On a cluster the node address is the private IP and Serve's own binding is left alone.
+    """
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    bind = serve_replica.add_port_to_grpc_server
+    if getattr(bind, "loopback_only", False):
+        return
+
+    def loopback_only(server, address: str):
+        host, _, port = address.rpartition(":")
+        return bind(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0") else address)
+
+    loopback_only.loopback_only = True
+    serve_replica.add_port_to_grpc_server = loopback_only
+
+
 @serve.deployment
 class CloudStages:
     """Runs stages [split, exit] of the RAPNet model for batches of samples."""
@@ -33,6 +57,7 @@ class CloudStages:
 
         # Before the first forward pass, so that its activations' memory is reused from then on.
         self.keeps_freed_memory = keep_freed_memory and keep()
+        _bind_replica_grpc_to_loopback()
         torch.set_num_threads(torch_threads)  # oversubscribed intra-op threads make small convs many times slower
         try:
             torch.set_num_interop_threads(1)

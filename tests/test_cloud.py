@@ -485,6 +485,42 @@ def test_the_front_reaches_replicas_over_the_configured_transport(server):
         False, "pickle", "pickle")
 
 
+def _listening_addresses(pid: int) -> set[str]:
+    """IP addresses a process listens on (TCP), from /proc: its socket inodes matched against the LISTEN rows."""
+    import ipaddress
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    addresses = set()
+    for table in ("tcp", "tcp6"):
+        for row in open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                raw = bytes.fromhex(cols[1].split(":")[0])
+                # /proc prints each 32-bit word of the address in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                address = ipaddress.ip_address(words)
+                addresses.add(str(getattr(address, "ipv4_mapped", None) or address))
+    return addresses
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/net/tcp"), reason="reads /proc")
+def test_replicas_listen_on_loopback_only(server):
+    """Serve starts a gRPC server in every replica (the front's transport to it) on all interfaces; on a local Ray
+    instance the replica binds it to 127.0.0.1 instead (cloud.app._bind_replica_grpc_to_loopback)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(server.config.deployment_name, server.config.app_name)
+    addresses = _listening_addresses(handle.whoami.remote().result(timeout_s=30)["pid"])
+    assert addresses and addresses <= {"127.0.0.1", "::1"}
+
+
 def test_replicas_keep_freed_memory(server):
     """replica.keep_freed_memory (on by default) reaches the replica processes: glibc keeps their freed heap."""
     from ray import serve
