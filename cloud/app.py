@@ -33,9 +33,9 @@ def _bind_replica_grpc_to_loopback() -> None:
 
     if ray.util.get_node_ip_address() != "127.0.0.1":
         return
-    bind = serve_replica.add_port_to_grpc_server
-    if getattr(bind, "loopback_only", False):
-        return
+    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "loopback_only", False):
+        return  # another Serve version (test_replicas_listen_on_loopback_only tells), or wrapped already
 
     def loopback_only(server, address: str):
         host, _, port = address.rpartition(":")
