@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import urllib.request
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc  # noqa: E402
@@ -499,7 +500,7 @@ def _listening_addresses(pid: int) -> set[str]:
             inodes.add(target[8:-1])
     addresses = set()
     for table in ("tcp", "tcp6"):
-        for row in open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]:
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             cols = row.split()
             if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
                 raw = bytes.fromhex(cols[1].split(":")[0])
