@@ -9,8 +9,8 @@ import logging
 import os
 import time
 import urllib.request
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc  # noqa: E402
 import pytest  # noqa: E402
