@@ -184,6 +184,14 @@ def _metric_totals(registry) -> dict:
     )}
 
 
+def _client_process_settings(cpus: set[int] | None) -> None:
+    """The load stands in for edge devices elsewhere: the default policy, whatever the front's (it would inherit
+    SCHED_BATCH from this process)."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 def served(server, payload_file: str, clients: int, warmup_s: float, seconds: float, rpc: str = "unary",
            client_cpus: set[int] | None = None) -> dict:
     before = _metric_totals(server.metrics.registry)
@@ -191,7 +199,7 @@ def served(server, payload_file: str, clients: int, warmup_s: float, seconds: fl
            "--clients", str(clients), "--warmup", str(warmup_s), "--seconds", str(seconds), "--rpc", rpc]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=warmup_s + seconds + 120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         preexec_fn=(lambda: os.sched_setaffinity(0, client_cpus)) if client_cpus else None)
+                         preexec_fn=lambda: _client_process_settings(client_cpus))
     result = json.loads(out.stdout.strip().splitlines()[-1])
     after = _metric_totals(server.metrics.registry)
     d = {k: after[k] - before[k] for k in after}
@@ -235,6 +243,11 @@ def _each_thread(pid: int, apply) -> None:
 def pin_threads(pid: int, cpus: set[int]) -> None:
     """CPU affinity of every thread of process `pid`."""
     _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cpus))
+
+
+def set_scheduling(pid: int, policy: int) -> None:
+    """Linux scheduling policy (os.SCHED_OTHER, os.SCHED_BATCH) of every thread of process `pid`."""
+    _each_thread(pid, lambda tid: os.sched_setscheduler(tid, policy, os.sched_param(0)))
 
 
 def renice_replicas(nice: int) -> None:
@@ -324,6 +337,9 @@ def main() -> None:
          "(Ray actor calls with object references)", choices=["grpc", "ray"], default=["grpc"])
     axis("--pin", "on: the replicas' threads on CPU 0, the front (this process) and the client on the others",
          choices=["off", "on"], default=["off"])
+    axis("--sched", "batch: the replicas' and the front's threads under Linux SCHED_BATCH, as replica.sched_batch and "
+         "front.sched_batch (woken threads do not preempt the running one); normal: SCHED_OTHER. The client always "
+         "runs under SCHED_OTHER", choices=["batch", "normal"], default=["batch"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
     args = parser.parse_args()
     if args.client:
@@ -397,7 +413,8 @@ def main() -> None:
             "chunk_hold_ms": args.chunk_hold_ms or [config.front.chunk_hold_ms],
             "replica_nice": args.replica_nice or [config.ray.worker_niceness], "rpc": args.rpc,
             "gc_freeze": args.gc_freeze, "replica_env": args.replica_env, "max_batch_size": args.max_batch_size,
-            "keep_freed_memory": args.keep_freed_memory, "transport": args.transport, "pin": args.pin}
+            "keep_freed_memory": args.keep_freed_memory, "transport": args.transport, "pin": args.pin,
+            "sched": args.sched}
     variants = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     handles = {variant: deploy_variant(server, checkpoint, metadata["identity"], config, *variant, f"bench-{i}")
                for i, variant in enumerate(replica_variants)}
@@ -424,12 +441,16 @@ def main() -> None:
                         gc.unfreeze()
                     everything = set(range(os.cpu_count() or 1))
                     pinned = v["pin"] == "on" and len(everything) > 1
+                    policy = os.SCHED_BATCH if v["sched"] == "batch" else os.SCHED_OTHER
                     for pid in _replica_pids():
                         pin_threads(pid, {0} if pinned else everything)
+                        set_scheduling(pid, policy)
                     pin_threads(os.getpid(), everything - {0} if pinned else everything)
+                    set_scheduling(os.getpid(), policy)
                     srv = served(server, payload_file.name, clients, args.warmup, args.seconds, v["rpc"],
                                  everything - {0} if pinned else None)
                     pin_threads(os.getpid(), everything)
+                    set_scheduling(os.getpid(), os.SCHED_OTHER)
                     runs.append({"repeat": rep, "clients": clients, **v, "bare": bare, "served": srv})
                     ratio = srv["samples_per_s"] / bare["samples_per_s"]
                     print(f"rep {rep} clients {clients:>2} " + " ".join(f"{k} {x}" for k, x in v.items()) + ": "

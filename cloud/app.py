@@ -50,13 +50,16 @@ class CloudStages:
     """Runs stages [split, exit] of the RAPNet model for batches of samples."""
 
     def __init__(self, checkpoint: str, expected_identity: str, max_batch_size: int, batch_wait_s: float,
-                 torch_threads: int = 1, keep_freed_memory: bool = True):
+                 torch_threads: int = 1, keep_freed_memory: bool = True, sched_batch: bool = True):
         import torch
 
         from rapnet.runtime import keep_freed_memory as keep
+        from rapnet.runtime import prefer_throughput_scheduling
 
         # Before the first forward pass, so that its activations' memory is reused from then on.
         self.keeps_freed_memory = keep_freed_memory and keep()
+        if sched_batch:
+            prefer_throughput_scheduling()  # the compute pool's thread, started below, inherits it
         _bind_replica_grpc_to_loopback()
         torch.set_num_threads(torch_threads)  # oversubscribed intra-op threads make small convs many times slower
         try:
@@ -104,8 +107,11 @@ class CloudStages:
         """Process id and Ray actor name of this replica (tests kill it by name), and its process settings."""
         import ray
 
+        from rapnet.runtime import thread_scheduling_policies
+
         return {"pid": os.getpid(), "actor_name": ray.get_runtime_context().get_actor_name(),
-                "keeps_freed_memory": self.keeps_freed_memory}
+                "keeps_freed_memory": self.keeps_freed_memory,
+                "scheduling_policies": sorted(thread_scheduling_policies())}
 
 
 def build_app(checkpoint: str, identity: str, config: CloudConfig):
@@ -124,5 +130,5 @@ def build_app(checkpoint: str, identity: str, config: CloudConfig):
     )
     return CloudStages.options(**options).bind(
         checkpoint, identity, config.batch.max_batch_size, config.batch.batch_wait_ms / 1e3, rep.torch_threads,
-        rep.keep_freed_memory,
+        rep.keep_freed_memory, rep.sched_batch,
     )

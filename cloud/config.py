@@ -96,6 +96,9 @@ class ReplicaSettings:
     # Keep freed heap memory for reuse (glibc mallopt; rapnet.runtime.keep_freed_memory): no page faults on every
     # batch's fresh activations, at the cost of keeping the peak heap.
     keep_freed_memory: bool = True
+    # Run the replica's threads under Linux SCHED_BATCH (rapnet.runtime.prefer_throughput_scheduling): Serve's and
+    # gRPC's threads waking up no longer preempt the compute thread.
+    sched_batch: bool = True
     # Environment of the replica processes (Ray runtime_env), e.g. Ray Serve's RAY_SERVE_* switches; works on a
     # cluster too, unlike variables set for the local raylet.
     env_vars: dict[str, str] = field(default_factory=dict)
@@ -125,6 +128,9 @@ class FrontSettings:
     # (Ray actor calls with object references, Serve's default). grpc costs the front half the CPU per call and
     # served 19 % more at 32 clients here (docs/cloud.md).
     replica_transport: str = "grpc"
+    # Run the front's threads under Linux SCHED_BATCH once started: on a machine it shares with replicas, its
+    # wake-ups (a request every ~2 ms per client) no longer preempt their compute threads.
+    sched_batch: bool = True
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rapnet.runtime import freeze_startup_heap
+from rapnet.runtime import freeze_startup_heap, prefer_throughput_scheduling
 
 from .config import CloudConfig, RaySettings
 from .logs import fields, get_logger
@@ -171,6 +171,8 @@ class CloudServer:
             self.stop()
             raise StartError(f"the gRPC front did not become ready: {failure or 'timed out'}")
         freeze_startup_heap()
+        if cfg.front.sched_batch:
+            prefer_throughput_scheduling()  # every thread is up by now; later ones inherit it
         log.info("serving", extra=fields(address=self.address, tls=self.tls is not None,
                                          mutual_tls=bool(self.tls and self.tls.client_ca), metrics_port=self.metrics_port))
         return self

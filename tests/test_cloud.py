@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import platform
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -529,6 +530,20 @@ def test_replicas_keep_freed_memory(server):
     assert server.config.replica.keep_freed_memory
     handle = serve.get_deployment_handle(server.config.deployment_name, server.config.app_name)
     assert handle.whoami.remote().result(timeout_s=30)["keeps_freed_memory"] is True
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="Linux scheduling policies")
+def test_replicas_and_the_front_run_under_batch_scheduling(server):
+    """replica.sched_batch and front.sched_batch (on by default): every thread of the replica and of the process
+    hosting the front (this one) runs under SCHED_BATCH, the compute thread a replica starts later included."""
+    from ray import serve
+
+    from rapnet.runtime import thread_scheduling_policies
+
+    assert server.config.replica.sched_batch and server.config.front.sched_batch
+    handle = serve.get_deployment_handle(server.config.deployment_name, server.config.app_name)
+    assert handle.whoami.remote().result(timeout_s=30)["scheduling_policies"] == ["batch"]
+    assert thread_scheduling_policies() == {"batch"}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -49,3 +49,29 @@ def test_keeping_freed_memory_stops_the_page_faults_of_repeated_forward_passes()
     # glibc's default hands large activations back to the kernel after each pass and faults them in again
     assert default > 200
     assert kept < default / 20
+
+
+# Policies of a thread started before the switch and of one started after it, as a replica's threads are.
+_POLICIES = """
+import os, threading
+from rapnet.runtime import prefer_throughput_scheduling, thread_scheduling_policies
+started = threading.Event(); stop = threading.Event()
+def wait():
+    started.set(); stop.wait()
+early = threading.Thread(target=wait); early.start(); started.wait()
+before = thread_scheduling_policies()
+assert prefer_throughput_scheduling()
+late = []
+worker = threading.Thread(target=lambda: late.append(os.sched_getscheduler(0) == os.SCHED_BATCH)); worker.start()
+worker.join()
+after = thread_scheduling_policies()
+stop.set(); early.join()
+print(sorted(before), sorted(after), late[0])
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="Linux scheduling policies")
+def test_throughput_scheduling_covers_every_thread_and_the_ones_started_later():
+    out = subprocess.run([sys.executable, "-c", _POLICIES], cwd=ROOT, check=True, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert out.strip().splitlines()[-1] == "['other'] ['batch'] True"
