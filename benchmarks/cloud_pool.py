@@ -2,23 +2,27 @@
 
 Runs of the same command minutes apart differ by up to 0.2 in their median ratio on a shared 2-vCPU host, so the
 figures in docs/cloud.md are pooled over every run with the shipped settings. Only results whose limit is the best
-of several batch sizes (`bare_limit`, sixth session on) are read. Runs are pooled apart by the two settings the
-seventh session changed: whether replicas and the bare limit keep freed memory (`rapnet.runtime.keep_freed_memory`;
-before: glibc's default malloc) and how the front reaches replicas (`front.replica_transport`; before: ray).
+of several batch sizes (`bare_limit`, sixth session on) are read. Runs are pooled apart by the settings later
+sessions changed: whether replicas and the bare limit keep freed memory (`rapnet.runtime.keep_freed_memory`;
+before: glibc's default malloc), how the front reaches replicas (`front.replica_transport`; before: ray), both from
+the seventh session, and the scheduling policy of the replicas and the front (`sched_batch`, eighth session;
+before: normal).
 
     python benchmarks/cloud_pool.py benchmarks/results/cloud*.json --clients 32
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
 
 
-def traffic(result: dict, transport: str) -> str:
+def traffic(result: dict, transport: str, sched: str) -> str:
     kept = result.get("bare_keeps_freed_memory")
-    era = "" if kept and transport == "grpc" else f" ({'kept memory' if kept else 'default malloc'}, {transport})"
+    shipped = kept and transport == "grpc" and sched == "batch"
+    era = "" if shipped else f" ({'kept memory' if kept else 'default malloc'}, {transport}, {sched} scheduling)"
     if result.get("cloud_exit_price") is not None:
         return f"split {result['split']}, cloud picks the exit{era}"
     return f"split {result['split']}, exit {result['exit']}{era}"
@@ -35,13 +39,13 @@ def main() -> None:
     for path in sorted(args.files):
         result = json.loads(Path(path).read_text())
         kept = "on" if result.get("bare_keeps_freed_memory") else "off"
-        for transport in ("grpc", "ray"):
+        for transport, sched in itertools.product(("grpc", "ray"), ("batch", "normal")):
             runs = [r for r in result.get("runs", []) if "by_batch" in r["bare"] and r["clients"] == args.clients
                     and all(r.get(k, v) == v for k, v in shipped.items()) and r.get("keep_freed_memory", "off") == kept
-                    and r.get("transport", "ray") == transport]
+                    and r.get("transport", "ray") == transport and r.get("sched", "normal") == sched]
             if runs:
                 ratios = [r["served"]["samples_per_s"] / r["bare"]["samples_per_s"] for r in runs]
-                pooled.setdefault(traffic(result, transport), []).append((Path(path).name, ratios))
+                pooled.setdefault(traffic(result, transport, sched), []).append((Path(path).name, ratios))
     print("| traffic | runs | repeats | median served / bare | range | run medians |")
     print("|---|---:|---:|---:|---|---|")
     for name, runs in pooled.items():
