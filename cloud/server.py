@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rapnet.runtime import freeze_startup_heap, prefer_throughput_scheduling
+from rapnet.runtime import freeze_startup_heap, prefer_throughput_scheduling, set_thread_scheduling
 
 from .config import CloudConfig, RaySettings
 from .logs import fields, get_logger
@@ -113,6 +113,7 @@ class CloudServer:
         self._handle = None
         self._front = None
         self._stopped = False
+        self._policy_before: int | None = None  # the process's scheduling policy before start() changed it
 
     # ---- public ---------------------------------------------------------------------------------------
     @property
@@ -172,7 +173,9 @@ class CloudServer:
             raise StartError(f"the gRPC front did not become ready: {failure or 'timed out'}")
         freeze_startup_heap()
         if cfg.front.sched_batch:
-            prefer_throughput_scheduling()  # every thread is up by now; later ones inherit it
+            policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+            if prefer_throughput_scheduling():  # every thread is up by now; later ones inherit it
+                self._policy_before = policy  # stop() restores it for a process that goes on (an agent, tests)
         log.info("serving", extra=fields(address=self.address, tls=self.tls is not None,
                                          mutual_tls=bool(self.tls and self.tls.client_ca), metrics_port=self.metrics_port))
         return self
@@ -195,6 +198,8 @@ class CloudServer:
             except Exception as err:  # noqa: BLE001 - best effort on the way out
                 log.warning("delete failed", extra=fields(error=str(err)))
         self._shutdown_ray()
+        if self._policy_before is not None:
+            set_thread_scheduling(self._policy_before)
         log.info("stopped", extra=fields(address=self.address if self.port else None))
 
     def wait(self) -> None:

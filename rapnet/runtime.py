@@ -65,12 +65,17 @@ def prefer_throughput_scheduling() -> bool:
     if not hasattr(os, "SCHED_BATCH"):
         log.info("no SCHED_BATCH on this platform: scheduling left as it is")
         return False
+    set_thread_scheduling(os.SCHED_BATCH)
+    return True
+
+
+def set_thread_scheduling(policy: int) -> None:
+    """Put every thread of this process under `policy` (os.SCHED_OTHER, os.SCHED_BATCH, ...; priority 0)."""
     for task in Path("/proc/self/task").iterdir():
         try:
-            os.sched_setscheduler(int(task.name), os.SCHED_BATCH, os.sched_param(0))
+            os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
         except (FileNotFoundError, ProcessLookupError):
             pass  # the thread ended meanwhile
-    return True
 
 
 def thread_scheduling_policies(pid: int | None = None) -> set[str]:

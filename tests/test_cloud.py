@@ -467,6 +467,23 @@ def test_starting_a_front_freezes_the_startup_heap(server, ray_instance, model_f
         front.stop()
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="Linux scheduling policies")
+def test_a_stopped_front_gives_its_host_process_back_its_scheduling(server, ray_instance, model_file):
+    """A process that goes on after its front stops (an edge agent with a local cloud, tests) gets back the policy
+    it had: front.sched_batch must not leak into it."""
+    from rapnet.runtime import set_thread_scheduling, thread_scheduling_policies
+
+    _, _, path = model_file
+    set_thread_scheduling(os.SCHED_OTHER)  # as a host process that never started a front
+    try:
+        front = CloudServer(path, _config().with_overrides(metrics={"port": None}), token=TOKEN, deploy=False).start()
+        assert thread_scheduling_policies() == {"batch"}
+        front.stop()
+        assert thread_scheduling_policies() == {"other"}
+    finally:
+        set_thread_scheduling(os.SCHED_BATCH)  # the module's server runs on, as it started
+
+
 def test_replicas_run_at_the_configured_niceness(server):
     """Ray starts workers at nice 15; the replicas do the heavy work and must not yield to the front."""
     from ray import serve
