@@ -129,7 +129,7 @@ class FrontSettings:
     # served 19 % more at 32 clients here (docs/cloud.md).
     replica_transport: str = "grpc"
     # Run the front's threads under Linux SCHED_BATCH once started: on a machine it shares with replicas, its
-    # wake-ups (a request every ~2 ms per client) no longer preempt their compute threads.
+    # wake-ups for every request no longer preempt their compute threads. stop() restores the earlier policy.
     sched_batch: bool = True
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
 

@@ -55,12 +55,12 @@ def keep_freed_memory() -> bool:
 def prefer_throughput_scheduling() -> bool:
     """Run every thread of this process under Linux's SCHED_BATCH policy; threads started later inherit it.
 
-    Under the default policy a thread that wakes up (a gRPC poller, Serve's event loop, the front answering a
-    call) preempts the thread that is computing, on a small machine hundreds of times a second: the replica's
-    compute thread waited ~12 % of its time and ran ~1.2x slower per sample than alone, its caches cooled by the
-    interruptions (docs/cloud.md). SCHED_BATCH threads do not preempt on wake-up; they run on an idle CPU or at the
-    next scheduler tick. It needs no privileges and leaves nice values alone. Returns False, changing nothing,
-    where the platform has no SCHED_BATCH.
+    Under the default policy a thread that wakes up (a gRPC poller, Serve's event loop, the front answering a call)
+    may preempt the thread running a forward pass. In a 32-client run the replica's compute thread was switched out
+    300-800 times a second and spent ~1.2x the CPU per sample of bare torch alone. SCHED_BATCH threads do not
+    preempt on wake-up: they take an idle CPU or wait for the next scheduler tick. Replicas and the front served
+    8-13 % more with it (interleaved runs, docs/cloud.md). It needs no privileges and leaves nice values alone.
+    Returns False, changing nothing, where the platform has no SCHED_BATCH.
     """
     if not hasattr(os, "SCHED_BATCH"):
         log.info("no SCHED_BATCH on this platform: scheduling left as it is")
