@@ -226,7 +226,8 @@ def test_replica_refuses_a_checkpoint_with_another_identity(model_file):
     threads = torch.get_num_threads()
     try:
         with pytest.raises(IdentityMismatch, match="same checkpoint"):
-            CloudStages.func_or_class(path, "0" * 64, 8, 0.005)
+            # sched_batch off: this process goes on running the other tests under its own scheduling policy
+            CloudStages.func_or_class(path, "0" * 64, 8, 0.005, sched_batch=False)
     finally:
         torch.set_num_threads(threads)
 

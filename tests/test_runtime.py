@@ -54,7 +54,8 @@ def test_keeping_freed_memory_stops_the_page_faults_of_repeated_forward_passes()
 # Policies of a thread started before the switch and of one started after it, as a replica's threads are.
 _POLICIES = """
 import os, threading
-from rapnet.runtime import prefer_throughput_scheduling, thread_scheduling_policies
+from rapnet.runtime import prefer_throughput_scheduling, set_thread_scheduling, thread_scheduling_policies
+set_thread_scheduling(os.SCHED_OTHER)  # the default policy, whatever this process inherited
 started = threading.Event(); stop = threading.Event()
 def wait():
     started.set(); stop.wait()
