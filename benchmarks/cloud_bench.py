@@ -245,11 +245,6 @@ def pin_threads(pid: int, cpus: set[int]) -> None:
     _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cpus))
 
 
-def set_scheduling(pid: int, policy: int) -> None:
-    """Linux scheduling policy (os.SCHED_OTHER, os.SCHED_BATCH) of every thread of process `pid`."""
-    _each_thread(pid, lambda tid: os.sched_setscheduler(tid, policy, os.sched_param(0)))
-
-
 def renice_replicas(nice: int) -> None:
     """Set the nice value of every thread of every Serve replica on this machine (Linux; lowering it needs root)."""
     for pid in _replica_pids():
@@ -358,7 +353,7 @@ def main() -> None:
     from cloud.server import CloudServer, local_ray_environment
     from rapnet.checkpoint import load_model
     from rapnet.codec import EncodeOptions, ModelContract, build_request, pixels_to_tensor, tensor_to_pixels
-    from rapnet.runtime import keep_freed_memory
+    from rapnet.runtime import keep_freed_memory, set_thread_scheduling
 
     local_ray_environment()
     checkpoint = args.checkpoint or next(
@@ -444,13 +439,13 @@ def main() -> None:
                     policy = os.SCHED_BATCH if v["sched"] == "batch" else os.SCHED_OTHER
                     for pid in _replica_pids():
                         pin_threads(pid, {0} if pinned else everything)
-                        set_scheduling(pid, policy)
+                        set_thread_scheduling(policy, pid)
                     pin_threads(os.getpid(), everything - {0} if pinned else everything)
-                    set_scheduling(os.getpid(), policy)
+                    set_thread_scheduling(policy)
                     srv = served(server, payload_file.name, clients, args.warmup, args.seconds, v["rpc"],
                                  everything - {0} if pinned else None)
                     pin_threads(os.getpid(), everything)
-                    set_scheduling(os.getpid(), os.SCHED_OTHER)
+                    set_thread_scheduling(os.SCHED_OTHER)
                     runs.append({"repeat": rep, "clients": clients, **v, "bare": bare, "served": srv})
                     ratio = srv["samples_per_s"] / bare["samples_per_s"]
                     print(f"rep {rep} clients {clients:>2} " + " ".join(f"{k} {x}" for k, x in v.items()) + ": "

@@ -69,9 +69,9 @@ def prefer_throughput_scheduling() -> bool:
     return True
 
 
-def set_thread_scheduling(policy: int) -> None:
-    """Put every thread of this process under `policy` (os.SCHED_OTHER, os.SCHED_BATCH, ...; priority 0)."""
-    for task in Path("/proc/self/task").iterdir():
+def set_thread_scheduling(policy: int, pid: int | None = None) -> None:
+    """Put every thread of process `pid` (default: this one) under `policy` (os.SCHED_OTHER, os.SCHED_BATCH, ...)."""
+    for task in Path(f"/proc/{pid or os.getpid()}/task").iterdir():
         try:
             os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
         except (FileNotFoundError, ProcessLookupError):
