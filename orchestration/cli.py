@@ -84,6 +84,8 @@ def sweep(world, args, progress: bool = True) -> list[dict]:
     for b, g, r in tqdm(cells, desc="rapnet-sim sweep", unit="cell", disable=not progress):
         results = world.run_all(_conditions(args, b, g, r))
         verdict = compare(results)
+        if "rapnet_capped" in results:  # the capped rule (simulated only so far) judged by the same criteria
+            verdict["capped"] = compare(results, ours="rapnet_capped")
         for name, res in results.items():
             row = {"bandwidth_mbps": b, "device_gflops": g, "rtt_ms": r, **{k: v for k, v in asdict(res).items() if k != "detail"}}
             row["exit_histogram"] = " ".join(map(str, res.exit_histogram))
@@ -107,6 +109,8 @@ def summarize(rows: list[dict]) -> dict:
     fastest_counts: dict[str, int] = {}
     for v in verdicts:
         fastest_counts[v["fastest_baseline"]] = fastest_counts.get(v["fastest_baseline"], 0) + 1
+    capped = [v["capped"] for v in verdicts if "capped" in v]
+    capped_ratios = np.array([v["oracle_ratio"] for v in capped])
     return {
         "cells": n,
         "wins_strict": sum(v["wins_strict"] for v in verdicts),
@@ -120,6 +124,13 @@ def summarize(rows: list[dict]) -> dict:
         "policy_accuracy": {k: v["accuracy"] for k, v in by_policy.items()},
         "policy_geomean_ms": {k: float(np.exp(np.mean(np.log(v["mean_ms"])))) for k, v in by_policy.items()},
         "losing_cells": [v for v in verdicts if not v["fastest_overall"]],
+        "capped": {
+            "wins_strict": sum(v["wins_strict"] for v in capped),
+            "fastest_overall": sum(v["fastest_overall"] for v in capped),
+            "not_dominated": sum(v["not_dominated"] for v in capped),
+            "oracle_ratio_median": float(np.median(capped_ratios)),
+            "within_15pct_of_oracle": int((capped_ratios <= 1.15).sum()),
+        } if capped else None,
     }
 
 
@@ -161,7 +172,14 @@ def markdown(rows, summary, world) -> str:
               f"- not dominated (no baseline at least as accurate and faster): {s['not_dominated']}/{s['cells']}",
               f"- latency / oracle latency: median {s['oracle_ratio_median']:.3f}, max {s['oracle_ratio_max']:.3f}; "
               f"within 15%: {s['within_15pct_of_oracle']}/{s['cells']}",
-              f"- fastest baseline per cell: {s['fastest_baseline_counts']}", "",
+              f"- fastest baseline per cell: {s['fastest_baseline_counts']}"]
+    if s.get("capped"):
+        c = s["capped"]
+        lines += [f"- RAPNet capped (price {world.capped_setting[0]:g}, threshold {world.capped_setting[1]:g}; simulated only, "
+                  f"the edge agent does not run this rule yet): fastest {c['fastest_overall']}/{s['cells']}, issue 7's criterion "
+                  f"{c['wins_strict']}/{s['cells']}, not dominated {c['not_dominated']}/{s['cells']}, oracle ratio median "
+                  f"{c['oracle_ratio_median']:.3f}, within 15%: {c['within_15pct_of_oracle']}/{s['cells']}"]
+    lines += ["",
               "| RTT ms | device GFLOP/s | bandwidth Mbit/s | ours ms | ours acc % | fastest baseline | its ms | its acc % | ours/oracle |",
               "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     index = {(r["bandwidth_mbps"], r["device_gflops"], r["rtt_ms"], r["policy"]): r for r in rows}

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from rapnet.evaluate import PRICES, THRESHOLDS, confidence_exits, oracle_exits, predictor_exits, priced_exits
+from rapnet.evaluate import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
+                             predictor_exits, priced_exits)
 
 from .planner import MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, Conditions, LayerCounts, Planner
 from .traces import IMAGE_ENCODINGS, ModelTraces
 
-POLICIES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn", "rapnet_split", "oracle")
+POLICIES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn", "rapnet_split", "rapnet_capped",
+            "oracle")
 BASELINES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn")
 DESCRIPTIONS = {
     "sdn_edge": "edge only, SDN network, confidence exits",
@@ -30,6 +32,7 @@ DESCRIPTIONS = {
     "neurosurgeon": "static network, best single split + encoding per condition (Neurosurgeon)",
     "spinn": "SDN network, confidence exits, progressive: best split per condition (SPINN-style)",
     "rapnet_split": "RAPNet, predictor exit, planner picks local or split + encoding per frame (ours)",
+    "rapnet_capped": "RAPNet, predictor caps the exit, confidence stops earlier; split per cap, progressive (ours)",
     "oracle": "RAPNet, earliest correct exit known, same planner placement",
 }
 
@@ -76,7 +79,7 @@ def calibrate_setting(correct: np.ndarray, grid, exits_for, cost_per_exit: np.nd
         acc, cost = float(correct[rows, exits].mean()), float(cost_per_exit[exits].mean())
         key = (acc < target, cost if acc >= target else -acc, cost)
         if best is None or key < best[0]:
-            best = (key, float(t), acc)
+            best = (key, t, acc)
     return best[1], best[2]
 
 
@@ -90,6 +93,13 @@ def calibrate_price(correct: np.ndarray, scores: np.ndarray, relative_costs: np.
                     target: float) -> tuple[float, float]:
     """Priced rule (priced_exits): the cheapest price on rapnet.evaluate.PRICES reaching `target`."""
     return calibrate_setting(correct, PRICES, lambda q: priced_exits(scores, q, relative_costs), cost_per_exit, target)
+
+
+def calibrate_capped(correct: np.ndarray, scores: np.ndarray, confidence: np.ndarray, relative_costs: np.ndarray,
+                     cost_per_exit: np.ndarray, target: float) -> tuple[tuple[float, float], float]:
+    """Capped rule (capped_exits): the cheapest (price, threshold) on rapnet.evaluate.CAPPED_GRID reaching `target`."""
+    return calibrate_setting(correct, CAPPED_GRID, lambda qt: capped_exits(scores, confidence, *qt, relative_costs),
+                             cost_per_exit, target)
 
 
 def fifo_waits(arrival: np.ndarray, service: np.ndarray, workers: int) -> np.ndarray:
@@ -162,6 +172,18 @@ class World:
         else:
             raise ValueError(f"unknown RAPNet rule {config.rapnet_rule!r}: price or threshold")
         self.sdn_exits = confidence_exits(s.confidence, self.sdn_threshold)
+        # Capped rule: heads on the way to the cap run (SDN-style costs), so it gets a sequential planner.
+        self.capped_planner = self._planner(r, sequential=True)
+        self.capped_setting, self.capped_cal_acc = calibrate_capped(
+            r.cal_correct, r.cal_scores, r.cal_confidence, relative, self.capped_planner._local_f, self.accuracy_target)
+        self.capped_caps = priced_exits(r.scores, self.capped_setting[0], relative)
+        self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
+        cal_caps = priced_exits(r.cal_scores, self.capped_setting[0], relative)
+        cal_exits = capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative)
+        K = r.correct.shape[1]
+        # Per cap, where the calibration images with that cap stopped: what the placement plans for.
+        self.capped_cal_distribution = np.zeros((K, K))
+        np.add.at(self.capped_cal_distribution, (cal_caps, cal_exits), 1.0)
         self.oracle_exits = oracle_exits(r.correct)
         cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
         self.sdn_cal_distribution = np.bincount(cal_sdn, minlength=s.correct.shape[1]).astype(float)
@@ -284,7 +306,45 @@ class World:
             return self._planned(name, self.rapnet, self.planners["rapnet"], lambda cq: self.oracle_exits, c)
         if name == "spinn":
             return self._spinn(c)
+        if name == "rapnet_capped":
+            return self._capped(c)
         raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
+
+    def _capped(self, c: Conditions) -> PolicyResult:
+        """RAPNet's capped rule placed per frame: the predictor's cap is known before the frame runs, where it
+        stops is not. So per cap the planner picks the SPINN-style split (Planner.plan_progressive) for where
+        calibration images with that cap stopped; exits before the split answer on the edge, later ones in
+        the cloud, which goes on checking confidence up to the cap."""
+        t, planner = self.rapnet, self.capped_planner
+        K = t.correct.shape[1]
+        pair = self.capped_caps * K + self.capped_exits  # placement index: (cap, exit)
+        queue = 0.0
+        for _ in range(max(1, self.config.queue_iterations)):
+            cq = replace(c, cloud_queue_ms=queue)
+            parts, off, splits, encs, chosen = [], [], [], [], []
+            for cap in range(K):
+                dist = self.capped_cal_distribution[cap]
+                if dist.sum() == 0:
+                    dist = np.eye(K)[cap]
+                split, enc, _ = planner.plan_progressive(dist[: cap + 1], cq, exits=np.arange(cap + 1))
+                chosen.append((split, enc))
+                for k in range(K):
+                    local = enc is None or k > cap or t.costs.exit_stages[k] < split
+                    if local:
+                        parts.append({"edge_ms": planner.device_ms(planner._local_f[k], planner._local_l[k], cq)})
+                    else:
+                        option = next(o for o in planner._options[k] if o[0] == split and o[1] == enc)
+                        parts.append(planner.offload_parts(option, cq))
+                    off.append(not local)
+                    splits.append(split if not local else t.costs.exit_stages[k] + 1)
+                    encs.append(None if local else enc)
+            placement = Placement.from_parts(off, splits, encs, parts)
+            real = self.realize(t, pair, placement, c)
+            queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
+        rows = np.arange(self.n)
+        result = self._summarize("rapnet_capped", t.correct[rows, self.capped_exits], self.capped_exits, real,
+                                 {"split_per_cap": [[int(s), e] for s, e in chosen]}, K)
+        return result
 
     def _spinn(self, c: Conditions) -> PolicyResult:
         t, planner = self.sdn, self.planners["sdn"]
@@ -326,6 +386,8 @@ class World:
             "rapnet_threshold": self.rapnet_threshold, "rapnet_threshold_cal_accuracy": self.rapnet_threshold_cal_acc,
             "rapnet_cal_accuracy": self.rapnet_cal_acc,
             "sdn_threshold": self.sdn_threshold, "sdn_cal_accuracy": self.sdn_cal_acc,
+            "capped_price": self.capped_setting[0], "capped_threshold": self.capped_setting[1],
+            "capped_cal_accuracy": self.capped_cal_acc,
             "config": self.config.__dict__, "reference_gflops": REF_GFLOPS,
             "image_encodings": IMAGE_ENCODINGS,
         }

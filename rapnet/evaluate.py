@@ -29,6 +29,9 @@ from .preprocess import to_model_input
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "rapnet-cifar10.pt"
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
 PRICES = np.round(np.linspace(0.0, 4.0, 401), 4)
+# The capped rule's grid (price x threshold); coarser than the single-knob grids to keep reports small.
+CAPPED_GRID = [(float(q), float(t)) for q in np.round(np.linspace(0.0, 1.0, 41), 4)
+               for t in np.round(np.linspace(0.5, 1.0, 51), 4)]
 
 
 def calibration_indices(n_train: int, meta: dict, has_predictor: bool) -> np.ndarray:
@@ -78,6 +81,17 @@ def priced_exits(scores: np.ndarray, price: float, relative_costs: np.ndarray) -
     return np.argmax(scores - price * np.asarray(relative_costs)[None, :], axis=1)
 
 
+def capped_exits(scores: np.ndarray, confidence: np.ndarray, price: float, threshold: float,
+                 relative_costs: np.ndarray) -> np.ndarray:
+    """RAPNet's capped rule (ours): the priced rule picks the deepest exit worth running (the cap); on the way
+    there, the first exit whose top softmax probability reaches `threshold` answers. The predictor keeps
+    hopeless images from running deep; an exit's own confidence stops the easy ones early. Every head up to
+    the answering exit runs (FLOPs: CostTable.sequential_exit_cost)."""
+    cap = priced_exits(scores, price, relative_costs)
+    confident = (confidence >= threshold) & (np.arange(confidence.shape[1])[None, :] <= cap[:, None])
+    return np.where(confident.any(1), confident.argmax(1), cap)
+
+
 def relative_exit_costs(costs: CostTable) -> np.ndarray:
     return np.array([costs.exit_cost(k) for k in range(costs.num_exits)]) / costs.full_cost
 
@@ -120,6 +134,14 @@ def priced_curve(traces: Traces, costs: CostTable) -> list[dict]:
     relative = relative_exit_costs(costs)
     return [{"price": float(q), **point(traces, priced_exits(traces.scores, q, relative), flops, costs.predictor_flops)}
             for q in PRICES]
+
+
+def capped_curve(traces: Traces, costs: CostTable) -> list[dict]:
+    flops = np.array([costs.sequential_exit_cost(k) for k in range(costs.num_exits)])
+    relative = relative_exit_costs(costs)
+    return [{"price": q, "threshold": t,
+             **point(traces, capped_exits(traces.scores, traces.confidence, q, t, relative), flops, costs.predictor_flops)}
+            for q, t in CAPPED_GRID]
 
 
 def sdn_curve(traces: Traces, costs: CostTable) -> list[dict]:
@@ -165,22 +187,26 @@ def predictor_quality(traces: Traces, chosen: np.ndarray, setting: dict) -> dict
 
 # --- measured latency with real early exit -----------------------------------------------------------------
 @torch.inference_mode()
-def measure_latency(models: dict[str, tuple[MultiExitNetwork, float | None]], images: np.ndarray, rounds: int) -> dict:
-    """models: name -> (model, its operating knob: RAPNet's price, SDN's threshold, None for static)."""
+def measure_latency(models: dict[str, tuple[MultiExitNetwork, dict]], images: np.ndarray, rounds: int) -> dict:
     """Batch-1 CPU latency per image, each policy doing only the work it really needs. Policies are timed
-    interleaved image by image (A B C A B C ...) so machine noise hits all of them alike."""
+    interleaved image by image (A B C A B C ...) so machine noise hits all of them alike.
+    models: name -> (model, its operating setting: RAPNet's {"price"} or {"price", "threshold"} for the capped
+    rule, SDN's {"threshold"}, {} for the static network)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     relative = {name: relative_exit_costs(measure_costs(m)) for name, (m, _) in models.items() if m.predictor is not None}
     for _ in range(rounds):
         for pixels in images:
             x = to_model_input(pixels)
-            for name, (model, threshold) in models.items():
+            for name, (model, setting) in models.items():
                 started = time.perf_counter()
                 if model.config.kind == "rapnet":
-                    exit_index = int(priced_exits(model.exit_scores(x).numpy(), threshold, relative[name])[0])
-                    model.run_to_exit(x, exit_index)
+                    cap = int(priced_exits(model.exit_scores(x).numpy(), setting["price"], relative[name])[0])
+                    if "threshold" in setting:
+                        model.run_until_confident(x, setting["threshold"], last_exit=cap)
+                    else:
+                        model.run_to_exit(x, cap)
                 elif model.config.kind == "sdn":
-                    model.run_until_confident(x, threshold)
+                    model.run_until_confident(x, setting["threshold"])
                 else:
                     model.run_to_exit(x, model.num_exits - 1)
                 times[name].append((time.perf_counter() - started) * 1e3)
@@ -267,6 +293,8 @@ def run(args: argparse.Namespace) -> dict:
     cal_traces = {"rapnet": collect_traces(rapnet, cal.images, cal.labels)}
     curves = {"rapnet": priced_curve(traces["rapnet"], costs)}
     cal_curves = {"rapnet": priced_curve(cal_traces["rapnet"], costs)}
+    curves["rapnet_capped"] = capped_curve(traces["rapnet"], costs)
+    cal_curves["rapnet_capped"] = capped_curve(cal_traces["rapnet"], costs)
     curves["rapnet_threshold"] = rapnet_curve(traces["rapnet"], costs)  # the first-exit-above-threshold rule
     exit_flops = np.array([costs.exit_cost(k) for k in range(costs.num_exits)])
     curves["oracle"] = [point(traces["rapnet"], oracle_exits(traces["rapnet"].correct), exit_flops)]
@@ -292,19 +320,22 @@ def run(args: argparse.Namespace) -> dict:
     report["pareto"] = {name: pareto(curve) for name, curve in curves.items()}
 
     # Budget mode: the policy setting is chosen on the calibration split, accuracy read on the test split.
-    knob = {"rapnet": "price", "sdn": "threshold"}
+    knobs = {"rapnet": ("price",), "rapnet_capped": ("price", "threshold"), "sdn": ("threshold",)}
 
     def budget_row(name: str, index: int | None) -> dict | None:
         if index is None:
             return None
         test_point = curves[name][index]
-        return {knob[name]: test_point[knob[name]], "accuracy": test_point["accuracy"], "flops_fraction": test_point["flops_fraction"]}
+        return {**setting_of(name, index), "accuracy": test_point["accuracy"], "flops_fraction": test_point["flops_fraction"]}
+
+    def setting_of(name: str, index: int) -> dict:
+        return {knob: curves[name][index][knob] for knob in knobs[name]}
 
     ms_per_exit, predictor_ms = exit_latencies(rapnet, test.images[0], repeats=args.latency_repeats)
     budgets = []
     for fraction in args.budget:
         budgets.append({"budget_fraction": fraction, **{name: budget_row(name, calibrate(cal_curves[name], fraction * reference))
-                                                        for name in ("rapnet", "sdn") if name in cal_curves}})
+                                                        for name in knobs if name in cal_curves}})
     if args.budget_ms:
         rapnet_ms = [predictor_ms + float(np.dot(p["exit_histogram"], ms_per_exit)) / len(cal) for p in cal_curves["rapnet"]]
         ok = [i for i, ms in enumerate(rapnet_ms) if ms <= args.budget_ms]
@@ -319,13 +350,16 @@ def run(args: argparse.Namespace) -> dict:
     chosen = priced_exits(traces["rapnet"].scores, operating, relative_exit_costs(costs))
     report["predictor_quality"] = predictor_quality(traces["rapnet"], chosen, {"price": operating})
 
-    # Real batch-1 latency with real early exit, interleaved.
-    timed = {"rapnet": (rapnet, operating)}
+    # Real batch-1 latency with real early exit, interleaved, each policy at its setting for 50% of the FLOPs.
+    timed = {"rapnet": (rapnet, {"price": operating})}
+    capped_index = calibrate(cal_curves["rapnet_capped"], 0.5 * reference)
+    if capped_index is not None:
+        timed["rapnet_capped"] = (rapnet, setting_of("rapnet_capped", capped_index))
     if sdn:
         sdn_index = calibrate(cal_curves["sdn"], 0.5 * reference)
-        timed["sdn"] = (sdn[0], float(THRESHOLDS[sdn_index]) if sdn_index is not None else 0.9)
+        timed["sdn"] = (sdn[0], {"threshold": float(THRESHOLDS[sdn_index]) if sdn_index is not None else 0.9})
     if static:
-        timed["static"] = (static[0], None)
+        timed["static"] = (static[0], {})
     report["latency_batch1"] = measure_latency(timed, test.images[: args.latency_images], rounds=1)
     report["latency_batch1"]["operating_settings"] = {k: v[1] for k, v in timed.items()}
 
@@ -364,11 +398,12 @@ def markdown_report(report: dict) -> str:
         cells = [fmt(_accuracy_at(curve, f)) for f in (0.25, 0.35, 0.5, 0.75)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(top['accuracy'])} ({100 * top['flops_fraction']:.1f}%) |")
     lines += ["", "Budget mode (policy setting calibrated on the validation split, accuracy on test):", "",
-              "| budget | RAPNet acc. (FLOPs %) | SDN acc. (FLOPs %) |", "|---|---|---|"]
+              "| budget | RAPNet priced acc. (FLOPs %) | RAPNet capped acc. (FLOPs %) | SDN acc. (FLOPs %) |",
+              "|---|---|---|---|"]
     for row in report["budgets"]:
         label = f"{100 * row['budget_fraction']:.0f}% FLOPs" if "budget_fraction" in row else f"{row['budget_ms']} ms"
         cells = []
-        for name in ("rapnet", "sdn"):
+        for name in ("rapnet", "rapnet_capped", "sdn"):
             v = row.get(name)
             cells.append("-" if not v else f"{fmt(v['accuracy'])} ({100 * v['flops_fraction']:.1f}%)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -388,6 +423,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"rapnet": ("RAPNet (predictor, priced rule)", "-"), "sdn": ("SDN (confidence)", "--"),
+              "rapnet_capped": ("RAPNet (priced cap + confidence stop)", "-"),
               "rapnet_threshold": ("RAPNet (predictor, threshold rule)", "-."),
               "rapnet_exits_confidence": ("RAPNet exits + confidence rule", ":")}
     for name, (label, style) in styles.items():

@@ -199,18 +199,21 @@ class MultiExitNetwork(nn.Module):
         assert logits is not None
         return logits
 
-    def run_until_confident(self, image: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    def run_until_confident(self, image: torch.Tensor, threshold: float, last_exit: int | None = None) -> tuple[torch.Tensor, int]:
         """SDN-style inference for one image: evaluate exits one after another and stop at the first whose
-        top softmax probability reaches `threshold` (the last exit always answers)."""
+        top softmax probability reaches `threshold`; `last_exit` (default: the last) always answers.
+        RAPNet's capped rule passes the priced rule's exit as `last_exit` (rapnet.evaluate.capped_exits)."""
         if image.shape[0] != 1:
             raise ValueError("confidence-based early exit decides per image: pass a batch of one")
+        last_exit = self.num_exits - 1 if last_exit is None else last_exit
+        self._check_exit(last_exit)
         carry: Carry = {IMAGE: image}
         done = 0
-        for k, stage_index in enumerate(self.exit_stages):
+        for k, stage_index in enumerate(self.exit_stages[: last_exit + 1]):
             carry = self._run_stages(carry, done, stage_index + 1)
             done = stage_index + 1
             logits = self._exit_logits(carry, k)
-            if k == self.num_exits - 1 or float(torch.softmax(logits, 1).max()) >= threshold:
+            if k == last_exit or float(torch.softmax(logits, 1).max()) >= threshold:
                 return logits, k
         raise AssertionError("unreachable: the last exit always answers")
 

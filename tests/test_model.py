@@ -632,3 +632,18 @@ def test_checkpoint_with_code_refused_and_not_executed(tmp_path, ckpt_model):
     with pytest.raises(CheckpointError, match="refused"):
         load_model(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch,width,kind", MULTI_EXIT, ids=MULTI_EXIT_IDS)
+def test_confident_run_stops_at_its_last_exit_or_earlier(models, arch, width, kind):
+    """RAPNet's capped rule: exits are tried in order up to `last_exit`, which answers when none is confident."""
+    model = models[(arch, kind)]
+    x = _image(1, seed=11)
+    with torch.inference_mode():
+        logits, k = model.run_until_confident(x, threshold=1.1, last_exit=2)  # nothing is ever that confident
+        assert k == 2 and _maxdiff(logits, model.run_to_exit(x, 2)) <= TOL
+        with _Recorder(model) as rec:
+            _, k = model.run_until_confident(x, threshold=0.0, last_exit=2)  # the first exit always is
+        assert k == 0 and rec.ran("stage") == list(range(model.exit_stages[0] + 1))
+        with pytest.raises(ValueError, match="outside"):
+            model.run_until_confident(x, 0.5, last_exit=model.num_exits)

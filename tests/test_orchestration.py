@@ -13,7 +13,7 @@ from orchestration.planner import DEFAULT_PRICE, Conditions, LayerCounts, Planne
 from orchestration.simulator import POLICIES, SimConfig, World, compare, fifo_waits
 from orchestration.traces import ModelTraces, _payloads, leaf_layers, load_traces, save_traces
 from rapnet.costs import CostTable, measure_costs
-from rapnet.evaluate import (Traces, confidence_exits, oracle_exits, point, predictor_exits, priced_curve,
+from rapnet.evaluate import (Traces, capped_curve, capped_exits, confidence_exits, oracle_exits, point, predictor_exits, priced_curve,
                              priced_exits, relative_exit_costs, sdn_curve)
 
 torch.set_num_threads(1)
@@ -240,6 +240,11 @@ def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
         assert results[name].exit_histogram == rap["exit_histogram"]
     for name in ("sdn_edge", "spinn"):
         assert results[name].accuracy == pytest.approx(sdn["accuracy"], abs=1e-12)
+    q, t = world.capped_setting
+    capped = next(p for p in capped_curve(_offline(traces["rapnet"]), traces["rapnet"].costs)
+                  if (p["price"], p["threshold"]) == (q, t))
+    assert results["rapnet_capped"].accuracy == pytest.approx(capped["accuracy"], abs=1e-12)
+    assert results["rapnet_capped"].exit_histogram == capped["exit_histogram"]
     assert results["oracle"].accuracy == pytest.approx(oracle["accuracy"], abs=1e-12)
     for name in ("neurosurgeon", "cloud_png"):
         assert results[name].accuracy == pytest.approx(static, abs=1e-12)
@@ -258,6 +263,22 @@ def test_thresholds_come_from_calibration_not_test(traces, world):
     t = traces["sdn"]
     acc = t.cal_correct[np.arange(len(t.cal_correct)), confidence_exits(t.cal_confidence, world.sdn_threshold)].mean()
     assert acc == pytest.approx(world.sdn_cal_acc)
+    t = traces["rapnet"]
+    acc = t.cal_correct[rows, capped_exits(t.cal_scores, t.cal_confidence, *world.capped_setting,
+                                           relative_exit_costs(t.costs))].mean()
+    assert acc == pytest.approx(world.capped_cal_acc)
+
+
+def test_capped_policy_answers_early_exits_on_the_edge_and_the_rest_where_its_cap_is_planned(world):
+    """A local cap costs the edge time up to where the frame stopped; with a free network and a slow device
+    every cap is planned to the cloud from the image, so no frame stops on the edge."""
+    c = Conditions(bandwidth_mbps=0, rtt_ms=10, device_gflops=2.0)
+    res = world.run_policy("rapnet_capped", c)
+    planner = world.capped_planner
+    local = np.array([planner.device_ms(planner._local_f[k], planner._local_l[k], c) for k in range(len(planner._local_f))])
+    assert res.offload_share == 0 and res.mean_ms == pytest.approx(local[world.capped_exits].mean())
+    res = world.run_policy("rapnet_capped", Conditions(bandwidth_mbps=10_000, rtt_ms=1, device_gflops=0.001))
+    assert res.offload_share == 1 and all(split == 0 for split, _ in res.detail["split_per_cap"])
 
 
 def test_simulated_latency_matches_planner_without_noise(traces, world):

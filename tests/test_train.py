@@ -80,7 +80,9 @@ def test_smoke_checkpoint_evaluates(smoke_run, tmp_path: Path) -> None:
                    "--latency-repeats", "1", "--threads", "1"])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["dataset"]["test_images"] == 60 and report["dataset"]["calibration_images"] == 18
-    assert {"rapnet", "sdn", "static", "oracle"} <= set(report["curves"])
+    assert {"rapnet", "rapnet_capped", "sdn", "static", "oracle"} <= set(report["curves"])
+    capped = report["latency_batch1"]["operating_settings"].get("rapnet_capped")
+    assert capped is None or set(capped) == {"price", "threshold"}
     assert (tmp_path / "eval.png").stat().st_size > 0 and (tmp_path / "eval.md").exists()
 
 
@@ -137,3 +139,15 @@ def test_early_exit_trunk_gradient_is_scaled_and_the_forward_pass_is_not() -> No
     assert trunk_scaled == pytest.approx(0.25 * trunk_plain, rel=1e-4)
     assert head_scaled == pytest.approx(head_plain, rel=1e-6)
     assert not model.exits[0]._forward_pre_hooks  # training leaves no hooks behind
+
+
+def test_capped_rule_stops_early_only_up_to_the_priced_exit() -> None:
+    scores = np.array([[0.9, 0.9, 0.95], [0.1, 0.2, 0.9], [0.1, 0.2, 0.9]])
+    confidence = np.array([[0.2, 0.99, 0.99], [0.2, 0.99, 0.99], [0.2, 0.3, 0.4]])
+    relative = np.array([0.1, 0.5, 1.0])
+    caps = evaluate.priced_exits(scores, 0.5, relative)
+    assert caps.tolist() == [0, 2, 2]
+    exits = evaluate.capped_exits(scores, confidence, 0.5, 0.95, relative)
+    # sample 0: capped at exit 0 though exit 1 would be confident; 1: stops early at 1; 2: nothing confident
+    assert exits.tolist() == [0, 1, 2]
+    assert (evaluate.capped_exits(scores, confidence, 0.5, 1.01, relative) == caps).all()
