@@ -321,23 +321,16 @@ class World:
         queue = 0.0
         for _ in range(max(1, self.config.queue_iterations)):
             cq = replace(c, cloud_queue_ms=queue)
-            parts, off, splits, encs, chosen = [], [], [], [], []
+            columns, chosen = ([], [], [], []), []
             for cap in range(K):
                 dist = self.capped_cal_distribution[cap]
                 if dist.sum() == 0:
                     dist = np.eye(K)[cap]
                 split, enc, _ = planner.plan_progressive(dist[: cap + 1], cq, exits=np.arange(cap + 1))
                 chosen.append((split, enc))
-                for k in range(K):
-                    local = enc is None or k > cap or t.costs.exit_stages[k] < split
-                    if local:
-                        parts.append({"edge_ms": planner.device_ms(planner._local_f[k], planner._local_l[k], cq)})
-                    else:
-                        option = next(o for o in planner._options[k] if o[0] == split and o[1] == enc)
-                        parts.append(planner.offload_parts(option, cq))
-                    off.append(not local)
-                    splits.append(split if not local else t.costs.exit_stages[k] + 1)
-                    encs.append(None if local else enc)
+                for column, values in zip(columns, self._progressive_columns(t, planner, split, enc, cq, last_exit=cap)):
+                    column.extend(values)
+            parts, off, splits, encs = columns
             placement = Placement.from_parts(off, splits, encs, parts)
             real = self.realize(t, pair, placement, c)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
@@ -346,23 +339,33 @@ class World:
                                  {"split_per_cap": [[int(s), e] for s, e in chosen]}, K)
         return result
 
+    @staticmethod
+    def _progressive_columns(t: ModelTraces, planner: Planner, split: int, enc: str | None, c: Conditions,
+                             last_exit: int | None = None) -> tuple[list, list, list, list]:
+        """Per exit, a SPINN-style placement at a fixed split: (latency parts, offloaded, split, encoding).
+        Exits before the split (and beyond `last_exit`, never reached) are answered on the edge."""
+        K = t.correct.shape[1]
+        last_exit = K - 1 if last_exit is None else last_exit
+        parts, off, splits, encs = [], [], [], []
+        for k in range(K):
+            local = enc is None or k > last_exit or t.costs.exit_stages[k] < split
+            if local:
+                parts.append({"edge_ms": planner.device_ms(planner._local_f[k], planner._local_l[k], c)})
+            else:
+                option = next(o for o in planner._options[k] if o[0] == split and o[1] == enc)
+                parts.append(planner.offload_parts(option, c))
+            off.append(not local)
+            splits.append(split if not local else t.costs.exit_stages[k] + 1)
+            encs.append(None if local else enc)
+        return parts, off, splits, encs
+
     def _spinn(self, c: Conditions) -> PolicyResult:
         t, planner = self.sdn, self.planners["sdn"]
         queue, K = 0.0, t.correct.shape[1]
         for _ in range(max(1, self.config.queue_iterations)):
             cq = replace(c, cloud_queue_ms=queue)
             split, enc, _ = planner.plan_progressive(self.sdn_cal_distribution, cq)
-            parts, off, splits, encs = [], [], [], []
-            for k in range(K):
-                local = enc is None or t.costs.exit_stages[k] < split
-                if local:
-                    parts.append({"edge_ms": planner.device_ms(planner._local_f[k], planner._local_l[k], cq)})
-                else:
-                    option = next(o for o in planner._options[k] if o[0] == split and o[1] == enc)
-                    parts.append(planner.offload_parts(option, cq))
-                off.append(not local)
-                splits.append(split if not local else t.costs.exit_stages[k] + 1)
-                encs.append(None if local else enc)
+            parts, off, splits, encs = self._progressive_columns(t, planner, split, enc, cq)
             placement = Placement.from_parts(off, splits, encs, parts)
             real = self.realize(t, self.sdn_exits, placement, c)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
