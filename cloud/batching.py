@@ -1,8 +1,9 @@
 """Running a batch of cloud requests that mix split points and exits, without Ray (unit-testable).
 
 Each sample runs only what it needs: samples are grouped by split point (they hold different carries), the
-carries of a group are concatenated, and `MultiExitNetwork.continue_mixed` runs the group to per-sample exits,
-letting samples leave the batch at their exit (regrouped, never padded to the deepest exit).
+carries of a group are concatenated, and `MultiExitNetwork.continue_capped` runs the group to per-sample exits
+(or, with a stop confidence, to the first confident exit before them), letting samples leave the batch at their
+exit (regrouped, never padded to the deepest exit).
 
 Samples and results hold numpy arrays, not torch tensors: they cross Ray between the front and the replicas,
 and Ray ships numpy arrays as raw buffers while a torch tensor goes through pickle (measured: 16 samples cost
@@ -30,6 +31,7 @@ class Sample:
     carry: dict[str, np.ndarray]  # float32, leading batch dimension 1
     enqueued_unix: float = field(default_factory=time.time)  # when the front sent it (queue time starts)
     exit_price: float | None = None  # set: pick the exit here (priced rule on the predictor, exits <= exit)
+    stop_confidence: float = 0.0  # > 0: capped rule, answer at the first exit from the split this confident
 
 
 @dataclass
@@ -91,10 +93,12 @@ def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.devi
             if device is not None:
                 carry = {k: v.to(device, non_blocking=True) for k, v in carry.items()}
             exits = torch.tensor([samples[i].exit for i in index], dtype=torch.long)
-            logits = model.continue_mixed(carry, split, exits).float().cpu().numpy()
+            stops = torch.tensor([samples[i].stop_confidence for i in index], dtype=torch.float32)
+            out, used = model.continue_capped(carry, split, exits, stops if bool((stops > 0).any()) else None)
+            logits, used = out.float().cpu().numpy(), used.tolist()
             error = None
         except Exception as err:  # noqa: BLE001 - a broken group must not take the others down
-            logits, error = None, f"{err.__class__.__name__}: {err}"
+            logits, used, error = None, [samples[i].exit for i in index], f"{err.__class__.__name__}: {err}"
         compute_ms = (time.perf_counter() - t0) * 1e3
         for j, i in enumerate(index):
             results[i] = SampleResult(
@@ -106,7 +110,7 @@ def run_batch(model: MultiExitNetwork, samples: list[Sample], device: torch.devi
                 first_in_batch=first_batch,
                 first_in_group=j == 0,
                 error=error,
-                exit=samples[i].exit,
+                exit=used[j],
             )
             first_batch = False
     return results  # type: ignore[return-value]

@@ -158,7 +158,9 @@ class InferenceFront:
             left = parsed.client_sent_unix_ns / 1e9 + parsed.deadline_ms / 1e3 - time.time()
             deadline = min(deadline, time.monotonic() + left)
         carry = {key: tensor.numpy() for key, tensor in parsed.carry.items()}
-        result = await self._dispatch(Sample(parsed.split, parsed.exit, carry, exit_price=parsed.exit_price), deadline)
+        sample = Sample(parsed.split, parsed.exit, carry, exit_price=parsed.exit_price,
+                        stop_confidence=parsed.stop_confidence)
+        result = await self._dispatch(sample, deadline)
         if result.error is not None or result.logits is None:
             raise Refusal(Code.INTERNAL, f"the replica failed on this request ({result.error})")
         self._record_batch(result, split)

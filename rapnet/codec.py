@@ -601,6 +601,11 @@ class ModelContract:
         if not 0.0 <= price < math.inf:
             raise MalformedMessage(f"cloud_exit.price must be a finite number >= 0, got {price}")
 
+    @staticmethod
+    def check_stop_confidence(value: float) -> None:
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            raise MalformedMessage(f"stop_confidence must lie in 0..1 (0: answer at target_exit), got {value}")
+
 
 @dataclass
 class ParsedRequest:
@@ -613,6 +618,7 @@ class ParsedRequest:
     client_sent_unix_ns: int
     decode_ms: float = 0.0
     exit_price: float | None = None  # set: the cloud picks the exit (priced rule, exits <= `exit`)
+    stop_confidence: float = 0.0  # > 0: capped rule, stop at the first exit this confident (exits <= `exit`)
 
 
 @dataclass(frozen=True)
@@ -669,17 +675,20 @@ def build_request(
     deadline_ms: int = 0,
     edge_compute_ms: float = 0.0,
     cloud_exit_price: float | None = None,
+    stop_confidence: float = 0.0,
 ) -> pb.InferRequest:
     """Turn the carry the edge produced at `split` into an InferRequest for the cloud.
 
     `image` (uint8 HWC RGB) is sent as an ImagePayload in place of the carry entry "image" where that entry
     is live; without it the "image" tensor is encoded like the other tensors. `cloud_exit_price` (split 0
     only): the cloud runs the predictor and picks the exit by the priced rule at that price, up to `exit_index`.
+    `stop_confidence` (> 0): the capped rule, the cloud stops at the first exit from `split` this confident.
     """
     try:
         contract.check_route(split, exit_index)
         if cloud_exit_price is not None:
             contract.check_cloud_exit(split, cloud_exit_price)
+        contract.check_stop_confidence(stop_confidence)
     except CodecError as err:
         raise ValueError(str(err)) from None
     expected = contract.carry_shapes[split]
@@ -693,6 +702,7 @@ def build_request(
         deadline_ms=deadline_ms,
         client_sent_unix_ns=time.time_ns(),
         edge_compute_ms=edge_compute_ms,
+        stop_confidence=stop_confidence,
     )
     if policy is not None:
         req.policy.CopyFrom(policy)
@@ -736,6 +746,7 @@ def parse_request(
     exit_price = req.cloud_exit.price if req.HasField("cloud_exit") else None
     if exit_price is not None:
         contract.check_cloud_exit(req.split_point, exit_price)
+    contract.check_stop_confidence(req.stop_confidence)
     expected = contract.carry_shapes[req.split_point]
     names = [t.name for t in req.tensors]
     if len(names) > limits.max_tensors:
@@ -786,6 +797,7 @@ def parse_request(
         client_sent_unix_ns=req.client_sent_unix_ns,
         decode_ms=(time.perf_counter() - start) * 1e3,
         exit_price=exit_price,
+        stop_confidence=req.stop_confidence,
     )
 
 

@@ -170,34 +170,57 @@ class MultiExitNetwork(nn.Module):
 
     def continue_mixed(self, carry: Carry, split: int, exits: torch.Tensor) -> torch.Tensor:
         """Run a batch that starts at `split` to per-sample exits; the batch shrinks as samples leave."""
-        exits = torch.as_tensor(exits, dtype=torch.long)
-        batch = exits.numel()
+        return self.continue_capped(carry, split, exits)[0]
+
+    def continue_capped(self, carry: Carry, split: int, caps: torch.Tensor,
+                        stop_confidence: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run a batch that starts at `split`, each sample at most to its exit in `caps`. A sample with a stop
+        confidence > 0 also leaves at the first exit from the split on whose top softmax probability reaches
+        it (RAPNet's capped rule, rapnet.evaluate.capped_exits); its heads on the way run. Samples leave the
+        batch at their exit (regrouped, never padded). Returns (logits, exit each sample answered at)."""
+        caps = torch.as_tensor(caps, dtype=torch.long).reshape(-1)
+        batch = caps.numel()
         if batch == 0:
             raise ValueError("empty batch")
-        if int(exits.min()) < 0 or int(exits.max()) >= self.num_exits:
+        if int(caps.min()) < 0 or int(caps.max()) >= self.num_exits:
             raise ValueError(f"exits must lie in 0..{self.num_exits - 1}")
-        if any(self.exit_stages[int(k)] < split for k in exits.unique()):
+        if any(self.exit_stages[int(k)] < split for k in caps.unique()):
             raise ValueError(f"some exits sit before split point {split}")
+        stop = torch.zeros(batch) if stop_confidence is None else torch.as_tensor(stop_confidence, dtype=torch.float32).reshape(-1)
+        if stop.numel() != batch:
+            raise ValueError(f"{stop.numel()} stop confidences for a batch of {batch}")
+        checking = stop > 0
+        used = caps.clone()
         active = torch.arange(batch)
         logits: torch.Tensor | None = None
         stage = split
-        for k in range(int(exits.min()), int(exits.max()) + 1):
+        first = next(k for k, s in enumerate(self.exit_stages) if s >= split)
+        for k in range(first, int(caps.max()) + 1):
+            cap = caps[active]
+            heads = (cap == k) | (checking[active] & (cap > k))  # who needs exit k's head
+            if not heads.any():
+                continue
             carry = self._run_stages(carry, stage, self.exit_stages[k] + 1)
             stage = self.exit_stages[k] + 1
-            leaving = exits[active] == k
-            if leaving.any():
-                features = carry[self.stages[self.exit_stages[k]].writes][leaving]
-                out = self.exits[k](features)
-                if logits is None:
-                    logits = out.new_empty((batch, out.shape[1]))
-                logits[active[leaving]] = out
-                staying = ~leaving
-                active = active[staying]
-                carry = {key: value[staying] for key, value in carry.items()}
+            out = self.exits[k](carry[self.stages[self.exit_stages[k]].writes][heads])
+            done = cap[heads] == k
+            if checking.any():
+                done |= torch.softmax(out, 1).amax(1) >= torch.where(checking[active][heads], stop[active][heads], 2.0)
+            if not done.any():
+                continue
+            if logits is None:
+                logits = out.new_empty((batch, out.shape[1]))
+            leaving = torch.zeros(active.numel(), dtype=torch.bool)
+            leaving[heads.nonzero().squeeze(1)[done]] = True
+            logits[active[leaving]] = out[done]
+            used[active[leaving]] = k
+            staying = ~leaving
+            active = active[staying]
+            carry = {key: value[staying] for key, value in carry.items()}
             if active.numel() == 0:
                 break
         assert logits is not None
-        return logits
+        return logits, used
 
     def run_until_confident(self, image: torch.Tensor, threshold: float, last_exit: int | None = None) -> tuple[torch.Tensor, int]:
         """SDN-style inference for one image: evaluate exits one after another and stop at the first whose

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -167,6 +168,31 @@ def test_run_batch_picks_exits_for_samples_that_ask(model_file):
             torch.testing.assert_close(torch.from_numpy(r.logits), model.run_to_exit(im, k)[0], rtol=1e-4, atol=1e-5)
 
 
+def _capped_exit(model, image, cap, stop, split=0):
+    """Where the per-image capped run (run_until_confident up to `cap`) answers, counting from `split`'s first exit."""
+    with torch.no_grad():
+        probs = [float(torch.softmax(z, 1).max()) for z in model(image)]
+    first = next(k for k, s in enumerate(model.exit_stages) if s >= split)
+    return next((k for k in range(first, cap + 1) if probs[k] >= stop), cap)
+
+
+def test_run_batch_stops_samples_that_carry_a_stop_confidence(model_file):
+    model, _, _ = model_file
+    gen = torch.Generator().manual_seed(9)
+    images = [torch.randn(1, 3, 32, 32, generator=gen) for _ in range(6)]
+    with torch.no_grad():
+        stop = float(np.median([float(torch.softmax(z, 1).max()) for im in images for z in model(im)]))
+    last = model.num_exits - 1
+    samples = [Sample(0, last, {"image": im.numpy()}, stop_confidence=stop if i % 3 else 0.0)
+               for i, im in enumerate(images)]
+    results = run_batch(model, samples)
+    expected = [_capped_exit(model, im, last, stop) if i % 3 else last for i, im in enumerate(images)]
+    assert [r.exit for r in results] == expected and min(expected) < last
+    with torch.no_grad():
+        for r, im, k in zip(results, images, expected):
+            torch.testing.assert_close(torch.from_numpy(r.logits), model.run_to_exit(im, k)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_coalescer_holds_partial_chunks_only_while_the_replica_is_busy():
     """The front's chunking policy, against a handle whose calls finish when the test says (the real Ray path is
     covered by every served test below)."""
@@ -267,6 +293,21 @@ def test_cloud_picks_the_exit_with_the_edges_rule(stub, model_file, contract):
         resp = stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
         assert resp.exit_used == expected <= cap
         assert resp.class_index == int(reference.argmax())
+
+
+def test_served_request_with_a_stop_confidence_answers_at_the_first_confident_exit(stub, model_file, contract):
+    model, _, _ = model_file
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        probs = sorted(float(torch.softmax(z, 1).max()) for z in model(image))
+    split, cap = 2, model.num_exits - 1
+    for stop in (probs[len(probs) // 2], 1.0):
+        expected = _capped_exit(model, image, cap, stop, split)
+        with torch.no_grad():
+            req = build_request(contract, model.edge_part(image, split), split, cap, FP32, stop_confidence=stop)
+            reference = model.run_to_exit(image, expected)[0]
+        resp = stub.Infer(req, metadata=auth_metadata(TOKEN), timeout=30)
+        assert resp.exit_used == expected and resp.class_index == int(reference.argmax())
 
 
 def test_concurrent_mixed_requests_are_batched_and_correct(stub, model_file, contract, server):

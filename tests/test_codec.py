@@ -506,6 +506,25 @@ def test_cloud_exit_requests(setup, images):
     assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_stop_confidence_travels_and_bad_values_are_refused(setup, images):
+    model, contract = setup
+    pixels = images[0]
+    carry = model.edge_part(codec.pixels_to_tensor(pixels), 0)
+    req = codec.build_request(contract, carry, 0, model.num_exits - 1, image=pixels, stop_confidence=0.9)
+    assert codec.parse_request_bytes(_wire(req), contract).stop_confidence == pytest.approx(0.9)
+    plain = codec.build_request(contract, carry, 0, 2, image=pixels)
+    assert codec.parse_request_bytes(_wire(plain), contract).stop_confidence == 0.0  # unset: answer at target_exit
+    with pytest.raises(ValueError, match="stop_confidence"):
+        codec.build_request(contract, carry, 0, 2, image=pixels, stop_confidence=1.5)
+    for value in (-0.1, 1.01, float("nan"), float("inf")):
+        bad = pb.InferRequest()
+        bad.CopyFrom(req)
+        bad.stop_confidence = value
+        with pytest.raises(MalformedMessage, match="stop_confidence") as info:
+            codec.parse_request(bad, contract)
+        assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_wrong_carry_is_invalid_argument(setup, images):
     model, contract = setup
     pixels = images[0]

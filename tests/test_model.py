@@ -647,3 +647,31 @@ def test_confident_run_stops_at_its_last_exit_or_earlier(models, arch, width, ki
         assert k == 0 and rec.ran("stage") == list(range(model.exit_stages[0] + 1))
         with pytest.raises(ValueError, match="outside"):
             model.run_until_confident(x, 0.5, last_exit=model.num_exits)
+
+
+@pytest.mark.parametrize("arch,width,kind", MULTI_EXIT, ids=MULTI_EXIT_IDS)
+def test_batched_capped_run_matches_the_per_image_one(models, arch, width, kind):
+    """The cloud's batch (continue_capped) answers each sample where run_until_confident would, from any split."""
+    model = models[(arch, kind)]
+    batch = 10
+    x = _image(batch, seed=12)
+    caps = _mixed_exits(model, batch, seed=13)
+    with torch.inference_mode():
+        probs = torch.stack([torch.softmax(z, 1) for z in model(x)], 1).amax(2)  # (B, K) confidence per exit
+    stop = torch.full((batch,), float(probs.median()))  # about half the exits on the way are confident
+    stop[::3] = 0.0  # no stop confidence: these run to their cap
+    for split in (0, model.exit_stages[0] + 1):
+        capped = torch.clamp(caps, min=next(k for k, s in enumerate(model.exit_stages) if s >= split))
+        with torch.inference_mode():
+            carry = model.edge_part(x, split)
+            logits, used = model.continue_capped(carry, split, capped, stop)
+            for i in range(batch):
+                first = next(k for k, s in enumerate(model.exit_stages) if s >= split)
+                if stop[i] > 0:
+                    confident = [k for k in range(first, int(capped[i]) + 1) if probs[i, k] >= stop[i]]
+                    expected = confident[0] if confident else int(capped[i])
+                else:
+                    expected = int(capped[i])
+                assert int(used[i]) == expected, (split, i)
+                assert _maxdiff(logits[i : i + 1], model.run_to_exit(x[i : i + 1], expected)) <= TOL
+    assert (used != capped).any() and (used == capped).any()

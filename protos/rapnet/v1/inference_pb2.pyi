@@ -102,7 +102,7 @@ class Policy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model_identity", "split_point", "target_exit", "policy", "tensors", "image", "deadline_ms", "client_sent_unix_ns", "edge_compute_ms", "cloud_exit")
+    __slots__ = ("request_id", "model_identity", "split_point", "target_exit", "policy", "tensors", "image", "deadline_ms", "client_sent_unix_ns", "edge_compute_ms", "cloud_exit", "stop_confidence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     SPLIT_POINT_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class InferRequest(_message.Message):
     CLIENT_SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     EDGE_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     CLOUD_EXIT_FIELD_NUMBER: _ClassVar[int]
+    STOP_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_identity: str
     split_point: int
@@ -125,7 +126,8 @@ class InferRequest(_message.Message):
     client_sent_unix_ns: int
     edge_compute_ms: float
     cloud_exit: CloudExit
-    def __init__(self, request_id: _Optional[str] = ..., model_identity: _Optional[str] = ..., split_point: _Optional[int] = ..., target_exit: _Optional[int] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., image: _Optional[_Union[ImagePayload, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., client_sent_unix_ns: _Optional[int] = ..., edge_compute_ms: _Optional[float] = ..., cloud_exit: _Optional[_Union[CloudExit, _Mapping]] = ...) -> None: ...
+    stop_confidence: float
+    def __init__(self, request_id: _Optional[str] = ..., model_identity: _Optional[str] = ..., split_point: _Optional[int] = ..., target_exit: _Optional[int] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., image: _Optional[_Union[ImagePayload, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., client_sent_unix_ns: _Optional[int] = ..., edge_compute_ms: _Optional[float] = ..., cloud_exit: _Optional[_Union[CloudExit, _Mapping]] = ..., stop_confidence: _Optional[float] = ...) -> None: ...
 
 class CloudExit(_message.Message):
     __slots__ = ("price",)
