@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "the checkpoint metadata's \"price\", else 0.03 (calibrated, see docs/edge.md)")
     rule.add_argument("--threshold", type=float, default=None,
                       help="use the threshold rule instead: the shallowest exit whose predictor score reaches THRESHOLD")
+    m.add_argument("--stop-confidence", type=float, default=None, metavar="P",
+                   help="capped rule (with the priced rule): the priced rule's exit becomes the deepest the frame may "
+                        "run, and the first exit on the way whose top softmax probability reaches P answers; edge "
+                        "and cloud both check (docs/results.md, ninth session)")
     m.add_argument("--device-gflops", type=float, default=5.0, help="the device's compute, for the planner")
     m.add_argument("--emulate-device", action="store_true",
                    help="pad local compute and encoding (sleep) to the planner's modelled time on --device-gflops, to "
@@ -218,6 +222,10 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         raise SetupError("--deadline-ms must be > 0")
     if args.price is not None and not 0.0 <= args.price < float("inf"):
         raise SetupError("--price must be a finite number >= 0")
+    if args.stop_confidence is not None and args.threshold is not None:
+        raise SetupError("--stop-confidence caps the priced rule's exit: it does not go with --threshold")
+    if args.stop_confidence is not None and not 0.0 < args.stop_confidence <= 1.0:
+        raise SetupError("--stop-confidence must lie in (0, 1]")
     if not 0.0 <= args.cloud_overhead_ms < float("inf"):
         raise SetupError("--cloud-overhead-ms must be a finite number >= 0")
     try:
@@ -237,7 +245,8 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         target = _cloud_target(app)
         import numpy as np
 
-        settings = DecisionSettings(price=args.price, threshold=args.threshold, device_gflops=args.device_gflops,
+        settings = DecisionSettings(price=args.price, threshold=args.threshold, stop_confidence=args.stop_confidence,
+                                    device_gflops=args.device_gflops,
                                     device_layer_us=args.device_layer_us, cloud_gflops=args.cloud_gflops,
                                     latency_budget_ms=args.latency_budget_ms, encodings=encodings,
                                     bandwidth_mbps=args.bandwidth_mbps, rtt_ms=args.rtt_ms,
@@ -332,7 +341,7 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
         display.close()
         extra = {"captured": agent.counters.captured, "dropped": agent.counters.dropped,
                  "interrupted": app.stop.is_set(), "rule": app.decider.rule, "price": app.decider.price,
-                 "threshold": app.decider.threshold,
+                 "threshold": app.decider.threshold, "stop_confidence": app.decider.stop_confidence or None,
                  "source": app.source.source.__class__.__name__}
         if app.link is not None:
             extra.update(network_estimate=app.link.estimate.snapshot(), circuit_trips=app.link.breaker.trips,

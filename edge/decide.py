@@ -34,6 +34,9 @@ class DecisionSettings:
 
     price: float | None = None  # priced rule; None: the checkpoint's "price", else DEFAULT_PRICE
     threshold: float | None = None  # given: the threshold rule at it instead (not with price)
+    # given: the capped rule (rapnet.evaluate.capped_exits): the priced rule's exit is the deepest the frame may
+    # run; the first exit on the way whose top softmax probability reaches it answers (heads on the way run)
+    stop_confidence: float | None = None
     device_gflops: float = 5.0
     device_layer_us: float | None = None
     cloud_gflops: float = 100.0
@@ -76,8 +79,13 @@ class Decider:
 
     @property
     def rule(self) -> str:
-        """'price' or 'threshold'."""
-        return self.planner.rule
+        """'price', 'capped' (the priced rule's exit as a cap, see stop_confidence) or 'threshold'."""
+        return "capped" if self.stop_confidence else self.planner.rule
+
+    @property
+    def stop_confidence(self) -> float:
+        """The capped rule's stop confidence; 0.0: answer at the planned exit."""
+        return self.settings.stop_confidence or 0.0
 
     @property
     def knob(self) -> float:
@@ -117,9 +125,12 @@ class Decider:
         stages = costs.exit_stages[exit_index] + 1 if exit_index is not None else split
         flops = float(sum(costs.stage_flops[:stages]))
         calls = float(sum(layers.stage_layers[:stages]))
-        if exit_index is not None:
-            flops += costs.exit_flops[exit_index]
-            calls += layers.exit_layers[exit_index]
+        if self.planner.sequential:  # every head on the way ran (capped rule, SDN)
+            heads = [k for k, s in enumerate(costs.exit_stages) if s < stages]
+        else:
+            heads = [exit_index] if exit_index is not None else []
+        flops += sum(costs.exit_flops[k] for k in heads)
+        calls += sum(layers.exit_layers[k] for k in heads)
         if predictor:
             flops += costs.predictor_flops
             calls += layers.predictor_layers
@@ -142,6 +153,12 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
 
     if settings.threshold is not None and settings.price is not None:
         raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")
+    if settings.stop_confidence is not None:
+        if settings.threshold is not None:
+            raise ValueError("the capped rule caps the exit with the priced rule: a stop confidence does not go "
+                             "with the threshold rule")
+        if not 0.0 < settings.stop_confidence <= 1.0:
+            raise ValueError(f"the stop confidence must lie in (0, 1], got {settings.stop_confidence}")
     price = None
     if settings.threshold is None:
         price = settings.price if settings.price is not None else checkpoint_price(metadata)
@@ -150,7 +167,8 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
     if not (isinstance(accuracy, Sequence) and len(accuracy) == model.num_exits):
         accuracy = None
     planner = planner_for_model(model, sample_pixels, threshold=settings.threshold, price=price,
-                                exit_accuracy=accuracy, encodings=tuple(settings.encodings), traces=traces)
+                                exit_accuracy=accuracy, encodings=tuple(settings.encodings), traces=traces,
+                                sequential=True if settings.stop_confidence else None)
     return Decider(planner, settings, price=price, threshold=settings.threshold)
 
 

@@ -202,16 +202,28 @@ class EdgeAgent:
                 plan = self.decider.local_plan(scores, conditions)
             lat["decide"] += (time.perf_counter() - t) * 1e3
         score = None if scores is None else float(scores[plan.exit_index])
+        stop = self.decider.stop_confidence  # capped rule: exits on the way answer when this confident
         if not plan.offload:
             t = time.perf_counter()
-            logits = self.model.run_to_exit(x, plan.exit_index)
+            if stop:
+                logits, used = self.model.run_until_confident(x, stop, last_exit=plan.exit_index)
+            else:
+                logits, used = self.model.run_to_exit(x, plan.exit_index), plan.exit_index
             lat["local"] = (time.perf_counter() - t) * 1e3
-            self._emulate(lat, conditions, use, exit_index=plan.exit_index)
-            return self._local_result(frame, frame_id, logits, plan.exit_index, plan.exit_index, lat, t_start, plan,
+            self._emulate(lat, conditions, use, exit_index=used)
+            return self._local_result(frame, frame_id, logits, used, plan.exit_index, lat, t_start, plan,
                                       score, degraded)
         t = time.perf_counter()
-        carry = self.model.edge_part(x, plan.split)
+        if stop and plan.split > 0:
+            carry, answer = self.model.edge_part_capped(x, plan.split, stop)
+        else:
+            carry, answer = self.model.edge_part(x, plan.split), None
         lat["local"] = (time.perf_counter() - t) * 1e3
+        if answer is not None:  # an exit before the split was confident: nothing to send
+            logits, used = answer
+            self._emulate(lat, conditions, use, exit_index=used)
+            return self._local_result(frame, frame_id, logits, used, plan.exit_index, lat, t_start, plan,
+                                      score, degraded)
         self._emulate(lat, conditions, use and not cloud_exit, split=plan.split)
         t = time.perf_counter()
         try:
@@ -222,7 +234,8 @@ class EdgeAgent:
                                     image=frame.pixels if "image" in carry else None, policy=policy,
                                     deadline_ms=int(self.settings.deadline_ms),
                                     edge_compute_ms=lat["local"] + lat["predictor"],
-                                    cloud_exit_price=self.decider.price if cloud_exit else None)
+                                    cloud_exit_price=self.decider.price if cloud_exit else None,
+                                    stop_confidence=stop)
             data = request.SerializeToString()
         except Exception as err:  # noqa: BLE001 - a frame the codec refuses is answered locally, flagged
             self.link.breaker.failure()

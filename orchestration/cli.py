@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     live.add_argument("--frames", type=int, default=100, help="test frames per point")
     live.add_argument("--points", type=int, default=6, help="how many of the built-in sweep points")
+    live.add_argument("--capped", action="store_true",
+                      help="run the agent with the capped rule at the simulator's rapnet_capped setting "
+                           "(--price Q --stop-confidence T) and compare with that policy")
     live.add_argument("--timeout", type=float, default=300, help="seconds per point")
     live.add_argument("--overhead-frames", type=int, default=60,
                       help="training images offloaded first to measure the cloud's fixed per-request overhead")

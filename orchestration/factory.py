@@ -21,10 +21,12 @@ from .planner import DEFAULT_ENCODINGS, LayerCounts, Planner
 def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float | None = None,
                       price: float | None = None,
                       exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
-                      traces: str | Path | None = None, min_agreement: float = 0.995) -> Planner:
+                      traces: str | Path | None = None, min_agreement: float = 0.995,
+                      sequential: bool | None = None) -> Planner:
     """A planner for `model`: sample_pixels (N, H, W, 3) uint8 frames to measure request sizes on (a few
     dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity). Exit rule as in
-    Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule."""
+    Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule.
+    `sequential`: every head up to the exit runs (default: for SDN; the capped rule asks for it too)."""
     from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
@@ -52,4 +54,5 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     if exit_accuracy is None:
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
     return Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price, layers=layers,
-                   codec_ms=codec_ms, agreement=agreement, sequential=model.config.kind == "sdn")
+                   codec_ms=codec_ms, agreement=agreement,
+                   sequential=model.config.kind == "sdn" if sequential is None else sequential)

@@ -182,8 +182,14 @@ def run_live(args) -> dict:
     sub = {name: _subset(t, n) for name, t in traces.items()}
     world = World(sub, SimConfig(devices=1, workers=1, fps=args.fps, accuracy_target=args.accuracy_target,
                                  rapnet_rule=args.rapnet_rule))
-    rule = (["--price", str(world.rapnet_price)] if world.config.rapnet_rule == "price"
-            else ["--threshold", str(world.rapnet_threshold)])  # the agent runs the simulator's operating point
+    # the agent runs the simulator's operating point
+    policy = "rapnet_capped" if args.capped else "rapnet_split"
+    if args.capped:
+        rule = ["--price", str(world.capped_setting[0]), "--stop-confidence", str(world.capped_setting[1])]
+    elif world.config.rapnet_rule == "price":
+        rule = ["--price", str(world.rapnet_price)]
+    else:
+        rule = ["--threshold", str(world.rapnet_threshold)]
     tmp = Path(tempfile.mkdtemp(prefix="rapnet-live-"))
     token = tmp / "token"
     subprocess.run([sys.executable, "-m", "cloud.cli", "make-token", "--out", str(token)], check=True, cwd=ROOT, capture_output=True)
@@ -196,7 +202,11 @@ def run_live(args) -> dict:
     try:
         if not _wait_port(port, 120):
             raise RuntimeError(f"the cloud did not start on 127.0.0.1:{port}; see {tmp / 'cloud.log'}")
-        calibration = measure_cloud_overhead(port, token, rule, args.fps, args.overhead_frames, tmp, args.timeout)
+        # The overhead is the serving path's, whatever the rule; measured without the stop confidence, since a
+        # frame that stops before its cap beats the plan's expectation (made for the cap) by the compute it saved.
+        calibration_rule = rule[:2] if args.capped else rule
+        calibration = measure_cloud_overhead(port, token, calibration_rule, args.fps, args.overhead_frames, tmp,
+                                             args.timeout)
         overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
         print(json.dumps({"calibration": calibration, "used_overhead_ms": overhead}), flush=True)
         for p in DEFAULT_POINTS[: args.points]:
@@ -211,7 +221,7 @@ def run_live(args) -> dict:
             measured = json.loads(summary.read_text())
             c = Conditions(p.bandwidth_mbps, p.rtt_ms, p.device_gflops, cloud_gflops=REF_GFLOPS, cloud_layer_us=REF_LAYER_US,
                            cloud_overhead_ms=overhead)
-            sim = world.run_policy("rapnet_split", c)
+            sim = world.run_policy(policy, c)
             frames = [json.loads(line) for line in open(tmp / f"frames-{len(rows)}.jsonl")]
             service = [f["latency_ms"].get("service", f["latency_ms"].get("total")) for f in frames]
             m = sum(service) / len(service)
@@ -234,7 +244,8 @@ def run_live(args) -> dict:
             cloud.kill()
     errors = [r["abs_rel_error"] for r in rows if "abs_rel_error" in r]
     errors.sort()
-    result = {"shaping": "in-transport TCP proxy (tc netem unavailable)", "points": rows, "frames_per_point": n,
+    result = {"shaping": "in-transport TCP proxy (tc netem unavailable)", "policy": policy, "agent_rule": rule,
+              "points": rows, "frames_per_point": n,
               "calibration": calibration, "cloud_overhead_ms": overhead,
               "median_abs_rel_error": errors[len(errors) // 2] if errors else None, "workdir": str(tmp)}
     out = Path(args.out)

@@ -375,13 +375,12 @@ class Planner:
                 out[k] = math.inf if option is None else self.offload_parts(option, c)["total_ms"]
         return out[np.asarray(exits)]
 
-    def plan_progressive(self, exit_distribution: np.ndarray, c: Conditions,
-                         exits: np.ndarray | None = None) -> tuple[int, str | None, float]:
-        """The split and encoding minimising SPINN-style expected latency for a distribution over `exits`
-        (default: all; e.g. the confidence rule's exits on calibration data). Returns (split, encoding,
-        expected ms); split = num_stages and encoding None mean: all local."""
+    def plan_progressive(self, exit_distribution: np.ndarray, c: Conditions) -> tuple[int, str | None, float]:
+        """The split and encoding minimising SPINN-style expected latency for a distribution over exits
+        (e.g. the confidence rule's exits on calibration data). Returns (split, encoding, expected ms);
+        split = num_stages and encoding None mean: all local."""
         p = np.asarray(exit_distribution, dtype=float)
-        exits = np.arange(self.costs.num_exits) if exits is None else np.asarray(exits)
+        exits = np.arange(self.costs.num_exits)
         exits, p = exits[p > 0], p[p > 0] / p.sum()  # an exit never reached must not make it 0 x inf
         best = (self.num_stages, None, float(p @ self.progressive_latency(exits, self.num_stages, None, c)))
         for s in range(self.num_stages):

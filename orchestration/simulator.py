@@ -32,7 +32,7 @@ DESCRIPTIONS = {
     "neurosurgeon": "static network, best single split + encoding per condition (Neurosurgeon)",
     "spinn": "SDN network, confidence exits, progressive: best split per condition (SPINN-style)",
     "rapnet_split": "RAPNet, predictor exit, planner picks local or split + encoding per frame (ours)",
-    "rapnet_capped": "RAPNet, predictor caps the exit, confidence stops earlier; split per cap, progressive (ours)",
+    "rapnet_capped": "RAPNet, predictor caps the exit, confidence stops earlier; planner places each cap (ours)",
     "oracle": "RAPNet, earliest correct exit known, same planner placement",
 }
 
@@ -178,12 +178,6 @@ class World:
             r.cal_correct, r.cal_scores, r.cal_confidence, relative, self.capped_planner._local_f, self.accuracy_target)
         self.capped_caps = priced_exits(r.scores, self.capped_setting[0], relative)
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
-        cal_caps = priced_exits(r.cal_scores, self.capped_setting[0], relative)
-        cal_exits = capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative)
-        K = r.correct.shape[1]
-        # Per cap, where the calibration images with that cap stopped: what the placement plans for.
-        self.capped_cal_distribution = np.zeros((K, K))
-        np.add.at(self.capped_cal_distribution, (cal_caps, cal_exits), 1.0)
         self.oracle_exits = oracle_exits(r.correct)
         cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
         self.sdn_cal_distribution = np.bincount(cal_sdn, minlength=s.correct.shape[1]).astype(float)
@@ -311,33 +305,36 @@ class World:
         raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
 
     def _capped(self, c: Conditions) -> PolicyResult:
-        """RAPNet's capped rule placed per frame: the predictor's cap is known before the frame runs, where it
-        stops is not. So per cap the planner picks the SPINN-style split (Planner.plan_progressive) for where
-        calibration images with that cap stopped; exits before the split answer on the edge, later ones in
-        the cloud, which goes on checking confidence up to the cap."""
+        """RAPNet's capped rule as the edge agent runs it (--stop-confidence): the predictor's cap is known before
+        the frame runs, where it stops is not. The planner places each frame for its cap (sequential head costs);
+        exits before that split answer on the edge when confident, the cloud checks the rest up to the cap. With
+        the cloud-side exit (every cap goes to the cloud as the image), the cloud runs the predictor too."""
         t, planner = self.rapnet, self.capped_planner
         K = t.correct.shape[1]
         pair = self.capped_caps * K + self.capped_exits  # placement index: (cap, exit)
         queue = 0.0
         for _ in range(max(1, self.config.queue_iterations)):
             cq = replace(c, cloud_queue_ms=queue)
+            table = planner.option_table(cq)
+            remote = planner.cloud_exit_parts(cq) if self.config.cloud_exit else None
             columns, chosen = ([], [], [], []), []
             for cap in range(K):
-                dist = self.capped_cal_distribution[cap]
-                if dist.sum() == 0:
-                    dist = np.eye(K)[cap]
-                split, enc, _ = planner.plan_progressive(dist[: cap + 1], cq, exits=np.arange(cap + 1))
+                if remote is not None:
+                    split, enc = 0, remote[0]["encoding"]
+                    per_exit = (remote, [True] * K, [0] * K, [p["encoding"] for p in remote])
+                else:
+                    split, enc = (int(table.split[cap]), table.encoding[cap]) if table.offload[cap] else (planner.num_stages, None)
+                    per_exit = self._progressive_columns(t, planner, split, enc, cq, last_exit=cap)
                 chosen.append((split, enc))
-                for column, values in zip(columns, self._progressive_columns(t, planner, split, enc, cq, last_exit=cap)):
+                for column, values in zip(columns, per_exit):
                     column.extend(values)
             parts, off, splits, encs = columns
             placement = Placement.from_parts(off, splits, encs, parts)
             real = self.realize(t, pair, placement, c)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
         rows = np.arange(self.n)
-        result = self._summarize("rapnet_capped", t.correct[rows, self.capped_exits], self.capped_exits, real,
-                                 {"split_per_cap": [[int(s), e] for s, e in chosen]}, K)
-        return result
+        return self._summarize("rapnet_capped", t.correct[rows, self.capped_exits], self.capped_exits, real,
+                               {"split_per_cap": [[int(s), e] for s, e in chosen], "cloud_exit": remote is not None}, K)
 
     @staticmethod
     def _progressive_columns(t: ModelTraces, planner: Planner, split: int, enc: str | None, c: Conditions,

@@ -150,6 +150,27 @@ class MultiExitNetwork(nn.Module):
         carry = self._run_stages(carry, split, self.exit_stages[exit_index] + 1)
         return self._exit_logits(carry, exit_index)
 
+    def edge_part_capped(self, image: torch.Tensor, split: int,
+                         stop_confidence: float) -> tuple[Carry | None, tuple[torch.Tensor, int] | None]:
+        """The edge's side of the capped rule at a split, for one image: run stages [0, split) checking the
+        heads of the exits before the split; the first whose top softmax probability reaches
+        `stop_confidence` answers here. Returns (None, (logits, exit)) then, else (the carry to send, None)."""
+        self._check_split(split)
+        if image.shape[0] != 1:
+            raise ValueError("confidence-based early exit decides per image: pass a batch of one")
+        carry: Carry = {IMAGE: image}
+        done = 0
+        for k, stage_index in enumerate(self.exit_stages):
+            if stage_index >= split:
+                break
+            carry = self._run_stages(carry, done, stage_index + 1)
+            done = stage_index + 1
+            logits = self._exit_logits(carry, k)
+            if float(torch.softmax(logits, 1).max()) >= stop_confidence:
+                return None, (logits, k)
+        carry = self._run_stages(carry, done, split)
+        return {key: carry[key] for key in self._live[split]}, None
+
     def deepest_local_exit(self, split: int) -> int | None:
         """The deepest exit whose stage the edge has run when it splits at `split` (its fallback answer)."""
         local = [k for k, s in enumerate(self.exit_stages) if s < split]

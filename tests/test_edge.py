@@ -35,6 +35,7 @@ from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
 from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import load_model, save_checkpoint  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
+from rapnet.costs import measure_costs  # noqa: E402
 from orchestration.planner import DEFAULT_PRICE  # noqa: E402
 from rapnet.evaluate import predictor_exits, priced_exits, relative_exit_costs  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
@@ -359,6 +360,40 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
     lines = read_lines(workdir / "edge-predictor.jsonl")
     assert all(r["exit_picked_by"] == "edge" and r["predictor_score"] is not None for r in lines)
     assert [r["exit"] for r in lines] == exits
+
+
+def test_capped_rule_on_the_edge_and_in_the_cloud_equals_the_offline_rule(cloud, checkpoint, dataset, workdir,
+                                                                         token_env):
+    """--stop-confidence: on a fast device every frame runs here, on a very slow one the image goes to the cloud,
+    which picks the cap; either way each frame answers where rapnet.evaluate.capped_exits says."""
+    from rapnet.checkpoint import load_model
+    from rapnet.evaluate import capped_exits
+
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size))[:12]]
+        scores = np.concatenate([model.exit_scores(x).numpy() for x in xs])
+        confidence = np.stack([[float(torch.softmax(z, 1).max()) for z in model(x)] for x in xs])
+    caps = priced_exits(scores, 0.0, relative_exit_costs(measure_costs(model)))  # price 0: the untrained
+    # predictor's scores are flat, so any price above it caps every frame at exit 0
+    best_on_the_way = [row[:cap].max() for row, cap in zip(confidence, caps) if cap > 0]
+    assert best_on_the_way, "no frame has an exit before its cap"
+    stop = float(np.median(best_on_the_way))  # about half the frames stop early
+    base = ["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, "--fixed-network", "--rtt-ms",
+            "1", "--calibration-frames", "8", "--deadline-ms", "30000", "--quiet", "--limit", "12", "--price", "0",
+            "--stop-confidence", str(stop)]
+    for where, device in (("edge", ["--device-gflops", "10000", "--bandwidth-mbps", "0.01"]),
+                          ("cloud", ["--device-gflops", "0.01", "--bandwidth-mbps", "1000"])):
+        out = workdir / f"capped-{where}.jsonl"
+        app = run_agent([*base, *device, "--output", str(out)])
+        lines = read_lines(out)
+        assert app.decider.rule == "capped" and all(r["where"] == where for r in lines)
+        expected = capped_exits(scores, confidence, 0.0, stop, app.decider.planner.relative_costs)
+        assert [r["exit"] for r in lines] == expected.tolist()
+        with torch.no_grad():
+            assert [r["class"] for r in lines] == [int(model.run_to_exit(x, int(k)).argmax(1)[0])
+                                                   for x, k in zip(xs, expected)]
+    assert (expected < caps).any() and (expected == caps).any()  # some stopped early, some ran to their cap
 
 
 def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, dataset, workdir, token_env):

@@ -675,3 +675,18 @@ def test_batched_capped_run_matches_the_per_image_one(models, arch, width, kind)
                 assert int(used[i]) == expected, (split, i)
                 assert _maxdiff(logits[i : i + 1], model.run_to_exit(x[i : i + 1], expected)) <= TOL
     assert (used != capped).any() and (used == capped).any()
+
+
+@pytest.mark.parametrize("arch,width,kind", MULTI_EXIT, ids=MULTI_EXIT_IDS)
+def test_edge_part_capped_answers_before_the_split_or_hands_over_the_carry(models, arch, width, kind):
+    model = models[(arch, kind)]
+    split = model.exit_stages[1] + 1  # exits 0 and 1 lie before the split
+    x = _image(1, seed=14)
+    with torch.inference_mode():
+        first = float(torch.softmax(model.run_to_exit(x, 0), 1).max())
+        carry, answer = model.edge_part_capped(x, split, stop_confidence=first)  # exit 0 is exactly that confident
+        assert carry is None and answer[1] == 0 and _maxdiff(answer[0], model.run_to_exit(x, 0)) <= TOL
+        carry, answer = model.edge_part_capped(x, split, stop_confidence=1.1)  # never confident: send
+        assert answer is None and set(carry) == set(model.edge_part(x, split))
+        for key, value in model.edge_part(x, split).items():
+            assert _maxdiff(carry[key], value) <= TOL
