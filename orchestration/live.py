@@ -204,7 +204,7 @@ def run_live(args) -> dict:
             raise RuntimeError(f"the cloud did not start on 127.0.0.1:{port}; see {tmp / 'cloud.log'}")
         # The overhead is the serving path's, whatever the rule; measured without the stop confidence, since a
         # frame that stops before its cap beats the plan's expectation (made for the cap) by the compute it saved.
-        calibration_rule = rule[:2] if args.capped else rule
+        calibration_rule = ["--price", str(world.capped_setting[0])] if args.capped else rule
         calibration = measure_cloud_overhead(port, token, calibration_rule, args.fps, args.overhead_frames, tmp,
                                              args.timeout)
         overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
