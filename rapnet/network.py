@@ -156,18 +156,10 @@ class MultiExitNetwork(nn.Module):
         heads of the exits before the split; the first whose top softmax probability reaches
         `stop_confidence` answers here. Returns (None, (logits, exit)) then, else (the carry to send, None)."""
         self._check_split(split)
-        if image.shape[0] != 1:
-            raise ValueError("confidence-based early exit decides per image: pass a batch of one")
-        carry: Carry = {IMAGE: image}
-        done = 0
-        for k, stage_index in enumerate(self.exit_stages):
-            if stage_index >= split:
-                break
-            carry = self._run_stages(carry, done, stage_index + 1)
-            done = stage_index + 1
-            logits = self._exit_logits(carry, k)
-            if float(torch.softmax(logits, 1).max()) >= stop_confidence:
-                return None, (logits, k)
+        before = [k for k, s in enumerate(self.exit_stages) if s < split]
+        carry, done, answer = self._first_confident(image, before, stop_confidence, last_answers=False)
+        if answer is not None:
+            return None, answer
         carry = self._run_stages(carry, done, split)
         return {key: carry[key] for key in self._live[split]}, None
 
@@ -211,6 +203,7 @@ class MultiExitNetwork(nn.Module):
         if stop.numel() != batch:
             raise ValueError(f"{stop.numel()} stop confidences for a batch of {batch}")
         checking = stop > 0
+        stop = torch.where(checking, stop, 2.0)  # no stop confidence: no softmax probability reaches 2
         used = caps.clone()
         active = torch.arange(batch)
         logits: torch.Tensor | None = None
@@ -226,7 +219,7 @@ class MultiExitNetwork(nn.Module):
             out = self.exits[k](carry[self.stages[self.exit_stages[k]].writes][heads])
             done = cap[heads] == k
             if checking.any():
-                done |= torch.softmax(out, 1).amax(1) >= torch.where(checking[active][heads], stop[active][heads], 2.0)
+                done |= torch.softmax(out, 1).amax(1) >= stop[active][heads]
             if not done.any():
                 continue
             if logits is None:
@@ -247,19 +240,26 @@ class MultiExitNetwork(nn.Module):
         """SDN-style inference for one image: evaluate exits one after another and stop at the first whose
         top softmax probability reaches `threshold`; `last_exit` (default: the last) always answers.
         RAPNet's capped rule passes the priced rule's exit as `last_exit` (rapnet.evaluate.capped_exits)."""
-        if image.shape[0] != 1:
-            raise ValueError("confidence-based early exit decides per image: pass a batch of one")
         last_exit = self.num_exits - 1 if last_exit is None else last_exit
         self._check_exit(last_exit)
+        return self._first_confident(image, range(last_exit + 1), threshold, last_answers=True)[2]
+
+    def _first_confident(self, image: torch.Tensor, exits, threshold: float,
+                         last_answers: bool) -> tuple[Carry, int, tuple[torch.Tensor, int] | None]:
+        """Run one image through `exits` (consecutive, from 0) in order; the first whose top softmax probability
+        reaches `threshold` answers (the last one anyway if `last_answers`). Returns (carry, stages run,
+        (logits, exit) or None)."""
+        if image.shape[0] != 1:
+            raise ValueError("confidence-based early exit decides per image: pass a batch of one")
         carry: Carry = {IMAGE: image}
         done = 0
-        for k, stage_index in enumerate(self.exit_stages[: last_exit + 1]):
-            carry = self._run_stages(carry, done, stage_index + 1)
-            done = stage_index + 1
+        for k in exits:
+            carry = self._run_stages(carry, done, self.exit_stages[k] + 1)
+            done = self.exit_stages[k] + 1
             logits = self._exit_logits(carry, k)
-            if k == last_exit or float(torch.softmax(logits, 1).max()) >= threshold:
-                return logits, k
-        raise AssertionError("unreachable: the last exit always answers")
+            if (last_answers and k == exits[-1]) or float(torch.softmax(logits, 1).max()) >= threshold:
+                return carry, done, (logits, k)
+        return carry, done, None
 
     # --- exit predictor --------------------------------------------------------------------------------
     def exit_scores(self, image: torch.Tensor) -> torch.Tensor:
