@@ -52,6 +52,7 @@ class TrainConfig:
     predictor_fit_share: float = 0.8  # of the validation split: the rest calibrates thresholds
     seed: int = 0
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
+    teacher: str = ""  # checkpoint whose last exit supplies every exit's soft labels ("": the last exit's own)
 
 
 def exit_weights(num_exits: int) -> list[float]:
@@ -61,17 +62,20 @@ def exit_weights(num_exits: int) -> list[float]:
     return [0.3 + 0.7 * k / (num_exits - 1) for k in range(num_exits)]
 
 
-def multi_exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def multi_exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig,
+                    teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted cross-entropy over the exits, mixed with distillation: from the last exit into the earlier ones,
+    or, given a teacher's logits, from the teacher into every exit (the last one included)."""
     weights = exit_weights(len(outputs))
-    final = outputs[-1]
-    loss = F.cross_entropy(final, labels)
-    if len(outputs) > 1:
-        t = cfg.distill_temperature
-        soft_target = F.softmax(final.detach().float() / t, dim=1)
-        for w, logits in zip(weights[:-1], outputs[:-1]):
-            ce = F.cross_entropy(logits, labels)
-            kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft_target, reduction="batchmean") * t * t
-            loss = loss + w * ((1 - cfg.distill_weight) * ce + cfg.distill_weight * kd)
+    t = cfg.distill_temperature
+    source = outputs[-1] if teacher_logits is None else teacher_logits
+    soft_target = F.softmax(source.detach().float() / t, dim=1)
+    students = outputs[:-1] if teacher_logits is None else outputs
+    loss = F.cross_entropy(outputs[-1], labels) if teacher_logits is None else 0.0
+    for w, logits in zip(weights, students):
+        ce = F.cross_entropy(logits, labels)
+        kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft_target, reduction="batchmean") * t * t
+        loss = loss + w * ((1 - cfg.distill_weight) * ce + cfg.distill_weight * kd)
     return loss
 
 
@@ -134,9 +138,11 @@ def exit_logits(model: MultiExitNetwork, images: torch.Tensor, device: torch.dev
 
 
 def train_network(
-    model: MultiExitNetwork, train: Split, val: Split, cfg: TrainConfig, device: torch.device, state_path: Path, log: list
+    model: MultiExitNetwork, train: Split, val: Split, cfg: TrainConfig, device: torch.device, state_path: Path, log: list,
+    teacher: MultiExitNetwork | None = None,
 ) -> None:
-    """Joint multi-exit training with resumable per-epoch state."""
+    """Joint multi-exit training with resumable per-epoch state. A teacher (frozen, eval mode) sees the same
+    augmented batch as the student, so its soft labels match the view being learned."""
     model.to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = len(train.labels) // cfg.batch_size if len(train.labels) >= cfg.batch_size else 1
     total_steps = cfg.epochs * steps_per_epoch
@@ -155,6 +161,8 @@ def train_network(
         log.extend(json.loads(state["log"]))
         print(f"resuming {state_path.name} at epoch {start_epoch}/{cfg.epochs}")
     hooks = _scale_trunk_gradient(model, cfg.early_exit_trunk_grad)
+    if teacher is not None:
+        teacher.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -171,8 +179,10 @@ def train_network(
             x = random_crop_flip(to_model_input(train.images[idx]), 4, aug_gen).contiguous(memory_format=torch.channels_last)
             y = train.labels[idx]
             with _autocast(device):
+                with torch.no_grad():
+                    teacher_logits = teacher(x)[-1] if teacher is not None else None
                 outputs = model(x)
-                loss = multi_exit_loss(outputs, y, cfg)
+                loss = multi_exit_loss(outputs, y, cfg, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -259,6 +269,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _load_teacher(path: str, cfg: TrainConfig) -> tuple[MultiExitNetwork, str]:
+    """A teacher must have been trained on this run's training part only: had it seen the validation images,
+    its soft labels would leak into the exits and the calibration accuracies would read high."""
+    teacher, metadata = load_model(path)
+    trained = (metadata.get("seed"), metadata.get("split", {}).get("val"), metadata.get("train_config", {}).get("limit_train", 0))
+    if trained != (cfg.seed, cfg.val_size, cfg.limit_train):
+        raise SystemExit(f"rapnet-train: teacher {path} was trained with (seed, validation size, limit) {trained}, this run "
+                         f"uses {(cfg.seed, cfg.val_size, cfg.limit_train)}; its training part must be this run's, so "
+                         "train the teacher with the same --seed, --val-size and --limit-train")
+    return teacher, metadata["identity"]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
@@ -271,8 +293,9 @@ def run(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, predictor_epochs=args.predictor_epochs,
         val_size=args.val_size, seed=args.seed, limit_train=args.limit_train,
-        early_exit_trunk_grad=args.early_exit_trunk_grad,
+        early_exit_trunk_grad=args.early_exit_trunk_grad, teacher=args.teacher or "",
     )
+    teacher, teacher_identity = _load_teacher(args.teacher, cfg) if args.teacher else (None, None)
     data_path = locate_dataset(args.data, args.dataset)
     dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
     dataset, train_idx, val_idx, fit_idx = dataset_parts(dataset, cfg)
@@ -286,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
     metadata_common = {
         "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": _git_commit(), "seed": args.seed,
         "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
-        "train_config": asdict(cfg), "device": str(device),
+        "train_config": asdict(cfg), "device": str(device), "teacher_identity": teacher_identity,
         "split": {"train": len(train_idx), "val": len(val_idx), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
                   "predictor_split": RANDOM_PREDICTOR_SPLIT},
     }
@@ -298,7 +321,7 @@ def run(args: argparse.Namespace) -> dict:
         model = build_model(config)
         log: list = []
         started = time.time()
-        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log)
+        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log, teacher)
         if kind == "rapnet" and cfg.predictor_epochs > 0:
             train_predictor(model, fit, cfg, device, log)
         model.cpu().to(memory_format=torch.contiguous_format)
@@ -383,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     p.add_argument("--jobs", type=int, default=1, help="train the models in this many parallel processes (GPU)")
+    p.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="distil every exit from this trained network's last exit (same seed and split as this run)")
     p.add_argument("--predictor-only", metavar="CHECKPOINT",
                    help="refit only the exit predictor of this trained RAPNet checkpoint; writes OUT/rapnet.pt")
     return p

@@ -107,6 +107,40 @@ def test_refit_refuses_a_network_without_predictor(smoke_run, tmp_path: Path) ->
                     "--data", str(smoke_run["data"]), "--cache-dir", str(smoke_run["root"] / "cache")])
 
 
+def test_teacher_distils_every_exit_and_is_recorded(smoke_run, tmp_path: Path) -> None:
+    teacher = smoke_run["run"] / "static.pt"
+    argv = list(smoke_run["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    train.main([*argv, "--models", "rapnet", "--predictor-epochs", "0", "--teacher", str(teacher)])
+    _, meta = load_model(tmp_path / "rapnet.pt")
+    assert meta["teacher_identity"] == load_model(teacher)[1]["identity"]
+    assert meta["train_config"]["teacher"] == str(teacher)
+
+
+def test_a_teacher_from_another_split_is_refused(smoke_run, tmp_path: Path) -> None:
+    argv = list(smoke_run["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    argv[argv.index("--val-size") + 1] = "60"  # other validation images: the teacher may have trained on them
+    with pytest.raises(SystemExit, match="training part must be this run's"):
+        train.main([*argv, "--models", "rapnet", "--teacher", str(smoke_run["run"] / "static.pt")])
+
+
+def test_teacher_loss_pulls_the_last_exit_towards_the_teacher() -> None:
+    cfg = train.TrainConfig()
+    labels = torch.tensor([0, 1])
+    outputs = [torch.tensor([[2.0, 0.0], [0.0, 2.0]]) for _ in range(3)]
+    self_distilled = train.multi_exit_loss(outputs, labels, cfg)
+    agreeing = train.multi_exit_loss(outputs, labels, cfg, teacher_logits=outputs[-1].clone())
+    disagreeing = train.multi_exit_loss(outputs, labels, cfg, teacher_logits=-outputs[-1])
+    # a teacher equal to the last exit gives the early exits the same targets; the last exit's own term is then
+    # its cross-entropy at the distillation mix's share (its distillation term is zero)
+    last_ce = torch.nn.functional.cross_entropy(outputs[-1], labels)
+    assert torch.isclose(agreeing, self_distilled - cfg.distill_weight * last_ce)
+    last = outputs[-1].clone().requires_grad_(True)
+    train.multi_exit_loss([*outputs[:-1], last], labels, cfg, teacher_logits=-outputs[-1]).backward()
+    assert disagreeing > agreeing and last.grad[0, 1] < 0  # the last exit is pushed towards the teacher's class
+
+
 def test_legacy_predictor_split_is_refused() -> None:
     legacy = {"seed": 0, "split": {"val": 90, "predictor_fit": 72}}  # before the parts were drawn at random
     with pytest.raises(CheckpointError, match="--predictor-only"):
