@@ -27,6 +27,7 @@ DEFAULT_FIGURES = ROOT / "docs"
 DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
+SIM_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")  # planner.DEFAULT_ENCODINGS (that import costs torch)
 
 
 def _world(args):
@@ -293,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
                    help="RAPNet split always runs the predictor on the edge (default: when every exit would send the "
                         "image anyway, the edge skips it and the cloud picks the exit)")
-    g.add_argument("--encodings", nargs="+", default=["png", "fp32+zstd", "fp16+zstd", "int8+zstd"],
-                   help="planner's encoding menu (png/jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later)")
+    g.add_argument("--encodings", nargs="+", default=list(SIM_ENCODINGS),
+                   help="planner's encoding menu (png, raw+zstd or jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later)")
     g.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("traces", parents=[common], help="build or refresh the trace cache and print what it holds",

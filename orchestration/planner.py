@@ -44,7 +44,7 @@ REF_LAYER_US = 20.7
 DEFAULT_PRICE = 0.03
 MSS_BYTES = 1448
 MIN_RTO_MS = 200.0
-DEFAULT_ENCODINGS = ("png", "int8+zstd", "fp16+zstd", "fp32+zstd")
+DEFAULT_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")
 HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from rapnet.evaluate import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                              predictor_exits, priced_exits)
 
-from .planner import MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, Conditions, LayerCounts, Planner
+from .planner import DEFAULT_ENCODINGS, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, Conditions, LayerCounts, Planner
 from .traces import IMAGE_ENCODINGS, ModelTraces
 
 POLICIES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn", "rapnet_split", "rapnet_capped",
@@ -47,7 +47,7 @@ class SimConfig:
     accuracy_target: float | None = None  # calibration accuracy both early-exit rules aim for; None: auto
     rapnet_rule: str = "price"  # RAPNet's exit rule: "price" (priced_exits, ours) or "threshold" (predictor_exits)
     min_agreement: float = 0.995  # lossy encodings allowed only when they change <= 0.5% of answers
-    encodings: tuple[str, ...] = ("png", "fp32+zstd", "fp16+zstd", "int8+zstd")
+    encodings: tuple[str, ...] = DEFAULT_ENCODINGS
     queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
     cloud_exit: bool = True  # RAPNet split: skip the edge predictor when every exit sends the image anyway
     seed: int = 0

@@ -353,8 +353,9 @@ def test_trace_cache_roundtrip(traces, tmp_path):
 
 def test_payloads_are_real_serialized_sizes(traces):
     t = traces["rapnet"]
-    assert set(k for k in t.payload if k[0] == 0) == {(0, "png"), (0, "jpeg")}
+    assert set(k for k in t.payload if k[0] == 0) == {(0, "png"), (0, "raw+zstd"), (0, "jpeg")}
     assert all((v > 0).all() for v in t.payload.values())
+    assert t.agreement[0, "raw+zstd"] == 1.0  # the pixels themselves: lossless
     # fp32 features are bigger than fp16 and int8 at the same split
     for s in range(1, len(t.costs.stage_flops)):
         assert t.payload[s, "fp32+zstd"].mean() > t.payload[s, "fp16+zstd"].mean() > t.payload[s, "int8+zstd"].mean()
@@ -438,6 +439,20 @@ def test_real_traces_accuracy_equals_offline_evaluation():
     assert results["rapnet_split"].exit_histogram == rap["exit_histogram"]
     assert results["sdn_edge"].accuracy == pytest.approx(sdn["accuracy"], abs=1e-12)
     assert results["neurosurgeon"].accuracy == pytest.approx(traces["static"].correct.mean(), abs=1e-12)
+
+
+def test_raw_pixels_travel_when_encoding_time_outweighs_bytes():
+    """raw+zstd: more bytes than PNG but cheap to encode, so it wins on a slow device with a fast link only."""
+    from orchestration import cli
+
+    costs = toy_costs()
+    codec_ms = {(0, "png"): (0.11, 0.1), (0, "raw+zstd"): (0.017, 0.02)}
+    planner = Planner(costs, {(0, "png"): 2100, (0, "raw+zstd"): 2700}, [0.6, 0.75, 0.85, 0.9], threshold=0.8,
+                      encodings=("png", "raw+zstd"), codec_ms=codec_ms)
+    slow_device = dict(rtt_ms=5, device_gflops=0.5, cloud_gflops=1000)
+    assert planner.plan(SCORES, Conditions(bandwidth_mbps=100, **slow_device)).encoding == "raw+zstd"
+    assert planner.plan(SCORES, Conditions(bandwidth_mbps=0.2, **slow_device)).encoding == "png"
+    assert set(cli.SIM_ENCODINGS) == set(SimConfig.encodings)
 
 
 def test_planner_for_model_from_sample_frames():
