@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cloud-gflops", type=float, default=100.0)
     m.add_argument("--latency-budget-ms", type=float, default=None, help="per-frame latency budget the planner keeps")
     m.add_argument("--encoding", default="auto",
-                   help="what the planner may send: auto (png,int8+zstd,fp16+zstd,fp32+zstd) or a comma-separated "
-                        "menu of those; png is the image-only split 0, the others encode features (splits >= 1)")
+                   help="what the planner may send: auto (png,raw+zstd,int8+zstd,fp16+zstd,fp32+zstd) or a comma-separated "
+                        "menu of those; png and raw+zstd send the image only (split 0), the others encode features "
+                        "(splits >= 1)")
     m.add_argument("--bandwidth-mbps", type=float, default=50.0, help="uplink prior, until transfers are measured")
     m.add_argument("--rtt-ms", type=float, default=5.0, help="round-trip prior, until transfers are measured")
     m.add_argument("--fixed-network", action="store_true",

@@ -195,7 +195,9 @@ class World:
             exit_acc = t.cal_correct.mean(0)
         else:
             exit_acc = t.correct.mean(0)
-        codec = {key: (t.encode_ms.get(key, 0.0), t.decode_ms.get(key, 0.0)) for key in allowed}
+        # every measured encoding's codec time, not only the planner's menu: the cloud-only JPEG baseline sends
+        # an encoding the planner may not pick, and must pay for encoding it too
+        codec = {key: (t.encode_ms[key], t.decode_ms.get(key, 0.0)) for key in t.encode_ms}
         return Planner(t.costs, allowed, exit_acc, encodings=self.config.encodings, layers=LayerCounts(
             t.stage_layers, t.exit_layers, t.predictor_layers), codec_ms=codec, agreement=t.agreement,
             sequential=sequential)

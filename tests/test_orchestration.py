@@ -252,6 +252,22 @@ def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
     assert v["oracle_ratio"] > 0 and v["fastest_baseline"] in results
 
 
+def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(traces):
+    from dataclasses import replace as dc_replace
+
+    from orchestration.planner import REF_GFLOPS
+
+    static = traces["static"]
+    lossy = dc_replace(static, agreement={**static.agreement, (0, "jpeg"): 0.9})  # JPEG off the planner's menu
+    w = World({**traces, "static": lossy}, SimConfig(devices=4, workers=1, fps=10.0, accuracy_target=0.7))
+    c = Conditions(100, 5, 0.5, jitter_ms=0.0, loss=0.0)
+    assert all(option[1] != "jpeg" for options in w.planners["static"]._options for option in options)
+    assert w.planners["static"].codec_scaled(0, "jpeg", c)[0] == pytest.approx(0.1 * REF_GFLOPS / 0.5)
+    png, jpeg = w.run_policy("cloud_png", c), w.run_policy("cloud_jpeg", c)
+    # same encode and decode times in these traces: JPEG is faster by its smaller transfer only
+    assert 0 < png.mean_ms - jpeg.mean_ms < 1.0
+
+
 def test_thresholds_come_from_calibration_not_test(traces, world):
     t = traces["rapnet"]
     rows = np.arange(len(t.cal_correct))
