@@ -33,7 +33,7 @@ DESCRIPTIONS = {
     "spinn": "SDN network, confidence exits, progressive: best split per condition (SPINN-style)",
     "rapnet_split": "RAPNet, predictor exit, planner picks local or split + encoding per frame (ours)",
     "rapnet_capped": "RAPNet, predictor caps the exit, confidence stops earlier; planner places each cap (ours)",
-    "oracle": "RAPNet, earliest correct exit known, same planner placement",
+    "oracle": "RAPNet, earliest correct exit known (no predictor to run), same planner placement",
 }
 
 
@@ -179,6 +179,8 @@ class World:
         self.capped_caps = priced_exits(r.scores, self.capped_setting[0], relative)
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
         self.oracle_exits = oracle_exits(r.correct)
+        # the oracle knows each image's exit: it runs no predictor, so its latency bounds every RAPNet policy's
+        self.oracle_planner = self._planner(r, sequential=False, predictor_on_edge=False)
         cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
         self.sdn_cal_distribution = np.bincount(cal_sdn, minlength=s.correct.shape[1]).astype(float)
         rng = np.random.default_rng(config.seed)
@@ -188,7 +190,7 @@ class World:
         device = np.arange(self.n) % config.devices
         self.frame_start_ms = ((np.arange(self.n) // config.devices) / config.fps + self.phase[device]) * 1e3
 
-    def _planner(self, t: ModelTraces, sequential: bool) -> Planner:
+    def _planner(self, t: ModelTraces, sequential: bool, predictor_on_edge: bool | None = None) -> Planner:
         allowed = {key: v for key, v in t.mean_payload().items()
                    if key[1] in self.config.encodings and t.agreement.get(key, 1.0) >= self.config.min_agreement}
         if t.cal_correct is not None:
@@ -200,7 +202,7 @@ class World:
         codec = {key: (t.encode_ms[key], t.decode_ms.get(key, 0.0)) for key in t.encode_ms}
         return Planner(t.costs, allowed, exit_acc, encodings=self.config.encodings, layers=LayerCounts(
             t.stage_layers, t.exit_layers, t.predictor_layers), codec_ms=codec, agreement=t.agreement,
-            sequential=sequential)
+            sequential=sequential, predictor_on_edge=predictor_on_edge)
 
     # --- realisation -------------------------------------------------------------------------------------
     def _payload(self, t: ModelTraces, split: int, encoding: str, idx: np.ndarray) -> np.ndarray:
@@ -299,7 +301,7 @@ class World:
             return self._planned(name, self.rapnet, planner, lambda cq: planner.plan_exits(self.rapnet.scores, cq), c,
                                  cloud_exit=self.config.cloud_exit)
         if name == "oracle":
-            return self._planned(name, self.rapnet, self.planners["rapnet"], lambda cq: self.oracle_exits, c)
+            return self._planned(name, self.rapnet, self.oracle_planner, lambda cq: self.oracle_exits, c)
         if name == "spinn":
             return self._spinn(c)
         if name == "rapnet_capped":

@@ -268,6 +268,12 @@ def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(tr
     assert 0 < png.mean_ms - jpeg.mean_ms < 1.0
 
 
+def test_the_oracle_runs_no_predictor(traces, world):
+    predictor = traces["rapnet"].costs.predictor_flops
+    assert predictor > 0
+    np.testing.assert_allclose(world.oracle_planner._local_f, world.planners["rapnet"]._local_f - predictor)
+
+
 def test_thresholds_come_from_calibration_not_test(traces, world):
     t = traces["rapnet"]
     rows = np.arange(len(t.cal_correct))
