@@ -30,6 +30,18 @@ DEFAULT_RTTS = (5, 20, 80)
 SIM_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")  # planner.DEFAULT_ENCODINGS (that import costs torch)
 
 
+def _accuracy_target(value: str) -> float | str:
+    if value == "static":
+        return value
+    try:
+        target = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'static'") from None
+    if not 0.0 < target <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..1 (an accuracy, e.g. 0.84)")
+    return target
+
+
 def _world(args):
     import torch
 
@@ -286,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=15.0, help="frames per second each device starts")
     g.add_argument("--jitter-ms", type=float, default=2.0, help="std of the per-request delay noise (half-normal)")
     g.add_argument("--loss", type=float, default=0.001, help="packet loss probability (each loss costs one RTO)")
-    g.add_argument("--accuracy-target", type=float, default=None,
-                   help="calibration accuracy both early-exit rules are tuned to (default: RAPNet's best with the "
-                        "threshold rule minus 1 point)")
+    g.add_argument("--accuracy-target", type=_accuracy_target, default=None,
+                   help="calibration accuracy both early-exit rules are tuned to, 0..1, or 'static': the static "
+                        "network's (default: RAPNet's best with the threshold rule minus 1 point)")
     g.add_argument("--rapnet-rule", choices=("price", "threshold"), default="price",
                    help="RAPNet's exit rule: priced (argmax score - price x cost) or the first exit above a threshold")
     g.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",

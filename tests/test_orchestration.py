@@ -268,6 +268,21 @@ def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(tr
     assert 0 < png.mean_ms - jpeg.mean_ms < 1.0
 
 
+def test_accuracy_target_can_be_the_static_networks(traces):
+    from orchestration import cli
+
+    w = World(traces, SimConfig(devices=4, fps=10.0, accuracy_target="static"))
+    assert w.accuracy_target == pytest.approx(traces["static"].cal_correct[:, 0].mean())
+    rows = np.arange(len(traces["rapnet"].cal_correct))
+    reached = traces["rapnet"].cal_correct[rows, priced_exits(traces["rapnet"].cal_scores, w.rapnet_price,
+                                                              w.planners["rapnet"].relative_costs)].mean()
+    assert reached == pytest.approx(w.rapnet_cal_acc)
+    assert cli._accuracy_target("static") == "static" and cli._accuracy_target("0.84") == 0.84
+    for bad in ("84", "high", "0"):
+        with pytest.raises(Exception, match="outside 0..1|neither a number"):
+            cli._accuracy_target(bad)
+
+
 def test_the_oracle_runs_no_predictor(traces, world):
     predictor = traces["rapnet"].costs.predictor_flops
     assert predictor > 0
