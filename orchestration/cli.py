@@ -27,7 +27,8 @@ DEFAULT_FIGURES = ROOT / "docs"
 DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
-SIM_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")  # planner.DEFAULT_ENCODINGS (that import costs torch)
+# = planner.DEFAULT_ENCODINGS (a test checks), written out because importing the planner loads torch (slow --help)
+SIM_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")
 
 
 def _accuracy_target(value: str) -> float | str:

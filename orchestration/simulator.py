@@ -186,7 +186,7 @@ class World:
         self.capped_caps = priced_exits(r.scores, self.capped_setting[0], relative)
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
         self.oracle_exits = oracle_exits(r.correct)
-        # the oracle knows each image's exit: it runs no predictor, so its latency bounds every RAPNet policy's
+        # the oracle knows each image's exit, so it runs no predictor (RAPNet's cloud-side exit skips it too)
         self.oracle_planner = self._planner(r, sequential=False, predictor_on_edge=False)
         cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
         self.sdn_cal_distribution = np.bincount(cal_sdn, minlength=s.correct.shape[1]).astype(float)

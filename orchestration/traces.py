@@ -25,12 +25,12 @@ DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
 DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 # Encodings the simulator knows (names shared with the planner). At split 0 the request carries the image
-# itself (an ImagePayload: PNG, uint8 pixels + zstd, or JPEG); at later splits the live feature tensors, plus the image as PNG where a later
-# stage still reads it (RAPNet's high-resolution path).
+# itself (an ImagePayload: PNG, uint8 pixels + zstd, or JPEG); at later splits the live feature tensors, plus
+# the image as PNG where a later stage still reads it (RAPNet's high-resolution path).
 IMAGE_ENCODINGS = ("png", "raw+zstd", "jpeg")
 FEATURE_ENCODINGS = ("fp32+zstd", "fp16+zstd", "int8+zstd")
-# Which encodings leave the model's answer unchanged: PNG, raw pixels and fp32 are exactly lossless. fp16 is checked
-# per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
+# Which encodings leave the model's answer unchanged: PNG, raw pixels and fp32 are exactly lossless. fp16 is
+# checked per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
 LOSSLESS = ("png", "raw+zstd", "fp32+zstd")
 
 
