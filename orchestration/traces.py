@@ -39,7 +39,7 @@ def encode_options(encoding: str):
 
     if encoding == "png":
         return EncodeOptions(image_format="png")
-    if encoding == "raw+zstd":  # 30% more bytes than PNG, about 6x cheaper to encode: for slow devices
+    if encoding == "raw+zstd":  # 30% more bytes than PNG, about 4x cheaper to encode: for slow devices
         return EncodeOptions(image_format="raw_zstd")
     if encoding == "jpeg":
         return EncodeOptions(image_format="jpeg", jpeg_quality=90)
