@@ -148,12 +148,21 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def output_paths(prefix: str) -> dict[str, Path]:
+    """--out PREFIX -> PREFIX.csv/.json/.md. Appended, not swapped in: a prefix such as runs/sweep-0.84 keeps its
+    dot (Path.with_suffix would write runs/sweep-0.csv); a given .csv/.json/.md ending is dropped first."""
+    out = Path(prefix)
+    if out.suffix in (".csv", ".json", ".md"):
+        out = out.with_suffix("")
+    return {ext: out.with_name(out.name + "." + ext) for ext in ("csv", "json", "md")}
+
+
 def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(args.out)
+    paths["csv"].parent.mkdir(parents=True, exist_ok=True)
     fields = ["bandwidth_mbps", "device_gflops", "rtt_ms", "policy", "accuracy", "mean_ms", "p50_ms", "p95_ms",
               "offload_share", "mean_bytes", "mean_queue_ms", "exit_histogram", "detail"]
-    csv_path = out.with_suffix(".csv")
+    csv_path = paths["csv"]
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -163,9 +172,9 @@ def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
     info = {"summary": {k: v for k, v in summary.items() if k != "losing_cells"}, "losing_cells": summary["losing_cells"],
             "world": world.describe(), "traces": meta, "args": {k: v for k, v in vars(args).items() if k != "func"},
             "machine": machine_info(), "wall_s": wall_s}
-    json_path = out.with_suffix(".json")
+    json_path = paths["json"]
     json_path.write_text(json.dumps(info, indent=1, default=str))
-    md_path = out.with_suffix(".md")
+    md_path = paths["md"]
     md_path.write_text(markdown(rows, summary, world))
     figures = heatmaps(rows, Path(args.figures_dir), args)
     return [csv_path, json_path, md_path, *figures]

@@ -283,6 +283,13 @@ def test_accuracy_target_can_be_the_static_networks(traces):
             cli._accuracy_target(bad)
 
 
+def test_sweep_output_prefix_keeps_its_dots():
+    from orchestration.cli import output_paths
+
+    assert output_paths("runs/sweep-0.84")["md"] == Path("runs/sweep-0.84.md")
+    assert output_paths("runs/sweep.json")["csv"] == Path("runs/sweep.csv")
+
+
 def test_the_oracle_runs_no_predictor(traces, world):
     predictor = traces["rapnet"].costs.predictor_flops
     assert predictor > 0
