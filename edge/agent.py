@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cloud-gflops", type=float, default=100.0)
     m.add_argument("--latency-budget-ms", type=float, default=None, help="per-frame latency budget the planner keeps")
     m.add_argument("--encoding", default="auto",
-                   help="what the planner may send: auto (png,raw+zstd,int8+zstd,fp16+zstd,fp32+zstd) or a comma-separated "
-                        "menu of those; png and raw+zstd send the image only (split 0), the others encode features "
-                        "(splits >= 1)")
+                   help="what the planner may send: auto (png,raw+zstd,jpeg,int8+zstd,fp16+zstd,fp32+zstd) or a "
+                        "comma-separated menu of those; png, raw+zstd and jpeg send the image only (split 0), the others "
+                        "encode features (splits >= 1). Lossy ones are used only where they keep the answers: int8 and "
+                        "fp16 by agreement on the calibration frames, jpeg by the accuracy in a --traces cache")
     m.add_argument("--bandwidth-mbps", type=float, default=50.0, help="uplink prior, until transfers are measured")
     m.add_argument("--rtt-ms", type=float, default=5.0, help="round-trip prior, until transfers are measured")
     m.add_argument("--fixed-network", action="store_true",
@@ -210,6 +211,8 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
     torch.set_num_threads(max(1, args.torch_threads))
     from rapnet.checkpoint import CheckpointError, load_model
 
+    from orchestration.planner import MAX_JPEG_ACCURACY_DROP
+
     from .decide import DecisionSettings, build_decider
     from .frames import SourceError, SourceSpec, open_source
     from .link import CircuitBreaker, CloudLink, NetworkEstimate
@@ -257,6 +260,10 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata, args.traces)
         log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "
             f"{len(source.head)} calibration frames)")
+        if args.encoding != "auto" and "jpeg" in encodings and (0, "jpeg") not in app.decider.planner.menu:
+            log(f"--encoding {args.encoding}: JPEG stays off the menu, since whether it costs this model accuracy "
+                f"needs labelled calibration frames: pass --traces with a rapnet-sim trace cache of this checkpoint "
+                f"(JPEG is used when no exit loses more than {MAX_JPEG_ACCURACY_DROP:.1%} there)")
         app.link = CloudLink(target, args.deadline_ms, CircuitBreaker(args.breaker_failures, args.breaker_cooldown_s),
                              NetworkEstimate(args.bandwidth_mbps, args.rtt_ms))
     except BaseException:

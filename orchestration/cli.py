@@ -28,7 +28,7 @@ DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
 # = planner.DEFAULT_ENCODINGS (a test checks), written out because importing the planner loads torch (slow --help)
-SIM_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")
+SIM_ENCODINGS = ("png", "raw+zstd", "jpeg", "int8+zstd", "fp16+zstd", "fp32+zstd")
 
 
 def _accuracy_target(value: str) -> float | str:
@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAPNet split always runs the predictor on the edge (default: when every exit would send the "
                         "image anyway, the edge skips it and the cloud picks the exit)")
     g.add_argument("--encodings", nargs="+", default=list(SIM_ENCODINGS),
-                   help="planner's encoding menu (png, raw+zstd or jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later)")
+                   help="planner's encoding menu (png, raw+zstd or jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later); "
+                        "a lossy one is used only where it passes the accuracy test (orchestration.traces.ModelTraces.menu)")
     g.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("traces", parents=[common], help="build or refresh the trace cache and print what it holds",

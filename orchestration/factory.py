@@ -15,18 +15,20 @@ from typing import Sequence
 
 import numpy as np
 
-from .planner import DEFAULT_ENCODINGS, LayerCounts, Planner
+from .planner import DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, LayerCounts, Planner
 
 
 def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float | None = None,
                       price: float | None = None,
                       exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
-                      traces: str | Path | None = None, min_agreement: float = 0.995,
-                      sequential: bool | None = None) -> Planner:
+                      traces: str | Path | None = None, min_agreement: float = MIN_AGREEMENT,
+                      max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP, sequential: bool | None = None) -> Planner:
     """A planner for `model`: sample_pixels (N, H, W, 3) uint8 frames to measure request sizes on (a few
     dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity). Exit rule as in
     Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule.
-    `sequential`: every head up to the exit runs (default: for SDN; the capped rule asks for it too)."""
+    `sequential`: every head up to the exit runs (default: for SDN; the capped rule asks for it too).
+    The menu follows ModelTraces.menu; measured on unlabelled sample frames, JPEG stays off it (whether it costs
+    accuracy needs labels)."""
     from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
@@ -40,7 +42,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         identity = model_identity(model)
         for t in load_traces(Path(traces))[0].values():
             if t.identity == identity:
-                payload, agreement = t.mean_payload(), t.agreement
+                payload, agreement = t.menu(min_agreement, max_jpeg_drop)
                 codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
                 exit_accuracy = exit_accuracy if exit_accuracy is not None else (
                     t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
@@ -48,9 +50,9 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         if sample_pixels is None:
             raise ValueError("pass sample frames (uint8 N x H x W x 3) to measure request sizes, or a matching trace cache")
         sizes, enc, dec, agreement = _payloads(model, model.config.kind, np.asarray(sample_pixels), lambda m: None)
-        payload = {k: int(round(float(v.mean()))) for k, v in sizes.items()}
+        payload = {k: int(round(float(v.mean()))) for k, v in sizes.items()
+                   if k != (0, "jpeg") and agreement[k] >= min_agreement}
         codec_ms = {k: (enc[k], dec[k]) for k in sizes}
-    payload = {k: v for k, v in payload.items() if agreement.get(k, 1.0) >= min_agreement}
     if exit_accuracy is None:
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
     return Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price, layers=layers,

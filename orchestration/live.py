@@ -134,10 +134,15 @@ def _wait_port(port: int, timeout: float) -> bool:
 
 
 def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: int, point: LivePoint,
-                  overhead_ms: float, output: Path, summary: Path, split: str = "test", extra: tuple = ()) -> list[str]:
+                  overhead_ms: float, output: Path, summary: Path, checkpoint: Path, traces: Path, split: str = "test",
+                  extra: tuple = ()) -> list[str]:
+    """The edge agent at one point, running the cloud's checkpoint. It plans from the simulator's traces: the
+    same request sizes, codec times and encoding menu (JPEG goes on it only with the traces' labelled
+    calibration accuracies)."""
     from .planner import REF_GFLOPS
 
     return [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--split", split, "--limit", str(frames),
+            "--checkpoint", str(checkpoint), "--traces", str(traces),
             "--rate", str(fps), "--cloud", f"127.0.0.1:{port}", "--token-file", str(token), *rule,
             "--device-gflops", str(point.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
             "--fixed-network", "--bandwidth-mbps", str(point.bandwidth_mbps), "--rtt-ms", str(point.rtt_ms),
@@ -146,7 +151,7 @@ def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: i
 
 
 def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, frames: int, tmp: Path,
-                           timeout: float) -> dict:
+                           timeout: float, checkpoint: Path, traces: Path) -> dict:
     """The fixed cost per cloud request that the latency model leaves out (gRPC and HTTP/2, the shaping proxy,
     the front, the Ray hop and the batcher's wait), measured once on calibration frames: the first training
     images, never the test frames the points report. A slow emulated device sends every frame through an
@@ -156,8 +161,9 @@ def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, 
     output, summary = tmp / "frames-calibration.jsonl", tmp / "summary-calibration.json"
     try:
         # --no-cloud-exit: the predictor on the edge, as at most points (the serving path is the same either way)
-        done = subprocess.run(agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, "train",
-                                            ("--no-cloud-exit",)),
+        command = agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, checkpoint, traces,
+                                "train", ("--no-cloud-exit",))
+        done = subprocess.run(command,
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     finally:
         shaper.close()
@@ -177,7 +183,8 @@ def run_live(args) -> dict:
     from .traces import DEFAULT_CACHE, default_checkpoints, ensure_traces
 
     checkpoints = default_checkpoints(Path(args.models))
-    traces, _ = ensure_traces(checkpoints, None, Path(args.cache or DEFAULT_CACHE))
+    cache = Path(args.cache or DEFAULT_CACHE)
+    traces, _ = ensure_traces(checkpoints, None, cache)
     n = args.frames
     sub = {name: _subset(t, n) for name, t in traces.items()}
     world = World(sub, SimConfig(devices=1, workers=1, fps=args.fps, accuracy_target=args.accuracy_target,
@@ -206,13 +213,14 @@ def run_live(args) -> dict:
         # frame that stops before its cap beats the plan's expectation (made for the cap) by the compute it saved.
         calibration_rule = ["--price", str(world.capped_setting[0])] if args.capped else rule
         calibration = measure_cloud_overhead(port, token, calibration_rule, args.fps, args.overhead_frames, tmp,
-                                             args.timeout)
+                                             args.timeout, checkpoints["rapnet"], cache)
         overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
         print(json.dumps({"calibration": calibration, "used_overhead_ms": overhead}), flush=True)
         for p in DEFAULT_POINTS[: args.points]:
             shaper = Shaper(("127.0.0.1", port), p.bandwidth_mbps, p.rtt_ms)
             summary = tmp / f"summary-{len(rows)}.json"
-            cmd = agent_command(shaper.port, token, rule, args.fps, n, p, overhead, tmp / f"frames-{len(rows)}.jsonl", summary)
+            cmd = agent_command(shaper.port, token, rule, args.fps, n, p, overhead, tmp / f"frames-{len(rows)}.jsonl", summary,
+                                checkpoints["rapnet"], cache)
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
             shaper.close()
             if done.returncode != 0 or not summary.exists():
@@ -256,8 +264,8 @@ def run_live(args) -> dict:
 
 
 def _subset(t, n):
+    """The first n test samples of a model's traces (the calibration part stays whole)."""
     from dataclasses import replace
 
-    return replace(t, correct=t.correct[:n], confidence=t.confidence[:n],
-                   scores=None if t.scores is None else t.scores[:n],
-                   jpeg_correct=None if t.jpeg_correct is None else t.jpeg_correct[:n])
+    per_sample = ("correct", "confidence", "scores", "jpeg_correct", "jpeg_confidence", "jpeg_scores")
+    return replace(t, **{f: None if getattr(t, f) is None else getattr(t, f)[:n] for f in per_sample})

@@ -44,7 +44,11 @@ REF_LAYER_US = 20.7
 DEFAULT_PRICE = 0.03
 MSS_BYTES = 1448
 MIN_RTO_MS = 200.0
-DEFAULT_ENCODINGS = ("png", "raw+zstd", "int8+zstd", "fp16+zstd", "fp32+zstd")
+DEFAULT_ENCODINGS = ("png", "raw+zstd", "jpeg", "int8+zstd", "fp16+zstd", "fp32+zstd")
+# A lossy encoding joins the menu when it leaves this share of answers unchanged (features), or, for a JPEG
+# image, when no exit loses more than this much calibration accuracy (ModelTraces.menu).
+MIN_AGREEMENT = 0.995
+MAX_JPEG_ACCURACY_DROP = 0.005
 HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)
 
 
@@ -405,6 +409,11 @@ class Planner:
         other.__dict__.update(self.__dict__)
         other.threshold, other.price = None, float(price)
         return other
+
+    @property
+    def menu(self) -> set[tuple[int, str]]:
+        """The (split, encoding) pairs this planner may send."""
+        return {(o[0], o[1]) for options in self._options for o in options}
 
     @property
     def rule(self) -> str:

@@ -18,7 +18,8 @@ import numpy as np
 from rapnet.evaluate import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                              predictor_exits, priced_exits)
 
-from .planner import DEFAULT_ENCODINGS, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, Conditions, LayerCounts, Planner
+from .planner import (DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS,
+                      Conditions, LayerCounts, Planner)
 from .traces import IMAGE_ENCODINGS, ModelTraces
 
 POLICIES = ("sdn_edge", "rapnet_edge", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn", "rapnet_split", "rapnet_capped",
@@ -48,7 +49,8 @@ class SimConfig:
     # issue 7's criterion asks RAPNet to match
     accuracy_target: float | str | None = None
     rapnet_rule: str = "price"  # RAPNet's exit rule: "price" (priced_exits, ours) or "threshold" (predictor_exits)
-    min_agreement: float = 0.995  # lossy encodings allowed only when they change <= 0.5% of answers
+    min_agreement: float = MIN_AGREEMENT  # lossy feature encodings: only when they change <= 0.5% of answers
+    max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP  # JPEG images: only when no exit loses > 0.5 point (calibration)
     encodings: tuple[str, ...] = DEFAULT_ENCODINGS
     queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
     cloud_exit: bool = True  # RAPNet split: skip the edge predictor when every exit sends the image anyway
@@ -183,9 +185,8 @@ class World:
         self.capped_planner = self._planner(r, sequential=True)
         self.capped_setting, self.capped_cal_acc = calibrate_capped(
             r.cal_correct, r.cal_scores, r.cal_confidence, relative, self.capped_planner._local_f, self.accuracy_target)
-        self.capped_caps = priced_exits(r.scores, self.capped_setting[0], relative)
+        # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
-        self.oracle_exits = oracle_exits(r.correct)
         # the oracle knows each image's exit, so it runs no predictor (RAPNet's cloud-side exit skips it too)
         self.oracle_planner = self._planner(r, sequential=False, predictor_on_edge=False)
         cal_sdn = confidence_exits(s.cal_confidence, self.sdn_threshold)
@@ -198,8 +199,8 @@ class World:
         self.frame_start_ms = ((np.arange(self.n) // config.devices) / config.fps + self.phase[device]) * 1e3
 
     def _planner(self, t: ModelTraces, sequential: bool, predictor_on_edge: bool | None = None) -> Planner:
-        allowed = {key: v for key, v in t.mean_payload().items()
-                   if key[1] in self.config.encodings and t.agreement.get(key, 1.0) >= self.config.min_agreement}
+        menu, agreement = t.menu(self.config.min_agreement, self.config.max_jpeg_drop)
+        allowed = {key: v for key, v in menu.items() if key[1] in self.config.encodings}
         if t.cal_correct is not None:
             exit_acc = t.cal_correct.mean(0)
         else:
@@ -208,13 +209,26 @@ class World:
         # an encoding the planner may not pick, and must pay for encoding it too
         codec = {key: (t.encode_ms[key], t.decode_ms.get(key, 0.0)) for key in t.encode_ms}
         return Planner(t.costs, allowed, exit_acc, encodings=self.config.encodings, layers=LayerCounts(
-            t.stage_layers, t.exit_layers, t.predictor_layers), codec_ms=codec, agreement=t.agreement,
+            t.stage_layers, t.exit_layers, t.predictor_layers), codec_ms=codec, agreement=agreement,
             sequential=sequential, predictor_on_edge=predictor_on_edge)
 
     # --- realisation -------------------------------------------------------------------------------------
     def _payload(self, t: ModelTraces, split: int, encoding: str, idx: np.ndarray) -> np.ndarray:
         sizes = t.payload[split, encoding]
         return sizes[idx % len(sizes)].astype(float)
+
+    @staticmethod
+    def jpeg_columns(placement: Placement) -> np.ndarray:
+        """Per placement column: does the image travel as JPEG (the cloud then answers from the decoded JPEG)."""
+        return np.array([bool(o) and s == 0 and e == "jpeg"
+                         for o, s, e in zip(placement.offload, placement.split, placement.encoding)], dtype=bool)
+
+    def answers(self, t: ModelTraces, exits: np.ndarray, as_jpeg: np.ndarray) -> np.ndarray:
+        """Per sample: is the answer at `exits` right, from the JPEG image where `as_jpeg`, else losslessly."""
+        rows = np.arange(self.n)
+        if not as_jpeg.any():
+            return t.correct[rows, exits]
+        return np.where(as_jpeg, t.jpeg_correct[rows, exits], t.correct[rows, exits])
 
     def realize(self, t: ModelTraces, exits: np.ndarray, placement: Placement, c: Conditions) -> dict:
         """Per-sample latency (ms) of a decided policy, drawing bytes, jitter, loss and queueing."""
@@ -253,15 +267,13 @@ class World:
             exit_histogram=np.bincount(exits, minlength=num_exits).tolist(), detail=detail)
 
     # --- policies ------------------------------------------------------------------------------------------
-    def _planned(self, name: str, t: ModelTraces, planner: Planner, exits_fn, c: Conditions, correct_fn=None,
-                 cloud_exit: bool = False):
+    def _planned(self, name: str, t: ModelTraces, planner: Planner, exits_fn, c: Conditions, cloud_exit: bool = False):
         """Planner-driven policy with the cloud-queue estimate iterated from the simulated wait. cloud_exit: where
-        the planner would send the image for every exit, the cloud runs the predictor (Planner.cloud_exit_parts;
-        the cloud's scores equal the edge's, the image travels losslessly)."""
+        the planner would send the image for every exit, the cloud runs the predictor (Planner.cloud_exit_parts).
+        exits_fn(conditions, placement, cloud_exit) -> exit per sample."""
         queue = 0.0
         for _ in range(max(1, self.config.queue_iterations)):
             cq = replace(c, cloud_queue_ms=queue)
-            exits = exits_fn(cq)
             table = planner.option_table(cq)
             remote = planner.cloud_exit_parts(cq) if cloud_exit else None
             if remote is not None:
@@ -269,15 +281,17 @@ class World:
                                                  [p["encoding"] for p in remote], remote)
             else:
                 placement = Placement.from_parts(table.offload, table.split, table.encoding, table.parts)
+            exits = exits_fn(cq, placement, remote is not None)
             real = self.realize(t, exits, placement, c)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
-        rows = np.arange(self.n)
-        correct = correct_fn(exits, placement) if correct_fn else t.correct[rows, exits]
+        as_jpeg = self.jpeg_columns(placement)[exits]
+        correct = self.answers(t, exits, as_jpeg)
         splits = placement.split[exits][real["offload"]]
         return self._summarize(name, correct, exits, real, {
             "split_histogram": np.bincount(splits, minlength=len(t.costs.stage_flops)).tolist() if len(splits) else [],
             "encodings": sorted({placement.encoding[k] for k in np.unique(exits) if placement.offload[k]}),
-            "planner_queue_ms": cq.cloud_queue_ms, "cloud_exit": remote is not None}, num_exits=t.correct.shape[1])
+            "planner_queue_ms": cq.cloud_queue_ms, "cloud_exit": remote is not None,
+            "jpeg_share": float(as_jpeg.mean())}, num_exits=t.correct.shape[1])
 
     def run_policy(self, name: str, c: Conditions) -> PolicyResult:
         rows = np.arange(self.n)
@@ -297,23 +311,32 @@ class World:
             parts = planner.offload_parts(option, c)
             placement = Placement.from_parts([True], [0], [enc], [parts])
             exits = np.zeros(self.n, dtype=int)
-            correct = t.correct[:, 0] if enc == "png" else (t.jpeg_correct[:, 0] if t.jpeg_correct is not None else t.correct[:, 0])
+            correct = self.answers(t, exits, np.full(self.n, enc == "jpeg"))
             return self._summarize(name, correct, exits, self.realize(t, exits, placement, c), {"encoding": enc})
         if name == "neurosurgeon":
             t = self.static
             zeros = np.zeros(self.n, dtype=int)
-            return self._planned(name, t, self.planners["static"], lambda cq: zeros, c)
+            return self._planned(name, t, self.planners["static"], lambda cq, placement, remote: zeros, c)
         if name == "rapnet_split":
-            planner = self.planners["rapnet"]
-            return self._planned(name, self.rapnet, planner, lambda cq: planner.plan_exits(self.rapnet.scores, cq), c,
-                                 cloud_exit=self.config.cloud_exit)
+            planner, r = self.planners["rapnet"], self.rapnet
+
+            def exits(cq, placement, remote):  # the cloud-side predictor sees what was sent
+                jpeg = remote and self.jpeg_columns(placement).all()
+                return planner.plan_exits(r.jpeg_scores if jpeg else r.scores, cq)
+            return self._planned(name, r, planner, exits, c, cloud_exit=self.config.cloud_exit)
         if name == "oracle":
-            return self._planned(name, self.rapnet, self.oracle_planner, lambda cq: self.oracle_exits, c)
+            return self._planned(name, self.rapnet, self.oracle_planner, self._oracle_exits, c)
         if name == "spinn":
             return self._spinn(c)
         if name == "rapnet_capped":
             return self._capped(c)
         raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
+
+    def _oracle_exits(self, cq: Conditions, placement: Placement, remote: bool) -> np.ndarray:
+        """The earliest exit that is right as computed where the placement puts it (from the JPEG image there)."""
+        jpeg = self.jpeg_columns(placement)
+        r = self.rapnet
+        return oracle_exits(np.where(jpeg[None, :], r.jpeg_correct, r.correct) if jpeg.any() else r.correct)
 
     def _capped(self, c: Conditions) -> PolicyResult:
         """RAPNet's capped rule as the edge agent runs it (--stop-confidence): the predictor's cap is known before
@@ -322,7 +345,7 @@ class World:
         the cloud-side exit (every cap goes to the cloud as the image), the cloud runs the predictor too."""
         t, planner = self.rapnet, self.capped_planner
         K = t.correct.shape[1]
-        pair = self.capped_caps * K + self.capped_exits  # placement index: (cap, exit)
+        relative = self.planners["rapnet"].relative_costs
         queue = 0.0
         for _ in range(max(1, self.config.queue_iterations)):
             cq = replace(c, cloud_queue_ms=queue)
@@ -341,11 +364,18 @@ class World:
                     column.extend(values)
             parts, off, splits, encs = columns
             placement = Placement.from_parts(off, splits, encs, parts)
-            real = self.realize(t, pair, placement, c)
+            # where a cap's frames travel as JPEG, the exits' confidences (and, cloud-side, the cap) come from it
+            jpeg_cap = np.array([choice == (0, "jpeg") for choice in chosen])
+            scores = t.jpeg_scores if remote is not None and jpeg_cap.all() else t.scores
+            caps = priced_exits(scores, self.capped_setting[0], relative)
+            as_jpeg = jpeg_cap[caps]
+            confidence = np.where(as_jpeg[:, None], t.jpeg_confidence, t.confidence) if as_jpeg.any() else t.confidence
+            exits = capped_exits(scores, confidence, *self.capped_setting, relative)
+            real = self.realize(t, caps * K + exits, placement, c)  # placement index: (cap, exit)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
-        rows = np.arange(self.n)
-        return self._summarize("rapnet_capped", t.correct[rows, self.capped_exits], self.capped_exits, real,
-                               {"split_per_cap": [[int(s), e] for s, e in chosen], "cloud_exit": remote is not None}, K)
+        return self._summarize("rapnet_capped", self.answers(t, exits, as_jpeg), exits, real,
+                               {"split_per_cap": [[int(s), e] for s, e in chosen], "cloud_exit": remote is not None,
+                                "jpeg_share": float(as_jpeg.mean())}, K)
 
     @staticmethod
     def _progressive_columns(t: ModelTraces, planner: Planner, split: int, enc: str | None, c: Conditions,
@@ -375,10 +405,12 @@ class World:
             split, enc, _ = planner.plan_progressive(self.sdn_cal_distribution, cq)
             parts, off, splits, encs = self._progressive_columns(t, planner, split, enc, cq)
             placement = Placement.from_parts(off, splits, encs, parts)
-            real = self.realize(t, self.sdn_exits, placement, c)
+            # split 0 as JPEG: every exit runs in the cloud on the decoded JPEG, its confidences decide
+            as_jpeg = np.full(self.n, split == 0 and enc == "jpeg")
+            exits = confidence_exits(t.jpeg_confidence, self.sdn_threshold) if as_jpeg.all() else self.sdn_exits
+            real = self.realize(t, exits, placement, c)
             queue = float(real["wait"][real["offload"]].mean()) if real["offload"].any() else 0.0
-        rows = np.arange(self.n)
-        return self._summarize("spinn", t.correct[rows, self.sdn_exits], self.sdn_exits, real,
+        return self._summarize("spinn", self.answers(t, exits, as_jpeg), exits, real,
                                {"split": split, "encoding": enc}, K)
 
     def run_all(self, c: Conditions, policies=POLICIES) -> dict[str, PolicyResult]:

@@ -19,7 +19,7 @@ import torch
 
 from rapnet.costs import CostTable
 
-TRACE_VERSION = 3  # 3: raw+zstd images at split 0
+TRACE_VERSION = 4  # 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test and calibration)
 MODEL_NAMES = ("rapnet", "sdn", "static")
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
 DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -32,6 +32,7 @@ FEATURE_ENCODINGS = ("fp32+zstd", "fp16+zstd", "int8+zstd")
 # Which encodings leave the model's answer unchanged: PNG, raw pixels and fp32 are exactly lossless. fp16 is
 # checked per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
 LOSSLESS = ("png", "raw+zstd", "fp32+zstd")
+JPEG_FIELDS = ("jpeg_correct", "jpeg_confidence", "jpeg_scores", "cal_jpeg_correct")
 
 
 def encode_options(encoding: str):
@@ -78,7 +79,11 @@ class ModelTraces:
     decode_ms: dict[tuple[int, str], float] = field(default_factory=dict)
     # (split, encoding) -> share of payload-subset samples whose answer at every exit >= split is unchanged
     agreement: dict[tuple[int, str], float] = field(default_factory=dict)
-    jpeg_correct: np.ndarray | None = None  # (N, K): answers when the image travels as JPEG q90 (split 0)
+    # The same on the image after a JPEG q90 round trip (what the cloud sees when the image travels as JPEG):
+    jpeg_correct: np.ndarray | None = None  # (N, K)
+    jpeg_confidence: np.ndarray | None = None  # (N, K)
+    jpeg_scores: np.ndarray | None = None  # (N, K), RAPNet only: the predictor run in the cloud on the JPEG image
+    cal_jpeg_correct: np.ndarray | None = None  # (N_cal, K): decides whether JPEG may go on the planner's menu
 
     @property
     def num_samples(self) -> int:
@@ -86,6 +91,31 @@ class ModelTraces:
 
     def mean_payload(self) -> dict[tuple[int, str], int]:
         return {key: int(round(float(v.mean()))) for key, v in self.payload.items()}
+
+    def jpeg_accuracy_drop(self) -> float | None:
+        """The largest loss of calibration accuracy at any exit when the image travels as JPEG (None: not
+        measured). Agreement is the wrong test for JPEG images: it asks every exit to keep every answer at once,
+        which a 7-exit network fails on 15% of images while no exit loses more than half a point."""
+        if self.cal_jpeg_correct is None or self.cal_correct is None:
+            return None
+        return float((self.cal_correct.mean(0) - self.cal_jpeg_correct.mean(0)).max())
+
+    def menu(self, min_agreement: float, max_jpeg_drop: float) -> tuple[dict[tuple[int, str], int], dict]:
+        """What the planner may send, as (mean request bytes, agreement) per (split, encoding). A lossy feature
+        encoding goes on the menu when it leaves >= min_agreement of the answers unchanged. A JPEG image goes on
+        when no exit loses more than max_jpeg_drop of calibration accuracy (labelled data, never the test set);
+        its agreement entry then holds the worst exit's accuracy ratio, which is what the planner scales a
+        plan's expected accuracy by."""
+        agreement = dict(self.agreement)
+        drop = self.jpeg_accuracy_drop()
+        if (0, "jpeg") in agreement and drop is not None and drop <= max_jpeg_drop:
+            ratio = self.cal_jpeg_correct.mean(0) / np.maximum(self.cal_correct.mean(0), 1e-9)
+            agreement[0, "jpeg"] = float(min(1.0, ratio.min()))
+        else:
+            agreement.pop((0, "jpeg"), None)
+        allowed = {key: v for key, v in self.mean_payload().items()
+                   if key in agreement and (key == (0, "jpeg") or agreement[key] >= min_agreement)}
+        return allowed, agreement
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -150,18 +180,11 @@ def _payloads(model, name: str, pixels: np.ndarray, log) -> tuple[dict, dict, di
     return payload, enc_ms, dec_ms, agreement
 
 
-@torch.no_grad()
-def _jpeg_correct(model, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> np.ndarray:
+def jpeg_round_trip(images: np.ndarray, quality: int = 90) -> np.ndarray:
+    """The pixels the cloud decodes when each image travels as JPEG (the wire codec, batch of uint8 NHWC)."""
     from rapnet import codec
-    from rapnet.preprocess import to_model_input
 
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i : i + batch]
-        pixels = np.stack([codec.decode_image(codec.encode_image(p, "jpeg", 90)) for p in chunk])
-        logits = model(to_model_input(pixels))
-        out.append(torch.stack([(z.argmax(1) == torch.as_tensor(labels[i : i + batch])) for z in logits], 1).numpy())
-    return np.concatenate(out)
+    return np.stack([codec.decode_image(codec.encode_image(p, "jpeg", quality)) for p in images])
 
 
 def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_n: int = 500,
@@ -188,7 +211,8 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
         t = collect_traces(model, test.images, test.labels)
         c = collect_traces(model, train.images[cal_idx], train.labels[cal_idx])
         payload, enc_ms, dec_ms, agreement = _payloads(model, name, test.images[:payload_n], log)
-        jpeg = _jpeg_correct(model, test.images, test.labels) if name == "static" else None
+        jt = collect_traces(model, jpeg_round_trip(test.images), test.labels)
+        jc = collect_traces(model, jpeg_round_trip(train.images[cal_idx]), train.labels[cal_idx])
         traces[name] = ModelTraces(
             name=name, identity=meta["identity"], costs=measure_costs(model),
             stage_layers=tuple(leaf_layers(s) for s in model.stages),
@@ -197,7 +221,9 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
             correct=t.correct, confidence=t.confidence.astype(np.float32), scores=None if t.scores is None else t.scores.astype(np.float32),
             cal_correct=c.correct, cal_confidence=c.confidence.astype(np.float32),
             cal_scores=None if c.scores is None else c.scores.astype(np.float32),
-            payload=payload, encode_ms=enc_ms, decode_ms=dec_ms, agreement=agreement, jpeg_correct=jpeg,
+            payload=payload, encode_ms=enc_ms, decode_ms=dec_ms, agreement=agreement,
+            jpeg_correct=jt.correct, jpeg_confidence=jt.confidence.astype(np.float32),
+            jpeg_scores=None if jt.scores is None else jt.scores.astype(np.float32), cal_jpeg_correct=jc.correct,
         )
         log(f"{name}: done in {time.time() - started:.0f} s")
     key = _cache_key(identities, str(data_path), payload_n)
@@ -222,7 +248,7 @@ def save_traces(traces: dict[str, ModelTraces], path: Path, meta: dict) -> None:
              "decode_ms": [[s, e, v] for (s, e), v in t.decode_ms.items()],
              "agreement": [[s, e, v] for (s, e), v in t.agreement.items()]}
         info["models"][name] = m
-        for field_name in ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores", "jpeg_correct"):
+        for field_name in ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores", *JPEG_FIELDS):
             value = getattr(t, field_name)
             if value is not None:
                 arrays[f"{name}.{field_name}"] = value
@@ -257,6 +283,8 @@ def load_traces(path: Path) -> tuple[dict[str, ModelTraces], dict]:
             encode_ms={(s, e): v for s, e, v in m["encode_ms"]}, decode_ms={(s, e): v for s, e, v in m["decode_ms"]},
             agreement={(s, e): v for s, e, v in m["agreement"]},
             jpeg_correct=None if get("jpeg_correct") is None else get("jpeg_correct").astype(bool),
+            jpeg_confidence=get("jpeg_confidence"), jpeg_scores=get("jpeg_scores"),
+            cal_jpeg_correct=None if get("cal_jpeg_correct") is None else get("cal_jpeg_correct").astype(bool),
         )
     return traces, info["meta"]
 

@@ -415,6 +415,53 @@ def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, data
         assert modelled > 0.1 and r["latency_ms"]["encode"] >= modelled - 0.01
 
 
+def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path) -> Path:
+    """A rapnet-sim trace cache for `model` whose labelled calibration says JPEG costs no accuracy (request sizes
+    and codec times measured on `pixels`)."""
+    from orchestration.traces import ModelTraces, _payloads, leaf_layers, save_traces
+    from rapnet.checkpoint import model_identity
+
+    payload, enc, dec, agreement = _payloads(model, "rapnet", pixels, lambda m: None)
+    right = np.ones((len(pixels), model.num_exits), dtype=bool)
+    t = ModelTraces("rapnet", model_identity(model), measure_costs(model), tuple(leaf_layers(s) for s in model.stages),
+                    tuple(leaf_layers(e) for e in model.exits), leaf_layers(model.predictor), right,
+                    right.astype(np.float32), None, cal_correct=right, payload=payload, encode_ms=enc, decode_ms=dec,
+                    agreement=agreement, cal_jpeg_correct=right)
+    save_traces({"rapnet": t}, path, {})
+    return path
+
+
+def test_jpeg_goes_out_only_with_labelled_accuracy_and_is_answered_from_the_decoded_jpeg(cloud, checkpoint, dataset,
+                                                                                          workdir, token_env, capsys):
+    """--encoding jpeg without a trace cache: the agent keeps JPEG off its menu (and says why). With a cache whose
+    calibration accuracies admit it, the image travels as JPEG over real gRPC and the cloud answers, exit included,
+    from the decoded JPEG, exactly as the offline rule on the JPEG round trip."""
+    from orchestration.traces import jpeg_round_trip
+
+    model, _ = load_model(checkpoint)
+    frames = list(DatasetSource(dataset, model.config.image_size))[:6]
+    pixels = np.stack([f.pixels for f in frames])
+    flags = ["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, "--fixed-network",
+             "--bandwidth-mbps", "1", "--rtt-ms", "1", "--device-gflops", "0.01", "--calibration-frames", "6",
+             "--deadline-ms", "30000", "--quiet", "--limit", "6", "--price", "0.05", "--encoding", "jpeg"]
+    run_agent([*flags, "--output", str(workdir / "no-jpeg.jsonl")])
+    assert all(r["where"] == "edge" for r in read_lines(workdir / "no-jpeg.jsonl"))
+    assert "JPEG stays off the menu" in capsys.readouterr().err
+    cache = _trace_cache_admitting_jpeg(model, pixels, workdir / "traces-jpeg.npz")
+    out = workdir / "jpeg.jsonl"
+    app = run_agent([*flags, "--traces", str(cache), "--output", str(out)])
+    assert (0, "jpeg") in app.decider.planner.menu
+    lines = read_lines(out)
+    assert all(r["where"] == "cloud" and r["split"] == 0 and r["encoding"] == "jpeg" for r in lines)
+    assert all(r["exit_picked_by"] == "cloud" for r in lines)  # every exit sends the image: the cloud picks
+    costs = app.decider.planner.relative_costs
+    with torch.no_grad():
+        x = to_model_input(jpeg_round_trip(pixels))
+        exits = priced_exits(model.exit_scores(x).numpy(), 0.05, costs)
+        classes = [int(model.run_to_exit(x[i : i + 1], int(k)).argmax(1)[0]) for i, k in enumerate(exits)]
+    assert [r["exit"] for r in lines] == exits.tolist() and [r["class"] for r in lines] == classes
+
+
 def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, token_env):
     out = workdir / "down.jsonl"
     deadline = 500

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orchestration.planner import DEFAULT_PRICE, Conditions, LayerCounts, Planner
+from orchestration.planner import conditions_with as replace_conditions
 from orchestration.simulator import POLICIES, SimConfig, World, compare, fifo_waits
 from orchestration.traces import ModelTraces, _payloads, leaf_layers, load_traces, save_traces
 from rapnet.costs import CostTable, measure_costs
@@ -200,6 +201,12 @@ def _synthetic(kind: str, seed: int) -> ModelTraces:
 
     c, f, s = draw(N)
     cc, cf, cs = draw(200)
+    # the JPEG view: a tenth of the answers change; on calibration it costs 5 points, so JPEG stays off the menu
+    # unless a test says otherwise
+    flip = rng.random(c.shape) < 0.1
+    jc, jf = c ^ flip, np.clip(f + 0.1 * rng.standard_normal(f.shape), 0, 1).astype(np.float32)
+    js = None if s is None else np.clip(s + 0.2 * rng.standard_normal(s.shape), 0, 1).astype(np.float32)
+    cal_jc = cc & (rng.random(cc.shape) >= 0.1)
     pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     payload, enc, dec, agree = _payloads(model, kind, pixels, lambda m: None)
     # fixed codec times: measured ones follow the machine's load, and the tests below must not
@@ -208,7 +215,7 @@ def _synthetic(kind: str, seed: int) -> ModelTraces:
                        tuple(leaf_layers(x) for x in model.exits),
                        leaf_layers(model.predictor) if model.predictor is not None else 0,
                        c, f, s, cc, cf, cs, payload, enc, dec, {k: 1.0 for k in agree},
-                       jpeg_correct=c if kind == "static" else None)
+                       jpeg_correct=jc, jpeg_confidence=jf, jpeg_scores=js, cal_jpeg_correct=cal_jc)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +265,8 @@ def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(tr
     from orchestration.planner import REF_GFLOPS
 
     static = traces["static"]
-    lossy = dc_replace(static, agreement={**static.agreement, (0, "jpeg"): 0.9})  # JPEG off the planner's menu
+    lossy = dc_replace(static, agreement={**static.agreement, (0, "jpeg"): 1.0})  # every answer kept, but
+    assert static.jpeg_accuracy_drop() > 0.005  # it costs calibration accuracy: JPEG stays off the planner's menu
     w = World({**traces, "static": lossy}, SimConfig(devices=4, workers=1, fps=10.0, accuracy_target=0.7))
     c = Conditions(100, 5, 0.5, jitter_ms=0.0, loss=0.0)
     assert all(option[1] != "jpeg" for options in w.planners["static"]._options for option in options)
@@ -266,6 +274,62 @@ def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(tr
     png, jpeg = w.run_policy("cloud_png", c), w.run_policy("cloud_jpeg", c)
     # same encode and decode times in these traces: JPEG is faster by its smaller transfer only
     assert 0 < png.mean_ms - jpeg.mean_ms < 1.0
+
+
+def _jpeg_admitted(t: ModelTraces, jpeg_share_of_png: float = 0.3) -> ModelTraces:
+    """t with JPEG costing no calibration accuracy, JPEG images a fraction of the PNG request's size and slower to
+    encode than the lossless ones (as on the real machine)."""
+    from dataclasses import replace as dc_replace
+
+    payload = {**t.payload, (0, "jpeg"): (t.payload[0, "png"] * jpeg_share_of_png).astype(np.int32)}
+    return dc_replace(t, cal_jpeg_correct=t.cal_correct.copy(), payload=payload,
+                      encode_ms={**t.encode_ms, (0, "jpeg"): 0.12})
+
+
+def test_jpeg_goes_on_the_menu_by_calibration_accuracy_not_agreement(traces):
+    t = traces["rapnet"]
+    menu, agreement = t.menu(0.995, 0.005)
+    assert (0, "jpeg") not in menu and (0, "png") in menu  # 5 points lost on calibration
+    ok = _jpeg_admitted(t)
+    low_agreement = {**ok.agreement, (0, "jpeg"): 0.5, (1, "int8+zstd"): 0.9}
+    from dataclasses import replace as dc_replace
+    menu, agreement = dc_replace(ok, agreement=low_agreement).menu(0.995, 0.005)
+    assert (0, "jpeg") in menu and agreement[0, "jpeg"] == 1.0  # no accuracy lost: its agreement does not matter
+    assert (1, "int8+zstd") not in menu  # a feature encoding still needs its answers kept
+    worse = dc_replace(ok, cal_jpeg_correct=ok.cal_correct & (np.arange(len(ok.cal_correct)) % 50 != 0)[:, None])
+    assert worse.jpeg_accuracy_drop() > 0.005 and (0, "jpeg") not in worse.menu(0.995, 0.005)[0]
+    assert (0, "jpeg") in worse.menu(0.995, 0.05)[0]
+
+
+@pytest.mark.parametrize("cloud_exit", [True, False])
+def test_frames_sent_as_jpeg_are_answered_from_the_jpeg_view(traces, cloud_exit):
+    """On a slow uplink the small JPEG wins; every policy that sends it is scored on the JPEG answers (exits from
+    the cloud-side predictor and confidences where the cloud runs them), the rest on the lossless ones."""
+    jt = {name: _jpeg_admitted(t) for name, t in traces.items()}
+    w = World(jt, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=cloud_exit))
+    c = Conditions(bandwidth_mbps=0.1, rtt_ms=5, device_gflops=0.01, jitter_ms=0.0, loss=0.0)
+    results = w.run_all(c)
+    r, rows = jt["rapnet"], np.arange(N)
+    relative = w.planners["rapnet"].relative_costs
+    split = results["rapnet_split"]
+    assert split.detail["encodings"] == ["jpeg"] and split.detail["jpeg_share"] == 1.0
+    assert split.detail["cloud_exit"] == cloud_exit
+    exits = priced_exits(r.jpeg_scores if cloud_exit else r.scores, w.rapnet_price, relative)
+    assert split.accuracy == pytest.approx(r.jpeg_correct[rows, exits].mean(), abs=1e-12)
+    assert split.accuracy != pytest.approx(r.correct[rows, exits].mean(), abs=1e-6)  # the views differ
+    capped = results["rapnet_capped"]
+    assert capped.detail["jpeg_share"] == 1.0
+    exits = capped_exits(r.jpeg_scores if cloud_exit else r.scores, r.jpeg_confidence, *w.capped_setting, relative)
+    assert capped.accuracy == pytest.approx(r.jpeg_correct[rows, exits].mean(), abs=1e-12)
+    assert results["oracle"].accuracy == pytest.approx(r.jpeg_correct.any(1).mean(), abs=1e-12)
+    assert results["neurosurgeon"].accuracy == pytest.approx(jt["static"].jpeg_correct[:, 0].mean(), abs=1e-12)
+    assert results["neurosurgeon"].accuracy == pytest.approx(results["cloud_jpeg"].accuracy, abs=1e-12)
+    assert results["spinn"].detail["encoding"] == "jpeg"
+    exits = confidence_exits(jt["sdn"].jpeg_confidence, w.sdn_threshold)
+    assert results["spinn"].accuracy == pytest.approx(jt["sdn"].jpeg_correct[rows, exits].mean(), abs=1e-12)
+    # a fast uplink sends lossless pixels again
+    fast = w.run_policy("rapnet_split", replace_conditions(c, bandwidth_mbps=10_000))
+    assert "jpeg" not in fast.detail["encodings"] and fast.detail["jpeg_share"] == 0.0
 
 
 def test_accuracy_target_can_be_the_static_networks(traces):
