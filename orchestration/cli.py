@@ -91,15 +91,16 @@ def cmd_run(args) -> None:
 def sweep(world, args, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    from .simulator import compare
+    from .simulator import BASELINES, CAPPED_BASELINES, compare
 
     cells = [(b, g, r) for r in args.rtt_ms for g in args.device_gflops for b in args.bandwidth_mbps]
     rows = []
     for b, g, r in tqdm(cells, desc="rapnet-sim sweep", unit="cell", disable=not progress):
         results = world.run_all(_conditions(args, b, g, r))
         verdict = compare(results)
-        if "rapnet_capped" in results:  # the capped rule, judged by the same criteria
-            verdict["capped"] = compare(results, ours="rapnet_capped")
+        if "rapnet_capped" in results:  # the capped rule, judged by the same criteria against its own ablation
+            verdict["capped"] = compare(results, ours="rapnet_capped", baselines=CAPPED_BASELINES)
+            verdict["capped_vs_priced_edge"] = compare(results, ours="rapnet_capped", baselines=BASELINES)["wins_strict"]
         for name, res in results.items():
             row = {"bandwidth_mbps": b, "device_gflops": g, "rtt_ms": r, **{k: v for k, v in asdict(res).items() if k != "detail"}}
             row["exit_histogram"] = " ".join(map(str, res.exit_histogram))
@@ -107,6 +108,13 @@ def sweep(world, args, progress: bool = True) -> list[dict]:
             rows.append(row)
         rows.append({"bandwidth_mbps": b, "device_gflops": g, "rtt_ms": r, "policy": "_verdict", "detail": json.dumps(verdict)})
     return rows
+
+
+def _counts(names) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in names:
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -121,9 +129,7 @@ def summarize(rows: list[dict]) -> dict:
         p = by_policy.setdefault(r["policy"], {"accuracy": [], "mean_ms": []})
         p["accuracy"].append(r["accuracy"])  # varies by cell where a policy sends JPEG in some cells only
         p["mean_ms"].append(r["mean_ms"])
-    fastest_counts: dict[str, int] = {}
-    for v in verdicts:
-        fastest_counts[v["fastest_baseline"]] = fastest_counts.get(v["fastest_baseline"], 0) + 1
+    fastest_counts = _counts(v["fastest_baseline"] for v in verdicts)
     capped = [v["capped"] for v in verdicts if "capped" in v]
     capped_ratios = np.array([v["oracle_ratio"] for v in capped])
     return {
@@ -146,6 +152,8 @@ def summarize(rows: list[dict]) -> dict:
             "not_dominated": sum(v["not_dominated"] for v in capped),
             "oracle_ratio_median": float(np.median(capped_ratios)),
             "within_15pct_of_oracle": int((capped_ratios <= 1.15).sum()),
+            "wins_strict_vs_priced_edge": sum(v.get("capped_vs_priced_edge", False) for v in verdicts),
+            "fastest_baseline_counts": _counts(v["fastest_baseline"] for v in capped),
         } if capped else None,
     }
 
@@ -204,9 +212,12 @@ def markdown(rows, summary, world) -> str:
     if s.get("capped"):
         c = s["capped"]
         lines += [f"- RAPNet capped (price {world.capped_setting[0]:g}, stop confidence {world.capped_setting[1]:g}; "
-                  f"`edge-agent --price Q --stop-confidence T`): fastest {c['fastest_overall']}/{s['cells']}, issue 7's criterion "
-                  f"{c['wins_strict']}/{s['cells']}, not dominated {c['not_dominated']}/{s['cells']}, oracle ratio median "
-                  f"{c['oracle_ratio_median']:.3f}, within 15%: {c['within_15pct_of_oracle']}/{s['cells']}"]
+                  f"`edge-agent --price Q --stop-confidence T`), against the baselines with its own edge-only ablation "
+                  f"(rapnet_edge_capped) for RAPNet's: fastest {c['fastest_overall']}/{s['cells']}, issue 7's criterion "
+                  f"{c['wins_strict']}/{s['cells']} ({c['wins_strict_vs_priced_edge']}/{s['cells']} against the priced "
+                  f"rapnet_edge instead), not dominated {c['not_dominated']}/{s['cells']}, oracle ratio median "
+                  f"{c['oracle_ratio_median']:.3f}, within 15%: {c['within_15pct_of_oracle']}/{s['cells']}; fastest "
+                  f"baseline per cell: {c['fastest_baseline_counts']}"]
     lines += ["",
               "| RTT ms | device GFLOP/s | bandwidth Mbit/s | ours ms | ours acc % | fastest baseline | its ms | its acc % | ours/oracle |",
               "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -231,7 +242,7 @@ def heatmaps(rows, folder: Path, args) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     bws, gfs, rtts = list(args.bandwidth_mbps), list(args.device_gflops), list(args.rtt_ms)
     verdict = {(r["bandwidth_mbps"], r["device_gflops"], r["rtt_ms"]): json.loads(r["detail"]) for r in rows if r["policy"] == "_verdict"}
-    short = {"sdn_edge": "SDN", "rapnet_edge": "RAPe", "cloud_png": "CldP", "cloud_jpeg": "CldJ", "neurosurgeon": "NS", "spinn": "SPINN"}
+    short = {"sdn_edge": "SDN", "rapnet_edge": "RAPe", "rapnet_edge_capped": "RAPeC", "cloud_png": "CldP", "cloud_jpeg": "CldJ", "neurosurgeon": "NS", "spinn": "SPINN"}
     paths = []
     for key, title, fname, cmap, center in (
         ("latency_vs_fastest", "RAPNet split mean latency / fastest baseline's (label: that baseline)", "sim_latency_ratio.png", "RdYlGn_r", 1.0),

@@ -250,8 +250,9 @@ def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
     q, t = world.capped_setting
     capped = next(p for p in capped_curve(_offline(traces["rapnet"]), traces["rapnet"].costs)
                   if (p["price"], p["threshold"]) == (q, t))
-    assert results["rapnet_capped"].accuracy == pytest.approx(capped["accuracy"], abs=1e-12)
-    assert results["rapnet_capped"].exit_histogram == capped["exit_histogram"]
+    for name in ("rapnet_capped", "rapnet_edge_capped"):
+        assert results[name].accuracy == pytest.approx(capped["accuracy"], abs=1e-12)
+        assert results[name].exit_histogram == capped["exit_histogram"]
     assert results["oracle"].accuracy == pytest.approx(oracle["accuracy"], abs=1e-12)
     for name in ("neurosurgeon", "cloud_png"):
         assert results[name].accuracy == pytest.approx(static, abs=1e-12)
@@ -385,6 +386,8 @@ def test_capped_policy_answers_early_exits_on_the_edge_and_the_rest_where_its_ca
     planner = world.capped_planner
     local = np.array([planner.device_ms(planner._local_f[k], planner._local_l[k], c) for k in range(len(planner._local_f))])
     assert res.offload_share == 0 and res.mean_ms == pytest.approx(local[world.capped_exits].mean())
+    ablation = world.run_policy("rapnet_edge_capped", Conditions(bandwidth_mbps=100, rtt_ms=10, device_gflops=2.0))
+    assert ablation.offload_share == 0 and ablation.mean_ms == pytest.approx(res.mean_ms)  # its edge-only twin
     res = world.run_policy("rapnet_capped", Conditions(bandwidth_mbps=10_000, rtt_ms=1, device_gflops=0.001))
     assert res.offload_share == 1 and all(split == 0 for split, _ in res.detail["split_per_cap"])
 
