@@ -262,8 +262,8 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
             f"{len(source.head)} calibration frames)")
         if args.encoding != "auto" and "jpeg" in encodings and (0, "jpeg") not in app.decider.planner.menu:
             log(f"--encoding {args.encoding}: JPEG stays off the menu, since whether it costs this model accuracy "
-                f"needs labelled calibration frames: pass --traces with a rapnet-sim trace cache of this checkpoint "
-                f"(JPEG is used when no exit loses more than {MAX_JPEG_ACCURACY_DROP:.1%} there)")
+                f"needs labelled held-out frames: pass --traces with a rapnet-sim trace cache of this checkpoint "
+                f"(JPEG is used when its exits lose at most {MAX_JPEG_ACCURACY_DROP:.1%} accuracy there on average)")
         app.link = CloudLink(target, args.deadline_ms, CircuitBreaker(args.breaker_failures, args.breaker_cooldown_s),
                              NetworkEstimate(args.bandwidth_mbps, args.rtt_ms))
     except BaseException:

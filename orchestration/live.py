@@ -138,7 +138,7 @@ def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: i
                   extra: tuple = ()) -> list[str]:
     """The edge agent at one point, running the cloud's checkpoint. It plans from the simulator's traces: the
     same request sizes, codec times and encoding menu (JPEG goes on it only with the traces' labelled
-    calibration accuracies)."""
+    held-out accuracies)."""
     from .planner import REF_GFLOPS
 
     return [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--split", split, "--limit", str(frames),

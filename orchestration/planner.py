@@ -46,7 +46,7 @@ MSS_BYTES = 1448
 MIN_RTO_MS = 200.0
 DEFAULT_ENCODINGS = ("png", "raw+zstd", "jpeg", "int8+zstd", "fp16+zstd", "fp32+zstd")
 # A lossy encoding joins the menu when it leaves this share of answers unchanged (features), or, for a JPEG
-# image, when no exit loses more than this much calibration accuracy (ModelTraces.menu).
+# image, when its exits lose at most this much held-out accuracy on average (ModelTraces.menu).
 MIN_AGREEMENT = 0.995
 MAX_JPEG_ACCURACY_DROP = 0.005
 HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)

@@ -444,6 +444,10 @@ class World:
             "capped_cal_accuracy": self.capped_cal_acc,
             "config": self.config.__dict__, "reference_gflops": REF_GFLOPS,
             "image_encodings": IMAGE_ENCODINGS,
+            # per model: the largest calibration-accuracy loss at any exit from JPEG images, and whether that let
+            # JPEG onto its menu
+            "jpeg_accuracy_drop": {name: t.jpeg_accuracy_drop() for name, t in self.traces.items()},
+            "jpeg_on_menu": {name: (0, "jpeg") in p.menu for name, p in self.planners.items()},
         }
 
 

@@ -32,7 +32,7 @@ FEATURE_ENCODINGS = ("fp32+zstd", "fp16+zstd", "int8+zstd")
 # Which encodings leave the model's answer unchanged: PNG, raw pixels and fp32 are exactly lossless. fp16 is
 # checked per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
 LOSSLESS = ("png", "raw+zstd", "fp32+zstd")
-JPEG_FIELDS = ("jpeg_correct", "jpeg_confidence", "jpeg_scores", "cal_jpeg_correct")
+JPEG_FIELDS = ("jpeg_correct", "jpeg_confidence", "jpeg_scores", "heldout_correct", "heldout_jpeg_correct")
 
 
 def encode_options(encoding: str):
@@ -83,7 +83,10 @@ class ModelTraces:
     jpeg_correct: np.ndarray | None = None  # (N, K)
     jpeg_confidence: np.ndarray | None = None  # (N, K)
     jpeg_scores: np.ndarray | None = None  # (N, K), RAPNet only: the predictor run in the cloud on the JPEG image
-    cal_jpeg_correct: np.ndarray | None = None  # (N_cal, K): decides whether JPEG may go on the planner's menu
+    # (N_val, K) answers on the whole held-out validation split (never trained on; the predictor plays no part in
+    # an exit's answer), losslessly and from JPEG: they decide whether JPEG may go on the planner's menu
+    heldout_correct: np.ndarray | None = None
+    heldout_jpeg_correct: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -93,23 +96,25 @@ class ModelTraces:
         return {key: int(round(float(v.mean()))) for key, v in self.payload.items()}
 
     def jpeg_accuracy_drop(self) -> float | None:
-        """The largest loss of calibration accuracy at any exit when the image travels as JPEG (None: not
-        measured). Agreement is the wrong test for JPEG images: it asks every exit to keep every answer at once,
-        which a 7-exit network fails on 15% of images while no exit loses more than half a point."""
-        if self.cal_jpeg_correct is None or self.cal_correct is None:
+        """The accuracy lost when the image travels as JPEG, averaged over the exits, on the held-out validation
+        split (None: not measured). Agreement is the wrong test for JPEG images: it asks every exit to keep every
+        answer at once, which a 7-exit network fails on 9-15% of images while its exits lose ~0.2 point. The
+        average, on 5,000 images: a per-exit maximum on them is mostly the largest of seven noises (~0.3 point
+        each)."""
+        if self.heldout_jpeg_correct is None or self.heldout_correct is None:
             return None
-        return float((self.cal_correct.mean(0) - self.cal_jpeg_correct.mean(0)).max())
+        return float((self.heldout_correct.mean(0) - self.heldout_jpeg_correct.mean(0)).mean())
 
     def menu(self, min_agreement: float, max_jpeg_drop: float) -> tuple[dict[tuple[int, str], int], dict]:
         """What the planner may send, as (mean request bytes, agreement) per (split, encoding). A lossy feature
         encoding goes on the menu when it leaves >= min_agreement of the answers unchanged. A JPEG image goes on
-        when no exit loses more than max_jpeg_drop of calibration accuracy (labelled data, never the test set);
-        its agreement entry then holds the worst exit's accuracy ratio, which is what the planner scales a
-        plan's expected accuracy by."""
+        when its exits lose at most max_jpeg_drop of accuracy on average (jpeg_accuracy_drop: labelled held-out
+        data, never the test set); its agreement entry then holds the worst exit's accuracy ratio there, which is
+        what the planner scales a plan's expected accuracy by."""
         agreement = dict(self.agreement)
         drop = self.jpeg_accuracy_drop()
         if (0, "jpeg") in agreement and drop is not None and drop <= max_jpeg_drop:
-            ratio = self.cal_jpeg_correct.mean(0) / np.maximum(self.cal_correct.mean(0), 1e-9)
+            ratio = self.heldout_jpeg_correct.mean(0) / np.maximum(self.heldout_correct.mean(0), 1e-9)
             agreement[0, "jpeg"] = float(min(1.0, ratio.min()))
         else:
             agreement.pop((0, "jpeg"), None)
@@ -187,6 +192,17 @@ def jpeg_round_trip(images: np.ndarray, quality: int = 90) -> np.ndarray:
     return np.stack([codec.decode_image(codec.encode_image(p, "jpeg", quality)) for p in images])
 
 
+def heldout_jpeg_test(model, meta: dict, train) -> tuple[np.ndarray, np.ndarray]:
+    """Every exit's answers on the model's whole held-out validation split, losslessly and from JPEG q90."""
+    from rapnet.data import train_val_split
+    from rapnet.evaluate import collect_traces
+
+    split = meta.get("split", {})
+    _, held = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
+    images, labels = train.images[held], train.labels[held]
+    return collect_traces(model, images, labels).correct, collect_traces(model, jpeg_round_trip(images), labels).correct
+
+
 def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_n: int = 500,
                  out: Path = DEFAULT_CACHE, log=print) -> dict[str, ModelTraces]:
     """Run every model over the test set (and the calibration split) and write the cache."""
@@ -212,7 +228,7 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
         c = collect_traces(model, train.images[cal_idx], train.labels[cal_idx])
         payload, enc_ms, dec_ms, agreement = _payloads(model, name, test.images[:payload_n], log)
         jt = collect_traces(model, jpeg_round_trip(test.images), test.labels)
-        jc = collect_traces(model, jpeg_round_trip(train.images[cal_idx]), train.labels[cal_idx])
+        heldout_correct, heldout_jpeg_correct = heldout_jpeg_test(model, meta, train)
         traces[name] = ModelTraces(
             name=name, identity=meta["identity"], costs=measure_costs(model),
             stage_layers=tuple(leaf_layers(s) for s in model.stages),
@@ -223,7 +239,8 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
             cal_scores=None if c.scores is None else c.scores.astype(np.float32),
             payload=payload, encode_ms=enc_ms, decode_ms=dec_ms, agreement=agreement,
             jpeg_correct=jt.correct, jpeg_confidence=jt.confidence.astype(np.float32),
-            jpeg_scores=None if jt.scores is None else jt.scores.astype(np.float32), cal_jpeg_correct=jc.correct,
+            jpeg_scores=None if jt.scores is None else jt.scores.astype(np.float32),
+            heldout_correct=heldout_correct, heldout_jpeg_correct=heldout_jpeg_correct,
         )
         log(f"{name}: done in {time.time() - started:.0f} s")
     key = _cache_key(identities, str(data_path), payload_n)
@@ -284,7 +301,8 @@ def load_traces(path: Path) -> tuple[dict[str, ModelTraces], dict]:
             agreement={(s, e): v for s, e, v in m["agreement"]},
             jpeg_correct=None if get("jpeg_correct") is None else get("jpeg_correct").astype(bool),
             jpeg_confidence=get("jpeg_confidence"), jpeg_scores=get("jpeg_scores"),
-            cal_jpeg_correct=None if get("cal_jpeg_correct") is None else get("cal_jpeg_correct").astype(bool),
+            heldout_correct=None if get("heldout_correct") is None else get("heldout_correct").astype(bool),
+            heldout_jpeg_correct=None if get("heldout_jpeg_correct") is None else get("heldout_jpeg_correct").astype(bool),
         )
     return traces, info["meta"]
 

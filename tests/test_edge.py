@@ -416,7 +416,7 @@ def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, data
 
 
 def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path) -> Path:
-    """A rapnet-sim trace cache for `model` whose labelled calibration says JPEG costs no accuracy (request sizes
+    """A rapnet-sim trace cache for `model` whose labelled held-out answers say JPEG costs no accuracy (request sizes
     and codec times measured on `pixels`)."""
     from orchestration.traces import ModelTraces, _payloads, leaf_layers, save_traces
     from rapnet.checkpoint import model_identity
@@ -426,7 +426,7 @@ def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path) -> Path:
     t = ModelTraces("rapnet", model_identity(model), measure_costs(model), tuple(leaf_layers(s) for s in model.stages),
                     tuple(leaf_layers(e) for e in model.exits), leaf_layers(model.predictor), right,
                     right.astype(np.float32), None, cal_correct=right, payload=payload, encode_ms=enc, decode_ms=dec,
-                    agreement=agreement, cal_jpeg_correct=right)
+                    agreement=agreement, heldout_correct=right, heldout_jpeg_correct=right)
     save_traces({"rapnet": t}, path, {})
     return path
 
@@ -434,7 +434,7 @@ def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path) -> Path:
 def test_jpeg_goes_out_only_with_labelled_accuracy_and_is_answered_from_the_decoded_jpeg(cloud, checkpoint, dataset,
                                                                                           workdir, token_env, capsys):
     """--encoding jpeg without a trace cache: the agent keeps JPEG off its menu (and says why). With a cache whose
-    calibration accuracies admit it, the image travels as JPEG over real gRPC and the cloud answers, exit included,
+    held-out accuracies admit it, the image travels as JPEG over real gRPC and the cloud answers, exit included,
     from the decoded JPEG, exactly as the offline rule on the JPEG round trip."""
     from orchestration.traces import jpeg_round_trip
 
