@@ -109,8 +109,8 @@ class Decider:
         return self.planner.plan(scores, conditions)
 
     def cloud_exit_plan(self, conditions: Conditions) -> Plan | None:
-        """Before the predictor runs: a plan that sends the image with the exit left to the cloud, when every
-        exit would be offloaded at split 0 anyway (Planner.cloud_exit_plan); None: run the predictor here."""
+        """Before the predictor runs: a plan that sends the image with the exit left to the cloud, where that is
+        faster on average over the rule's exits (Planner.cloud_exit_plan); None: run the predictor here."""
         return self.planner.cloud_exit_plan(conditions) if self.settings.cloud_exit else None
 
     def local_plan(self, scores: np.ndarray | None, conditions: Conditions) -> Plan:

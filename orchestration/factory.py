@@ -28,7 +28,8 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule.
     `sequential`: every head up to the exit runs (default: for SDN; the capped rule asks for it too).
     The menu follows ModelTraces.menu; measured on unlabelled sample frames, JPEG stays off it (whether it costs
-    accuracy needs labels)."""
+    accuracy needs labels). With the priced rule, the planner's exit prior (Planner.with_exit_prior) is the rule's
+    exits on the traces' calibration images, or on the sample frames."""
     from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
@@ -37,7 +38,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     costs = measure_costs(model)
     layers = LayerCounts(tuple(leaf_layers(s) for s in model.stages), tuple(leaf_layers(e) for e in model.exits),
                          leaf_layers(model.predictor) if model.predictor is not None else 0)
-    payload = codec_ms = agreement = None
+    payload = codec_ms = agreement = prior_scores = None
     if traces is not None and Path(traces).exists():
         identity = model_identity(model)
         for t in load_traces(Path(traces))[0].values():
@@ -46,6 +47,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
                 codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
                 exit_accuracy = exit_accuracy if exit_accuracy is not None else (
                     t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
+                prior_scores = t.cal_scores
     if payload is None:
         if sample_pixels is None:
             raise ValueError("pass sample frames (uint8 N x H x W x 3) to measure request sizes, or a matching trace cache")
@@ -55,6 +57,23 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         codec_ms = {k: (enc[k], dec[k]) for k in sizes}
     if exit_accuracy is None:
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
-    return Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price, layers=layers,
-                   codec_ms=codec_ms, agreement=agreement,
-                   sequential=model.config.kind == "sdn" if sequential is None else sequential)
+    planner = Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price, layers=layers,
+                      codec_ms=codec_ms, agreement=agreement,
+                      sequential=model.config.kind == "sdn" if sequential is None else sequential)
+    if planner.price is None or model.predictor is None:
+        return planner
+    # the cloud-side exit is weighed by how often the rule picks each exit: on the traces' calibration images, or
+    # on the sample frames
+    if prior_scores is None and sample_pixels is not None:
+        import torch
+
+        from rapnet.preprocess import to_model_input
+
+        with torch.no_grad():
+            prior_scores = model.exit_scores(to_model_input(np.asarray(sample_pixels))).numpy()
+    if prior_scores is None:
+        return planner
+    from rapnet.evaluate import priced_exits
+
+    exits = priced_exits(prior_scores, planner.price, planner.relative_costs)
+    return planner.with_exit_prior(np.bincount(exits, minlength=costs.num_exits))

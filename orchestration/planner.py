@@ -202,6 +202,7 @@ class Planner:
                     self._options[k].append((s, enc, edge_f, edge_l, cloud_f, cloud_l, float(payload_bytes[s, enc])))
         self._cache: dict[Conditions, OptionTable] = {}
         self._cloud_exit_cache: dict[Conditions, list[dict] | None] = {}  # per Conditions, like the option tables
+        self.exit_prior: np.ndarray | None = None  # with_exit_prior
         self._max_cached = max_cached
 
     # --- timing model -----------------------------------------------------------------------------------
@@ -260,32 +261,54 @@ class Planner:
 
     def cloud_exit_parts(self, c: Conditions) -> list[dict] | None:
         """Per exit, the latency parts of sending the image at once and letting the cloud run the predictor and
-        the priced rule (InferRequest.cloud_exit); None unless that is at least as fast for *every* exit as the
-        best placement with the predictor on the edge. Then the predictor's answer could only change which exit
-        the cloud runs, never where the frame goes, so running it on a slow edge device first is wasted time.
-        Priced rule only, and not with an accuracy target or a latency budget (they need the scores here)."""
+        the priced rule (InferRequest.cloud_exit); None when running the predictor on the edge first is faster.
+        Without an exit prior that needs cloud-side picking to be at least as fast for *every* exit; with one
+        (`with_exit_prior`: how often the rule picks each exit, e.g. on calibration images) it needs to be at least
+        as fast in expectation: a slow device then stops paying for the predictor on every frame because a rare
+        shallow exit would have been answered locally. Of the image encodings on the menu, the one fastest in
+        expectation (uniform without a prior). Priced rule only, and not with an accuracy target or a latency
+        budget (they need the scores here)."""
         pred_f, pred_l = self._predictor_cost
         if self.price is None or pred_f == 0 or c.accuracy_target is not None or c.latency_budget_ms is not None:
             return None
         if c in self._cloud_exit_cache:
             return self._cloud_exit_cache[c]
         table = self.option_table(c)
-        parts: list[dict] | None = None
-        if table.offload.all() and (table.split == 0).all() and len(set(table.encoding)) == 1:
+        K = self.costs.num_exits
+        weights = self.exit_prior if self.exit_prior is not None else np.full(K, 1.0 / K)
+        best, best_ms = None, math.inf
+        for enc in sorted({e for s, e in self.menu if s == 0}):
             parts = []
-            for k in range(self.costs.num_exits):
-                s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(
-                    o for o in self._options[k] if o[0] == 0 and o[1] == table.encoding[k])
+            for k in range(K):
+                s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(o for o in self._options[k] if o[:2] == (0, enc))
                 p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f, cloud_l + pred_l,
                                         nbytes), c)
-                if p["total_ms"] > table.latency[k]:
-                    parts = None
-                    break
                 parts.append({**p, "encoding": enc, "cloud_exit": True})
+            total = np.array([p["total_ms"] for p in parts])
+            used = weights > 0  # an exit the rule never picks must not make it 0 x inf
+            expected = float(weights[used] @ total[used])
+            faster = (total <= table.latency).all() if self.exit_prior is None else expected <= weights[used] @ table.latency[used]
+            if faster and expected < best_ms:
+                best, best_ms = parts, expected
         if len(self._cloud_exit_cache) >= self._max_cached:
             self._cloud_exit_cache.clear()
-        self._cloud_exit_cache[c] = parts
-        return parts
+        self._cloud_exit_cache[c] = best
+        return best
+
+    def with_exit_prior(self, prior: Sequence[float] | None) -> "Planner":
+        """The same planner, weighing the cloud-side exit decision by how often the rule picks each exit (None:
+        the decision must hold for every exit)."""
+        other = object.__new__(Planner)
+        other.__dict__.update(self.__dict__)
+        other._cloud_exit_cache = {}
+        if prior is None:
+            other.exit_prior = None
+        else:
+            w = np.asarray(prior, dtype=float)
+            if w.shape != (self.costs.num_exits,) or (w < 0).any() or not w.sum() > 0:
+                raise ValueError(f"an exit prior needs {self.costs.num_exits} non-negative weights, not all 0")
+            other.exit_prior = w / w.sum()
+        return other
 
     def cloud_exit_plan(self, c: Conditions) -> Plan | None:
         """The plan for a frame whose exit the cloud picks (see cloud_exit_parts), or None. Its exit_index is the
@@ -398,15 +421,14 @@ class Planner:
 
     def with_threshold(self, threshold: float) -> "Planner":
         """The same planner with the threshold rule at `threshold`."""
-        other = object.__new__(Planner)
-        other.__dict__.update(self.__dict__)
+        other = self.with_exit_prior(None)  # a prior belongs to one setting of one rule
         other.threshold, other.price = float(threshold), None
         return other
 
     def with_price(self, price: float) -> "Planner":
         """The same planner with the priced rule at `price`."""
-        other = object.__new__(Planner)
-        other.__dict__.update(self.__dict__)
+        same = self.price is not None and float(price) == self.price
+        other = self.with_exit_prior(self.exit_prior if same else None)  # a prior belongs to one setting of one rule
         other.threshold, other.price = None, float(price)
         return other
 

@@ -336,6 +336,30 @@ def test_frames_sent_as_jpeg_are_answered_from_the_jpeg_view(traces, cloud_exit)
     assert "jpeg" not in fast.detail["encodings"] and fast.detail["jpeg_share"] == 0.0
 
 
+def test_the_cloud_picks_the_exit_when_that_is_faster_on_average_over_the_rules_exits(world):
+    """With an exit prior, cloud-side picking needs to win in expectation, not for every exit: a device that would
+    answer a rare shallow exit itself no longer runs the predictor on every frame for it."""
+    base = world.planners["rapnet"]
+    K = base.costs.num_exits
+    strict, deep = base.with_exit_prior(None), base.with_exit_prior(np.eye(K)[K - 1])
+    assert world.config.cloud_exit_prior and base.exit_prior is not None  # the simulator weighs by calibration exits
+    differ = 0
+    for gflops in (0.05, 0.2, 0.5, 1, 2, 5, 20):
+        c = Conditions(bandwidth_mbps=1000, rtt_ms=1, device_gflops=gflops)
+        table = strict.option_table(c)
+        remote, remote_deep = strict.cloud_exit_parts(c), deep.cloud_exit_parts(c)
+        if remote is not None:  # faster for every exit is faster on average
+            assert all(p["total_ms"] <= lat for p, lat in zip(remote, table.latency)) and remote_deep is not None
+        if remote_deep is not None:
+            assert remote_deep[K - 1]["total_ms"] <= table.latency[K - 1]
+            assert remote_deep[K - 1]["edge_ms"] < table.parts[K - 1]["edge_ms"]  # no predictor on the edge
+        differ += remote is None and remote_deep is not None
+    assert differ, "no device speed where only the prior sends the image at once"
+    with pytest.raises(ValueError, match="non-negative"):
+        base.with_exit_prior(np.zeros(K))
+    assert base.with_price(0.123).exit_prior is None  # a prior belongs to one setting of the rule
+
+
 def test_accuracy_target_can_be_the_static_networks(traces):
     from orchestration import cli
 
@@ -545,7 +569,8 @@ REAL = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
 @pytest.mark.skipif(not REAL.exists(), reason="no cached real traces (run rapnet-sim traces)")
 def test_real_traces_accuracy_equals_offline_evaluation():
     traces, _ = load_traces(REAL)
-    world = World(traces)
+    lossless = tuple(e for e in SimConfig.encodings if e != "jpeg")  # frames sent as JPEG answer from the JPEG view
+    world = World(traces, SimConfig(encodings=lossless))
     results = world.run_all(Conditions(10, 20, 2.0))
     rap = next(p for p in priced_curve(_offline(traces["rapnet"]), traces["rapnet"].costs) if p["price"] == world.rapnet_price)
     sdn = next(p for p in sdn_curve(_offline(traces["sdn"]), traces["sdn"].costs) if p["threshold"] == world.sdn_threshold)
