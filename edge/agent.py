@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fixed-network", action="store_true",
                    help="plan with --bandwidth-mbps/--rtt-ms only (the live estimate is still reported)")
     m.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
-                   help="always run the exit predictor here; by default, when every exit would send the image to "
-                        "the cloud anyway, the edge skips it and the cloud picks the exit (same rule and price)")
+                   help="always run the exit predictor here; by default, where sending the image at once is faster "
+                        "on average over the rule's exits (on the calibration frames, or the --traces calibration "
+                        "images), the edge skips it and the cloud picks the exit (same rule and price)")
     m.add_argument("--cloud-overhead-ms", type=float, default=0.0,
                    help="with --fixed-network: fixed cost per cloud request the planner adds (gRPC, front, Ray hop, "
                         "batching); rapnet-sim live measures it. Without --fixed-network the live estimate holds it")
