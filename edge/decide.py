@@ -139,7 +139,7 @@ class Decider:
     def fallback_exit(self, conditions: Conditions, target_exit: int, first_exit: int = 0) -> int:
         """The deepest exit (>= first_exit, <= target) the device can compute within the budget, for a frame
         whose offload failed and whose split left no local exit."""
-        local = self.planner.option_table(replace(conditions, bandwidth_mbps=0.0)).local_latency
+        local = self.planner.answer_ms(conditions)
         budget = conditions.latency_budget_ms
         fits = [k for k in range(first_exit, target_exit + 1) if budget is None or local[k] <= budget]
         return fits[-1] if fits else first_exit
@@ -168,7 +168,8 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
         accuracy = None
     planner = planner_for_model(model, sample_pixels, threshold=settings.threshold, price=price,
                                 exit_accuracy=accuracy, encodings=tuple(settings.encodings), traces=traces,
-                                sequential=True if settings.stop_confidence else None)
+                                sequential=True if settings.stop_confidence else None,
+                                stop_confidence=settings.stop_confidence)
     return Decider(planner, settings, price=price, threshold=settings.threshold)
 
 

@@ -55,7 +55,7 @@ def _world(args):
                                  log=lambda m: print(m, file=sys.stderr))
     config = SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
                        rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed,
-                       cloud_exit=args.cloud_exit, cloud_exit_prior=args.cloud_exit_prior)
+                       cloud_exit=args.cloud_exit, calibration_priors=args.calibration_priors)
     return World(traces, config), meta
 
 
@@ -329,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "network's (default: RAPNet's best with the threshold rule minus 1 point)")
     g.add_argument("--rapnet-rule", choices=("price", "threshold"), default="price",
                    help="RAPNet's exit rule: priced (argmax score - price x cost) or the first exit above a threshold")
-    g.add_argument("--strict-cloud-exit", dest="cloud_exit_prior", action="store_false",
-                   help="let the cloud pick the exit only where that is faster for every exit (default: faster on "
-                        "average over the rule's exits on the calibration part)")
+    g.add_argument("--no-calibration-priors", dest="calibration_priors", action="store_false",
+                   help="plan RAPNet without what the calibration part says about its rule: let the cloud pick the exit "
+                        "only where that is faster for every exit (default: on average over the rule's exits), and plan "
+                        "a capped frame as if it ran to its cap (default: at the cost of where such frames stop)")
     g.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
                    help="RAPNet split always runs the predictor on the edge (default: when every exit would send the "
                         "image anyway, the edge skips it and the cloud picks the exit)")

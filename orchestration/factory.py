@@ -22,14 +22,16 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
                       price: float | None = None,
                       exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
                       traces: str | Path | None = None, min_agreement: float = MIN_AGREEMENT,
-                      max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP, sequential: bool | None = None) -> Planner:
+                      max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP, sequential: bool | None = None,
+                      stop_confidence: float | None = None) -> Planner:
     """A planner for `model`: sample_pixels (N, H, W, 3) uint8 frames to measure request sizes on (a few
     dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity). Exit rule as in
     Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule.
     `sequential`: every head up to the exit runs (default: for SDN; the capped rule asks for it too).
     The menu follows ModelTraces.menu; measured on unlabelled sample frames, JPEG stays off it (whether it costs
     accuracy needs labels). With the priced rule, the planner's exit prior (Planner.with_exit_prior) is the rule's
-    exits on the traces' calibration images, or on the sample frames."""
+    exits on the traces' calibration images, or on the sample frames; with a `stop_confidence` (the capped rule)
+    so are its early stops (Planner.with_early_stops)."""
     from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
@@ -38,7 +40,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     costs = measure_costs(model)
     layers = LayerCounts(tuple(leaf_layers(s) for s in model.stages), tuple(leaf_layers(e) for e in model.exits),
                          leaf_layers(model.predictor) if model.predictor is not None else 0)
-    payload = codec_ms = agreement = prior_scores = None
+    payload = codec_ms = agreement = prior_scores = prior_confidence = None
     if traces is not None and Path(traces).exists():
         identity = model_identity(model)
         for t in load_traces(Path(traces))[0].values():
@@ -47,7 +49,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
                 codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
                 exit_accuracy = exit_accuracy if exit_accuracy is not None else (
                     t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
-                prior_scores = t.cal_scores
+                prior_scores, prior_confidence = t.cal_scores, t.cal_confidence
     if payload is None:
         if sample_pixels is None:
             raise ValueError("pass sample frames (uint8 N x H x W x 3) to measure request sizes, or a matching trace cache")
@@ -70,10 +72,17 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         from rapnet.preprocess import to_model_input
 
         with torch.no_grad():
-            prior_scores = model.exit_scores(to_model_input(np.asarray(sample_pixels))).numpy()
+            x = to_model_input(np.asarray(sample_pixels))
+            prior_scores = model.exit_scores(x).numpy()
+            prior_confidence = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)], 1).numpy()
     if prior_scores is None:
         return planner
-    from rapnet.evaluate import priced_exits
+    from rapnet.evaluate import capped_exits, priced_exits
 
-    exits = priced_exits(prior_scores, planner.price, planner.relative_costs)
-    return planner.with_exit_prior(np.bincount(exits, minlength=costs.num_exits))
+    K = costs.num_exits
+    caps = priced_exits(prior_scores, planner.price, planner.relative_costs)
+    planner = planner.with_exit_prior(np.bincount(caps, minlength=K))
+    if stop_confidence is None or prior_confidence is None:
+        return planner
+    stops = capped_exits(prior_scores, prior_confidence, planner.price, stop_confidence, planner.relative_costs)
+    return planner.with_early_stops(np.bincount(caps * K + stops, minlength=K * K).reshape(K, K))

@@ -203,6 +203,7 @@ class Planner:
         self._cache: dict[Conditions, OptionTable] = {}
         self._cloud_exit_cache: dict[Conditions, list[dict] | None] = {}  # per Conditions, like the option tables
         self.exit_prior: np.ndarray | None = None  # with_exit_prior
+        self.early_stops: np.ndarray | None = None  # with_early_stops
         self._max_cached = max_cached
 
     # --- timing model -----------------------------------------------------------------------------------
@@ -243,9 +244,9 @@ class Planner:
         if table is not None:
             return table
         K = self.costs.num_exits
-        lat, split, enc, off, local, parts = np.zeros(K), np.zeros(K, dtype=int), [None] * K, np.zeros(K, dtype=bool), np.zeros(K), [None] * K
+        lat, split, enc, off, parts = np.zeros(K), np.zeros(K, dtype=int), [None] * K, np.zeros(K, dtype=bool), [None] * K
+        local = self.answer_ms(c) if self.early_stops is None else self.early_stops @ self.answer_ms(c)
         for k in range(K):
-            local[k] = self.device_ms(self._local_f[k], self._local_l[k], c)
             best = {"edge_ms": local[k], "total_ms": local[k]}
             lat[k], split[k] = local[k], self.costs.exit_stages[k] + 1
             for option in self._options[k]:
@@ -258,6 +259,10 @@ class Planner:
             self._cache.clear()
         self._cache[c] = table
         return table
+
+    def answer_ms(self, c: Conditions) -> np.ndarray:
+        """(K,) device ms to answer each exit here (predictor included where it runs on the edge)."""
+        return np.array([self.device_ms(f, l, c) for f, l in zip(self._local_f, self._local_l)])
 
     def cloud_exit_parts(self, c: Conditions) -> list[dict] | None:
         """Per exit, the latency parts of sending the image at once and letting the cloud run the predictor and
@@ -295,12 +300,20 @@ class Planner:
         self._cloud_exit_cache[c] = best
         return best
 
+    def _copy(self, keep_setting: bool) -> "Planner":
+        """A copy with fresh caches; the exit prior and early stops belong to one setting of one rule, so they are
+        dropped unless keep_setting."""
+        other = object.__new__(Planner)
+        other.__dict__.update(self.__dict__)
+        other._cache, other._cloud_exit_cache = {}, {}
+        if not keep_setting:
+            other.exit_prior = other.early_stops = None
+        return other
+
     def with_exit_prior(self, prior: Sequence[float] | None) -> "Planner":
         """The same planner, weighing the cloud-side exit decision by how often the rule picks each exit (None:
         the decision must hold for every exit)."""
-        other = object.__new__(Planner)
-        other.__dict__.update(self.__dict__)
-        other._cloud_exit_cache = {}
+        other = self._copy(keep_setting=True)
         if prior is None:
             other.exit_prior = None
         else:
@@ -308,6 +321,25 @@ class Planner:
             if w.shape != (self.costs.num_exits,) or (w < 0).any() or not w.sum() > 0:
                 raise ValueError(f"an exit prior needs {self.costs.num_exits} non-negative weights, not all 0")
             other.exit_prior = w / w.sum()
+        return other
+
+    def with_early_stops(self, counts: np.ndarray | None) -> "Planner":
+        """The same planner for a rule whose frames may stop before the exit they were planned for (the capped
+        rule: a confident exit on the way answers). counts[k, j]: how many frames planned for exit k stopped at
+        exit j <= k (e.g. on calibration images). A local answer for exit k is then planned at the expected cost
+        of where such frames stop, not at exit k's; a row without frames keeps exit k's own cost. None: none
+        stop early."""
+        other = self._copy(keep_setting=True)
+        if counts is None:
+            other.early_stops = None
+            return other
+        K = self.costs.num_exits
+        m = np.asarray(counts, dtype=float)
+        if m.shape != (K, K) or (m < 0).any() or np.triu(m, 1).any():
+            raise ValueError(f"early stops need a ({K}, {K}) lower-triangular matrix of non-negative counts")
+        empty = m.sum(1) == 0
+        m[empty] = np.eye(K)[empty]
+        other.early_stops = m / m.sum(1, keepdims=True)
         return other
 
     def cloud_exit_plan(self, c: Conditions) -> Plan | None:
@@ -421,14 +453,13 @@ class Planner:
 
     def with_threshold(self, threshold: float) -> "Planner":
         """The same planner with the threshold rule at `threshold`."""
-        other = self.with_exit_prior(None)  # a prior belongs to one setting of one rule
+        other = self._copy(keep_setting=False)
         other.threshold, other.price = float(threshold), None
         return other
 
     def with_price(self, price: float) -> "Planner":
         """The same planner with the priced rule at `price`."""
-        same = self.price is not None and float(price) == self.price
-        other = self.with_exit_prior(self.exit_prior if same else None)  # a prior belongs to one setting of one rule
+        other = self._copy(keep_setting=self.price is not None and float(price) == self.price)
         other.threshold, other.price = None, float(price)
         return other
 

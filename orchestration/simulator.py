@@ -58,8 +58,10 @@ class SimConfig:
     encodings: tuple[str, ...] = DEFAULT_ENCODINGS
     queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
     cloud_exit: bool = True  # RAPNet: skip the edge predictor where sending the image at once is faster
-    # ... faster in expectation over the rule's exits on the calibration part (False: faster for every exit)
-    cloud_exit_prior: bool = True
+    # RAPNet's planners learn from the calibration part how often the rule picks each exit (the cloud-side exit must
+    # win on average, not for every exit) and, for the capped rule, where frames stop before their cap (a local cap
+    # is planned at the cost of where its frames stop). False: neither (the planning before the eleventh session).
+    calibration_priors: bool = True
     seed: int = 0
 
 
@@ -192,9 +194,15 @@ class World:
         self.capped_planner = self._planner(r, sequential=True)
         self.capped_setting, self.capped_cal_acc = calibrate_capped(
             r.cal_correct, r.cal_scores, r.cal_confidence, relative, self.capped_planner._local_f, self.accuracy_target)
-        # its cloud-side exit picks the cap: weighed by how often each cap comes up
-        self.capped_planner = self.capped_planner.with_price(self.capped_setting[0]).with_exit_prior(
-            self._calibration_prior(self.capped_setting[0]))
+        # its cloud-side exit picks the cap: weighed by how often each cap comes up; a local cap costs where its
+        # frames stop
+        self.capped_planner = self.capped_planner.with_price(self.capped_setting[0])
+        if config.calibration_priors:
+            caps = priced_exits(r.cal_scores, self.capped_setting[0], relative)
+            stops = capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative)
+            K = r.correct.shape[1]
+            self.capped_planner = self.capped_planner.with_exit_prior(np.bincount(caps, minlength=K)).with_early_stops(
+                np.bincount(caps * K + stops, minlength=K * K).reshape(K, K))
         # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
         # the oracle knows each image's exit, so it runs no predictor (RAPNet's cloud-side exit skips it too)
@@ -209,8 +217,8 @@ class World:
         self.frame_start_ms = ((np.arange(self.n) // config.devices) / config.fps + self.phase[device]) * 1e3
 
     def _calibration_prior(self, price: float) -> np.ndarray | None:
-        """How often the priced rule at `price` picks each exit on the calibration part (None: cloud_exit_prior off)."""
-        if not self.config.cloud_exit_prior:
+        """How often the priced rule at `price` picks each exit on the calibration part (None: calibration_priors off)."""
+        if not self.config.calibration_priors:
             return None
         r = self.rapnet
         exits = priced_exits(r.cal_scores, price, relative_exit_costs(r.costs))
@@ -316,17 +324,17 @@ class World:
         if name in ("sdn_edge", "rapnet_edge"):
             t = self.sdn if name == "sdn_edge" else self.rapnet
             exits = self.sdn_exits if name == "sdn_edge" else self.rapnet_exits
-            table = self.planners[t.name].option_table(c)
-            K = len(table.latency)
-            placement = Placement(np.zeros(K, bool), np.asarray(t.costs.exit_stages) + 1, [None] * K,
-                                  table.local_latency, np.zeros(K), np.zeros(K))
+            answer = self.planners[t.name].answer_ms(c)
+            K = len(answer)
+            placement = Placement(np.zeros(K, bool), np.asarray(t.costs.exit_stages) + 1, [None] * K, answer,
+                                  np.zeros(K), np.zeros(K))
             return self._summarize(name, t.correct[rows, exits], exits, self.realize(t, exits, placement, c), {}, K)
         if name == "rapnet_edge_capped":
             t, exits = self.rapnet, self.capped_exits
-            table = self.capped_planner.option_table(c)  # sequential costs: every head up to the stop runs
-            K = len(table.latency)
-            placement = Placement(np.zeros(K, bool), np.asarray(t.costs.exit_stages) + 1, [None] * K,
-                                  table.local_latency, np.zeros(K), np.zeros(K))
+            answer = self.capped_planner.answer_ms(c)  # sequential costs: every head up to the stop runs
+            K = len(answer)
+            placement = Placement(np.zeros(K, bool), np.asarray(t.costs.exit_stages) + 1, [None] * K, answer,
+                                  np.zeros(K), np.zeros(K))
             return self._summarize(name, t.correct[rows, exits], exits, self.realize(t, exits, placement, c), {}, K)
         if name in ("cloud_png", "cloud_jpeg"):
             t, planner = self.static, self.planners["static"]

@@ -288,6 +288,30 @@ def test_decider_rule_price_by_default_threshold_on_request(checkpoint, dataset)
         edge_agent.build_parser().parse_args(["--dataset", dataset, "--price", "0.1", "--threshold", "0.5"])
 
 
+def test_decider_learns_the_rules_exits_and_early_stops_from_its_calibration_frames(checkpoint, dataset):
+    """The planner behind the agent weighs the cloud-side exit by the rule's exits on the calibration frames and,
+    for the capped rule, plans each cap at where those frames stopped (rapnet.evaluate.capped_exits)."""
+    from rapnet.evaluate import capped_exits
+
+    model, metadata = load_model(checkpoint)
+    pixels = np.stack([f.pixels for f in DatasetSource(dataset, model.config.image_size)])[:16]
+    with torch.no_grad():
+        x = to_model_input(pixels)
+        scores = model.exit_scores(x).numpy()
+        confidence = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)], 1).numpy()
+    K = model.num_exits
+    priced = build_decider(model, pixels, DecisionSettings(price=0.0), metadata)
+    caps = priced_exits(scores, 0.0, priced.planner.relative_costs)
+    np.testing.assert_allclose(priced.planner.exit_prior, np.bincount(caps, minlength=K) / len(caps), atol=1e-6)
+    assert priced.planner.early_stops is None
+    stop = float(np.median(confidence))
+    capped = build_decider(model, pixels, DecisionSettings(price=0.0, stop_confidence=stop), metadata)
+    stops = capped_exits(scores, confidence, 0.0, stop, capped.planner.relative_costs)
+    for cap in set(caps.tolist()):
+        expected = np.bincount(stops[caps == cap], minlength=K) / (caps == cap).sum()
+        np.testing.assert_allclose(capped.planner.early_stops[cap], expected, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------------
 # End to end over the real cloud on loopback
 # ------------------------------------------------------------------------------------------------------

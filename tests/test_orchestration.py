@@ -342,7 +342,7 @@ def test_the_cloud_picks_the_exit_when_that_is_faster_on_average_over_the_rules_
     base = world.planners["rapnet"]
     K = base.costs.num_exits
     strict, deep = base.with_exit_prior(None), base.with_exit_prior(np.eye(K)[K - 1])
-    assert world.config.cloud_exit_prior and base.exit_prior is not None  # the simulator weighs by calibration exits
+    assert world.config.calibration_priors and base.exit_prior is not None  # the simulator weighs by calibration exits
     differ = 0
     for gflops in (0.05, 0.2, 0.5, 1, 2, 5, 20):
         c = Conditions(bandwidth_mbps=1000, rtt_ms=1, device_gflops=gflops)
@@ -358,6 +358,36 @@ def test_the_cloud_picks_the_exit_when_that_is_faster_on_average_over_the_rules_
     with pytest.raises(ValueError, match="non-negative"):
         base.with_exit_prior(np.zeros(K))
     assert base.with_price(0.123).exit_prior is None  # a prior belongs to one setting of the rule
+
+
+def test_capped_frames_are_planned_at_the_cost_of_where_they_stop(world, traces):
+    """The capped rule's planner costs a local cap at where its frames stop (calibration counts), so a cap whose
+    frames mostly stop at the first exit stays on the edge where running to the cap would have been sent away."""
+    planner = world.capped_planner
+    K = planner.costs.num_exits
+    assert planner.early_stops is not None and np.allclose(planner.early_stops.sum(1), 1)
+    assert np.allclose(np.triu(planner.early_stops, 1), 0)
+    r = traces["rapnet"]
+    relative = relative_exit_costs(r.costs)
+    caps = priced_exits(r.cal_scores, world.capped_setting[0], relative)
+    stops = capped_exits(r.cal_scores, r.cal_confidence, *world.capped_setting, relative)
+    for cap in set(caps.tolist()):
+        np.testing.assert_allclose(planner.early_stops[cap], np.bincount(stops[caps == cap], minlength=K) / (caps == cap).sum())
+    plain = planner.with_early_stops(None)
+    first = np.zeros((K, K))
+    first[:, 0] = 1
+    at_first = plain.with_early_stops(first)
+    flipped = 0
+    for gflops in (0.05, 0.2, 0.5, 1, 2, 5):
+        c = Conditions(bandwidth_mbps=1000, rtt_ms=1, device_gflops=gflops)
+        answer, a, b = plain.answer_ms(c), plain.option_table(c), at_first.option_table(c)
+        np.testing.assert_allclose(a.local_latency, answer)
+        np.testing.assert_allclose(b.local_latency, np.full(K, answer[0]))
+        flipped += bool(a.offload[K - 1] and not b.offload[K - 1])
+    assert flipped, "no device speed where early stops keep the last cap on the edge"
+    with pytest.raises(ValueError, match="lower-triangular"):
+        plain.with_early_stops(np.ones((K, K)))
+    assert plain.with_price(planner.price + 1).early_stops is None and at_first.with_price(at_first.price).early_stops is not None
 
 
 def test_accuracy_target_can_be_the_static_networks(traces):
