@@ -135,6 +135,7 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "cells": n,
         "wins_strict": sum(v["wins_strict"] for v in verdicts),
+        "wins_within_tie": sum(v["wins_within_tie"] for v in verdicts),
         "fastest_overall": sum(v["fastest_overall"] for v in verdicts),
         "not_dominated": sum(v["not_dominated"] for v in verdicts),
         "oracle_ratio_median": float(np.median(ratios)),
@@ -148,6 +149,7 @@ def summarize(rows: list[dict]) -> dict:
         "losing_cells": [v for v in verdicts if not v["fastest_overall"]],
         "capped": {
             "wins_strict": sum(v["wins_strict"] for v in capped),
+            "wins_within_tie": sum(v["wins_within_tie"] for v in capped),
             "fastest_overall": sum(v["fastest_overall"] for v in capped),
             "not_dominated": sum(v["not_dominated"] for v in capped),
             "oracle_ratio_median": float(np.median(capped_ratios)),
@@ -191,7 +193,7 @@ def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
 
 
 def markdown(rows, summary, world) -> str:
-    from .simulator import DESCRIPTIONS
+    from .simulator import ACCURACY_TIE, DESCRIPTIONS
 
     s = summary
     lines = [f"# rapnet-sim sweep: {s['cells']} cells", "",
@@ -204,7 +206,8 @@ def markdown(rows, summary, world) -> str:
         spread = f" ({100 * low:.2f}-{100 * high:.2f})" if high - low > 5e-5 else ""
         lines.append(f"| {p} | {100 * acc:.2f}{spread} | {s['policy_geomean_ms'][p]:.2f} | {DESCRIPTIONS[p]} |")
     lines += ["", f"- RAPNet split fastest of all policies except the oracle: {s['fastest_overall']}/{s['cells']} cells",
-              f"- ... and at equal or better accuracy than every baseline (issue 7's criterion): {s['wins_strict']}/{s['cells']}",
+              f"- ... and at equal or better accuracy than every baseline (issue 7's criterion): {s['wins_strict']}/{s['cells']}"
+              f" ({s['wins_within_tie']}/{s['cells']} with accuracies within {100 * ACCURACY_TIE:g} point counted as equal)",
               f"- not dominated (no baseline at least as accurate and faster): {s['not_dominated']}/{s['cells']}",
               f"- latency / oracle latency: median {s['oracle_ratio_median']:.3f}, max {s['oracle_ratio_max']:.3f}; "
               f"within 15%: {s['within_15pct_of_oracle']}/{s['cells']}",
@@ -214,8 +217,8 @@ def markdown(rows, summary, world) -> str:
         lines += [f"- RAPNet capped (price {world.capped_setting[0]:g}, stop confidence {world.capped_setting[1]:g}; "
                   f"`edge-agent --price Q --stop-confidence T`), against the baselines with its own edge-only ablation "
                   f"(rapnet_edge_capped) for RAPNet's: fastest {c['fastest_overall']}/{s['cells']}, issue 7's criterion "
-                  f"{c['wins_strict']}/{s['cells']} ({c['wins_strict_vs_priced_edge']}/{s['cells']} against the priced "
-                  f"rapnet_edge instead), not dominated {c['not_dominated']}/{s['cells']}, oracle ratio median "
+                  f"{c['wins_strict']}/{s['cells']} ({c['wins_within_tie']}/{s['cells']} within {100 * ACCURACY_TIE:g} point; "
+                  f"{c['wins_strict_vs_priced_edge']}/{s['cells']} against the priced rapnet_edge instead), not dominated {c['not_dominated']}/{s['cells']}, oracle ratio median "
                   f"{c['oracle_ratio_median']:.3f}, within 15%: {c['within_15pct_of_oracle']}/{s['cells']}; fastest "
                   f"baseline per cell: {c['fastest_baseline_counts']}"]
     lines += ["",

@@ -390,6 +390,22 @@ def test_capped_frames_are_planned_at_the_cost_of_where_they_stop(world, traces)
     assert plain.with_price(planner.price + 1).early_stops is None and at_first.with_price(at_first.price).early_stops is not None
 
 
+def test_verdict_counts_accuracy_ties_separately():
+    from orchestration.simulator import PolicyResult
+
+    def result(name, accuracy, ms):
+        return PolicyResult(name, accuracy, ms, ms, ms, 0.0, 0.0, 0.0, [])
+
+    results = {"rapnet_split": result("rapnet_split", 0.8440, 10.0), "spinn": result("spinn", 0.8390, 12.0),
+               "rapnet_edge": result("rapnet_edge", 0.8447, 11.0)}
+    v = compare(results, baselines=("spinn", "rapnet_edge"))
+    assert v["fastest_overall"] and not v["wins_strict"] and v["wins_within_tie"]  # 0.07 point behind: a tie
+    results["rapnet_edge"] = result("rapnet_edge", 0.8460, 11.0)
+    assert not compare(results, baselines=("spinn", "rapnet_edge"))["wins_within_tie"]  # 0.2 point behind
+    results["spinn"] = result("spinn", 0.8300, 9.0)
+    assert not compare(results, baselines=("spinn",))["wins_within_tie"]  # slower
+
+
 def test_accuracy_target_can_be_the_static_networks(traces):
     from orchestration import cli
 
