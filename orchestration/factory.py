@@ -29,9 +29,9 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule.
     `sequential`: every head up to the exit runs (default: for SDN; the capped rule asks for it too).
     The menu follows ModelTraces.menu; measured on unlabelled sample frames, JPEG stays off it (whether it costs
-    accuracy needs labels). With the priced rule, the planner's exit prior (Planner.with_exit_prior) is the rule's
-    exits on the traces' calibration images, or on the sample frames; with a `stop_confidence` (the capped rule)
-    so are its early stops (Planner.with_early_stops)."""
+    accuracy needs labels). With the priced rule the planner learns the rule's exits (Planner.with_calibration) on
+    the traces' calibration images, or on the sample frames, and with a `stop_confidence` (the capped rule) where
+    those frames stop."""
     from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
@@ -79,10 +79,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         return planner
     from rapnet.evaluate import capped_exits, priced_exits
 
-    K = costs.num_exits
     caps = priced_exits(prior_scores, planner.price, planner.relative_costs)
-    planner = planner.with_exit_prior(np.bincount(caps, minlength=K))
-    if stop_confidence is None or prior_confidence is None:
-        return planner
-    stops = capped_exits(prior_scores, prior_confidence, planner.price, stop_confidence, planner.relative_costs)
-    return planner.with_early_stops(np.bincount(caps * K + stops, minlength=K * K).reshape(K, K))
+    stops = None if stop_confidence is None or prior_confidence is None else capped_exits(
+        prior_scores, prior_confidence, planner.price, stop_confidence, planner.relative_costs)
+    return planner.with_calibration(caps, stops)

@@ -323,6 +323,18 @@ class Planner:
             other.exit_prior = w / w.sum()
         return other
 
+    def with_calibration(self, planned: np.ndarray, stopped: np.ndarray | None = None) -> "Planner":
+        """The same planner, told how its rule behaved on calibration images: `planned`, the exit the rule picked
+        for each (the exit prior), and for the capped rule `stopped`, where each one actually answered (the early
+        stops)."""
+        K = self.costs.num_exits
+        planned = np.asarray(planned, dtype=int)
+        other = self.with_exit_prior(np.bincount(planned, minlength=K))
+        if stopped is None:
+            return other
+        pairs = planned * K + np.asarray(stopped, dtype=int)
+        return other.with_early_stops(np.bincount(pairs, minlength=K * K).reshape(K, K))
+
     def with_early_stops(self, counts: np.ndarray | None) -> "Planner":
         """The same planner for a rule whose frames may stop before the exit they were planned for (the capped
         rule: a confident exit on the way answers). counts[k, j]: how many frames planned for exit k stopped at

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from rapnet.evaluate import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
-                             predictor_exits, priced_exits, relative_exit_costs)
+                             predictor_exits, priced_exits)
 
 from .planner import (DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS,
                       Conditions, LayerCounts, Planner)
@@ -54,7 +54,7 @@ class SimConfig:
     accuracy_target: float | str | None = None
     rapnet_rule: str = "price"  # RAPNet's exit rule: "price" (priced_exits, ours) or "threshold" (predictor_exits)
     min_agreement: float = MIN_AGREEMENT  # lossy feature encodings: only when they change <= 0.5% of answers
-    max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP  # JPEG images: only when no exit loses > 0.5 point (calibration)
+    max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP  # JPEG images: only when the exits lose <= 0.5 point on average
     encodings: tuple[str, ...] = DEFAULT_ENCODINGS
     queue_iterations: int = 2  # planner's cloud-queue estimate: 0, then the simulated mean wait
     cloud_exit: bool = True  # RAPNet: skip the edge predictor where sending the image at once is faster
@@ -179,8 +179,10 @@ class World:
         self.sdn_threshold, self.sdn_cal_acc = calibrate_threshold(
             s.cal_correct, s.cal_confidence, confidence_exits, sdn_cost, self.accuracy_target)
         if config.rapnet_rule == "price":
-            self.planners["rapnet"] = self.planners["rapnet"].with_price(self.rapnet_price).with_exit_prior(
-                self._calibration_prior(self.rapnet_price))
+            self.planners["rapnet"] = self.planners["rapnet"].with_price(self.rapnet_price)
+            if config.calibration_priors:
+                self.planners["rapnet"] = self.planners["rapnet"].with_calibration(
+                    priced_exits(r.cal_scores, self.rapnet_price, relative))
             self.rapnet_exits = priced_exits(r.scores, self.rapnet_price, relative)
             self.rapnet_cal_acc = self.rapnet_price_cal_acc
         elif config.rapnet_rule == "threshold":
@@ -198,11 +200,9 @@ class World:
         # frames stop
         self.capped_planner = self.capped_planner.with_price(self.capped_setting[0])
         if config.calibration_priors:
-            caps = priced_exits(r.cal_scores, self.capped_setting[0], relative)
-            stops = capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative)
-            K = r.correct.shape[1]
-            self.capped_planner = self.capped_planner.with_exit_prior(np.bincount(caps, minlength=K)).with_early_stops(
-                np.bincount(caps * K + stops, minlength=K * K).reshape(K, K))
+            self.capped_planner = self.capped_planner.with_calibration(
+                priced_exits(r.cal_scores, self.capped_setting[0], relative),
+                capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative))
         # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
         # the oracle knows each image's exit, so it runs no predictor (RAPNet's cloud-side exit skips it too)
@@ -215,14 +215,6 @@ class World:
         self.phase = rng.random(config.devices) / config.fps
         device = np.arange(self.n) % config.devices
         self.frame_start_ms = ((np.arange(self.n) // config.devices) / config.fps + self.phase[device]) * 1e3
-
-    def _calibration_prior(self, price: float) -> np.ndarray | None:
-        """How often the priced rule at `price` picks each exit on the calibration part (None: calibration_priors off)."""
-        if not self.config.calibration_priors:
-            return None
-        r = self.rapnet
-        exits = priced_exits(r.cal_scores, price, relative_exit_costs(r.costs))
-        return np.bincount(exits, minlength=r.correct.shape[1]).astype(float)
 
     def _planner(self, t: ModelTraces, sequential: bool, predictor_on_edge: bool | None = None) -> Planner:
         menu, agreement = t.menu(self.config.min_agreement, self.config.max_jpeg_drop)

@@ -19,7 +19,7 @@ import torch
 
 from rapnet.costs import CostTable
 
-TRACE_VERSION = 4  # 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test and calibration)
+TRACE_VERSION = 4  # 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test, held-out split)
 MODEL_NAMES = ("rapnet", "sdn", "static")
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
 DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
