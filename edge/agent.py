@@ -55,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capped rule (with the priced rule): the priced rule's exit becomes the deepest the frame may "
                         "run, and the first exit on the way whose top softmax probability reaches P answers; edge "
                         "and cloud both check (docs/results.md, ninth session)")
-    m.add_argument("--device-gflops", type=float, default=5.0, help="the device's compute, for the planner")
+    m.add_argument("--device-gflops", type=_gflops, default=None, metavar="G|auto",
+                   help="the device's compute for the planner, GFLOP/s; auto (default): measured at start-up by timing "
+                        "the predictor and the whole network on a calibration frame (what the planner's device model "
+                        "needs to predict that time)")
     m.add_argument("--emulate-device", action="store_true",
-                   help="pad local compute and encoding (sleep) to the planner's modelled time on --device-gflops, to "
+                   help="pad local compute and encoding (sleep) to the planner's modelled time on --device-gflops G, to "
                         "emulate a device slower than this CPU")
     m.add_argument("--device-layer-us", type=float, default=None, help="per-layer-call cost on the device (default: scaled reference CPU)")
     m.add_argument("--cloud-gflops", type=float, default=100.0)
@@ -102,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no live status line")
     o.add_argument("--torch-threads", type=int, default=1)
     return p
+
+
+def _gflops(value: str) -> float | None:
+    if value == "auto":
+        return None
+    try:
+        gflops = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of GFLOP/s nor 'auto'") from None
+    if not 0 < gflops < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} GFLOP/s: the device's speed must be a finite number > 0")
+    return gflops
 
 
 def _encodings(value: str) -> tuple[str, ...]:
@@ -231,6 +246,9 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         raise SetupError("--stop-confidence caps the priced rule's exit: it does not go with --threshold")
     if args.stop_confidence is not None and not 0.0 < args.stop_confidence <= 1.0:
         raise SetupError("--stop-confidence must lie in (0, 1]")
+    if args.emulate_device and args.device_gflops is None:
+        raise SetupError("--emulate-device pads this CPU's compute to a slower device's: give that device's speed "
+                         "with --device-gflops G")
     if not 0.0 <= args.cloud_overhead_ms < float("inf"):
         raise SetupError("--cloud-overhead-ms must be a finite number >= 0")
     try:
@@ -259,8 +277,9 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
                                     fixed_network=args.fixed_network)
         t0 = time.perf_counter()
         app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata, args.traces)
+        measured = " (measured)" if args.device_gflops is None else ""
         log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "
-            f"{len(source.head)} calibration frames)")
+            f"{len(source.head)} calibration frames, device {app.decider.settings.device_gflops:.1f} GFLOP/s{measured})")
         if args.encoding != "auto" and "jpeg" in encodings and (0, "jpeg") not in app.decider.planner.menu:
             log(f"--encoding {args.encoding}: JPEG stays off the menu, since whether it costs this model accuracy "
                 f"needs labelled held-out frames: pass --traces with a rapnet-sim trace cache of this checkpoint "
@@ -351,6 +370,8 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
         extra = {"captured": agent.counters.captured, "dropped": agent.counters.dropped,
                  "interrupted": app.stop.is_set(), "rule": app.decider.rule, "price": app.decider.price,
                  "threshold": app.decider.threshold, "stop_confidence": app.decider.stop_confidence or None,
+                 "device_gflops": round(app.decider.settings.device_gflops, 2),
+                 "device_gflops_measured": args.device_gflops is None,
                  "source": app.source.source.__class__.__name__}
         if app.link is not None:
             extra.update(network_estimate=app.link.estimate.snapshot(), circuit_trips=app.link.breaker.trips,

@@ -37,7 +37,7 @@ class DecisionSettings:
     # given: the capped rule (rapnet.evaluate.capped_exits): the priced rule's exit is the deepest the frame may
     # run; the first exit on the way whose top softmax probability reaches it answers (heads on the way run)
     stop_confidence: float | None = None
-    device_gflops: float = 5.0
+    device_gflops: float | None = 5.0  # None: measured at start-up (measure_device_gflops)
     device_layer_us: float | None = None
     cloud_gflops: float = 100.0
     latency_budget_ms: float | None = None
@@ -170,7 +170,42 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
                                 exit_accuracy=accuracy, encodings=tuple(settings.encodings), traces=traces,
                                 sequential=True if settings.stop_confidence else None,
                                 stop_confidence=settings.stop_confidence)
+    if settings.device_gflops is None:
+        if sample_pixels is None or not len(sample_pixels):
+            raise ValueError("measuring the device's speed needs a sample frame")
+        settings = replace(settings, device_gflops=measure_device_gflops(model, planner, sample_pixels[0])[0])
     return Decider(planner, settings, price=price, threshold=settings.threshold)
+
+
+def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: int = 9) -> tuple[float, float]:
+    """This device's speed as the planner models devices (a scaled copy of the reference CPU: FLOPs / G plus
+    leaf-layer calls x 20.7 us x 33.3 / G): the G at which the model predicts the measured batch-1 time of the
+    predictor plus the whole network on one frame (median of `repeats` runs after two warm-ups, the agent's
+    torch threads). Returns (GFLOP/s, measured ms)."""
+    import statistics
+    import time
+
+    import torch
+
+    from orchestration.planner import REF_GFLOPS, REF_LAYER_US
+    from rapnet.preprocess import to_model_input
+
+    costs, layers = planner.costs, planner.layers
+    last = costs.num_exits - 1
+    flops = costs.predictor_flops + sum(costs.stage_flops) + costs.exit_flops[last]
+    calls = layers.predictor_layers + sum(layers.stage_layers) + layers.exit_layers[last]
+    x = to_model_input(pixels)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            if model.predictor is not None:
+                model.exit_scores(x)
+            model.run_to_exit(x, last)
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    return (flops / 1e6 + calls * REF_LAYER_US * REF_GFLOPS / 1e3) / ms, ms
 
 
 def plan_offline(model, decider: Decider, pixels: np.ndarray, conditions: Conditions | None = None):

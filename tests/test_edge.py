@@ -288,6 +288,34 @@ def test_decider_rule_price_by_default_threshold_on_request(checkpoint, dataset)
         edge_agent.build_parser().parse_args(["--dataset", dataset, "--price", "0.1", "--threshold", "0.5"])
 
 
+def test_device_speed_is_measured_unless_given(checkpoint, dataset):
+    """--device-gflops auto (the default): the speed at which the planner's device model predicts the measured time
+    of the predictor plus the whole network; a given speed is used as it is."""
+    from edge.decide import measure_device_gflops
+    from orchestration.planner import Conditions
+
+    model, metadata = load_model(checkpoint)
+    pixels = np.stack([f.pixels for f in DatasetSource(dataset, model.config.image_size)])[:4]
+    decider = build_decider(model, pixels, DecisionSettings(device_gflops=None), metadata)
+    assert 0.05 < decider.settings.device_gflops < 5000  # loose: this machine's load varies
+    gflops, ms = measure_device_gflops(model, decider.planner, pixels[0])
+    costs, layers = decider.planner.costs, decider.planner.layers
+    flops = costs.predictor_flops + sum(costs.stage_flops) + costs.exit_flops[-1]
+    calls = layers.predictor_layers + sum(layers.stage_layers) + layers.exit_layers[-1]
+    c = Conditions(bandwidth_mbps=0, rtt_ms=0, device_gflops=gflops)
+    assert decider.planner.device_ms(flops, calls, c) == pytest.approx(ms)
+    assert build_decider(model, pixels, DecisionSettings(device_gflops=2.5), metadata).settings.device_gflops == 2.5
+    parser = edge_agent.build_parser()
+    assert parser.parse_args(["--dataset", dataset]).device_gflops is None
+    assert parser.parse_args(["--dataset", dataset, "--device-gflops", "auto"]).device_gflops is None
+    assert parser.parse_args(["--dataset", dataset, "--device-gflops", "2"]).device_gflops == 2.0
+    for bad in ("0", "-1", "fast", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--dataset", dataset, "--device-gflops", bad])
+    with pytest.raises(edge_agent.SetupError, match="--device-gflops G"):
+        edge_agent.build_app(["--dataset", dataset, "--checkpoint", checkpoint, "--emulate-device"])
+
+
 def test_decider_learns_the_rules_exits_and_early_stops_from_its_calibration_frames(checkpoint, dataset):
     """The planner behind the agent weighs the cloud-side exit by the rule's exits on the calibration frames and,
     for the capped rule, plans each cap at where those frames stopped (rapnet.evaluate.capped_exits)."""
