@@ -276,7 +276,11 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
                                     cloud_overhead_ms=args.cloud_overhead_ms, cloud_exit=args.cloud_exit,
                                     fixed_network=args.fixed_network)
         t0 = time.perf_counter()
-        app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata, args.traces)
+        try:
+            app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata,
+                                        args.traces)
+        except ValueError as err:  # settings that cannot work together, e.g. a per-layer cost above the measured time
+            raise SetupError(str(err)) from None
         measured = " (measured)" if args.device_gflops is None else ""
         log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "
             f"{len(source.head)} calibration frames, device {app.decider.settings.device_gflops:.1f} GFLOP/s{measured})")

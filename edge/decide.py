@@ -173,15 +173,17 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
     if settings.device_gflops is None:
         if sample_pixels is None or not len(sample_pixels):
             raise ValueError("measuring the device's speed needs a sample frame")
-        settings = replace(settings, device_gflops=measure_device_gflops(model, planner, sample_pixels[0])[0])
+        gflops, _ = measure_device_gflops(model, planner, sample_pixels[0], layer_us=settings.device_layer_us)
+        settings = replace(settings, device_gflops=gflops)
     return Decider(planner, settings, price=price, threshold=settings.threshold)
 
 
-def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: int = 9) -> tuple[float, float]:
-    """This device's speed as the planner models devices (a scaled copy of the reference CPU: FLOPs / G plus
-    leaf-layer calls x 20.7 us x 33.3 / G): the G at which the model predicts the measured batch-1 time of the
-    predictor plus the whole network on one frame (median of `repeats` runs after two warm-ups, the agent's
-    torch threads). Returns (GFLOP/s, measured ms)."""
+def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: int = 9,
+                          layer_us: float | None = None) -> tuple[float, float]:
+    """This device's speed as the planner models devices (FLOPs / G plus leaf-layer calls x `layer_us`, by default
+    a scaled copy of the reference CPU's 20.7 us x 33.3 / G): the G at which the model predicts the measured batch-1
+    time of the predictor plus the whole network on one frame (median of `repeats` runs after two warm-ups, the
+    agent's torch threads). Returns (GFLOP/s, measured ms)."""
     import statistics
     import time
 
@@ -205,7 +207,13 @@ def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: 
             if i >= 2:
                 times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
-    return (flops / 1e6 + calls * REF_LAYER_US * REF_GFLOPS / 1e3) / ms, ms
+    if layer_us is None:
+        return (flops / 1e6 + calls * REF_LAYER_US * REF_GFLOPS / 1e3) / ms, ms
+    compute_ms = ms - calls * layer_us / 1e3
+    if compute_ms <= 0:
+        raise ValueError(f"--device-layer-us {layer_us}: {calls} layer calls alone would take longer than the "
+                         f"{ms:.2f} ms measured for the whole network; give a smaller per-layer cost or the speed")
+    return flops / 1e6 / compute_ms, ms
 
 
 def plan_offline(model, decider: Decider, pixels: np.ndarray, conditions: Conditions | None = None):

@@ -305,6 +305,11 @@ def test_device_speed_is_measured_unless_given(checkpoint, dataset):
     c = Conditions(bandwidth_mbps=0, rtt_ms=0, device_gflops=gflops)
     assert decider.planner.device_ms(flops, calls, c) == pytest.approx(ms)
     assert build_decider(model, pixels, DecisionSettings(device_gflops=2.5), metadata).settings.device_gflops == 2.5
+    gflops, ms = measure_device_gflops(model, decider.planner, pixels[0], layer_us=1.0)  # a given per-layer cost
+    c = Conditions(bandwidth_mbps=0, rtt_ms=0, device_gflops=gflops, device_layer_us=1.0)
+    assert decider.planner.device_ms(flops, calls, c) == pytest.approx(ms)
+    with pytest.raises(ValueError, match="layer calls alone"):
+        measure_device_gflops(model, decider.planner, pixels[0], layer_us=1e6)
     parser = edge_agent.build_parser()
     assert parser.parse_args(["--dataset", dataset]).device_gflops is None
     assert parser.parse_args(["--dataset", dataset, "--device-gflops", "auto"]).device_gflops is None
