@@ -365,9 +365,10 @@ class World:
 
     def _capped(self, c: Conditions) -> PolicyResult:
         """RAPNet's capped rule as the edge agent runs it (--stop-confidence): the predictor's cap is known before
-        the frame runs, where it stops is not. The planner places each frame for its cap (sequential head costs);
-        exits before that split answer on the edge when confident, the cloud checks the rest up to the cap. With
-        the cloud-side exit (every cap goes to the cloud as the image), the cloud runs the predictor too."""
+        the frame runs, where it stops is not. The planner places each frame for its cap (sequential head costs; a
+        local cap at the expected cost of where calibration frames with that cap stopped); exits before that split
+        answer on the edge when confident, the cloud checks the rest up to the cap. With the cloud-side exit, the
+        cloud runs the predictor too."""
         t, planner = self.rapnet, self.capped_planner
         K = t.correct.shape[1]
         relative = self.planners["rapnet"].relative_costs
