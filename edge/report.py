@@ -110,6 +110,9 @@ def summary_table(summary: dict) -> str:
         ("bytes sent", f"{s['bytes_sent_total']}  ({s['bytes_per_offloaded_frame']:.0f} per offloaded frame)"),
         ("latency p50 / p90 / p99", f"{s['latency_ms']['p50']:.1f} / {s['latency_ms']['p90']:.1f} / {s['latency_ms']['p99']:.1f} ms"),
     ]
+    if s.get("device_gflops"):
+        rows.append(("device (planner's model)", f"{s['device_gflops']:.1f} GFLOP/s"
+                                                 + (" measured at start-up" if s.get("device_gflops_measured") else "")))
     if "network_estimate" in s and s["network_estimate"]:
         e = s["network_estimate"]
         rows.append(("network estimate", f"{e['bandwidth_mbps']:.1f} Mbit/s, rtt {e['rtt_ms']:.2f} ms, cloud queue "

@@ -389,8 +389,9 @@ def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_pric
         else:
             assert r["bytes_sent"] == 0
         assert {"preprocess", "predictor", "local", "total"} <= set(r["latency_ms"])
+    assert summary["device_gflops"] == 10.0 and summary["device_gflops_measured"] is False  # POLICY's speed
     captured = capsys.readouterr()
-    assert "edge-agent summary" in captured.err
+    assert "edge-agent summary" in captured.err and "10.0 GFLOP/s" in captured.err
     assert TOKEN not in captured.err + captured.out + out.read_text()
 
 
