@@ -16,6 +16,7 @@ import csv
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -110,13 +111,6 @@ def sweep(world, args, progress: bool = True) -> list[dict]:
     return rows
 
 
-def _counts(names) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name in names:
-        out[name] = out.get(name, 0) + 1
-    return out
-
-
 def summarize(rows: list[dict]) -> dict:
     verdicts = [dict(json.loads(r["detail"]), bandwidth_mbps=r["bandwidth_mbps"], device_gflops=r["device_gflops"], rtt_ms=r["rtt_ms"])
                 for r in rows if r["policy"] == "_verdict"]
@@ -129,7 +123,7 @@ def summarize(rows: list[dict]) -> dict:
         p = by_policy.setdefault(r["policy"], {"accuracy": [], "mean_ms": []})
         p["accuracy"].append(r["accuracy"])  # varies by cell where a policy sends JPEG in some cells only
         p["mean_ms"].append(r["mean_ms"])
-    fastest_counts = _counts(v["fastest_baseline"] for v in verdicts)
+    fastest_counts = dict(Counter(v["fastest_baseline"] for v in verdicts))
     capped = [v["capped"] for v in verdicts if "capped" in v]
     capped_ratios = np.array([v["oracle_ratio"] for v in capped])
     return {
@@ -155,7 +149,7 @@ def summarize(rows: list[dict]) -> dict:
             "oracle_ratio_median": float(np.median(capped_ratios)),
             "within_15pct_of_oracle": int((capped_ratios <= 1.15).sum()),
             "wins_strict_vs_priced_edge": sum(v.get("capped_vs_priced_edge", False) for v in verdicts),
-            "fastest_baseline_counts": _counts(v["fastest_baseline"] for v in capped),
+            "fastest_baseline_counts": dict(Counter(v["fastest_baseline"] for v in capped)),
         } if capped else None,
     }
 

@@ -74,7 +74,8 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         with torch.no_grad():
             x = to_model_input(np.asarray(sample_pixels))
             prior_scores = model.exit_scores(x).numpy()
-            prior_confidence = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)], 1).numpy()
+            if stop_confidence is not None:  # only the capped rule needs where frames stop
+                prior_confidence = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)], 1).numpy()
     if prior_scores is None:
         return planner
     from rapnet.evaluate import capped_exits, priced_exits
