@@ -284,6 +284,9 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         measured = " (measured)" if args.device_gflops is None else ""
         log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "
             f"{len(source.head)} calibration frames, device {app.decider.settings.device_gflops:.1f} GFLOP/s{measured})")
+        if app.decider.stop_confidence_for("jpeg") != app.decider.stop_confidence:
+            log(f"frames sent as JPEG stop at confidence {app.decider.stop_confidence_for('jpeg'):g}, tuned on the trace "
+                f"cache's held-out split so that JPEG costs the exits no accuracy")
         if args.encoding != "auto" and "jpeg" in encodings and (0, "jpeg") not in app.decider.planner.menu:
             log(f"--encoding {args.encoding}: JPEG stays off the menu, since whether it costs this model accuracy "
                 f"needs labelled held-out frames: pass --traces with a rapnet-sim trace cache of this checkpoint "
@@ -374,6 +377,7 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
         extra = {"captured": agent.counters.captured, "dropped": agent.counters.dropped,
                  "interrupted": app.stop.is_set(), "rule": app.decider.rule, "price": app.decider.price,
                  "threshold": app.decider.threshold, "stop_confidence": app.decider.stop_confidence or None,
+                 "jpeg_stop_confidence": app.decider.stop_confidence_for("jpeg") or None,
                  "device_gflops": round(app.decider.settings.device_gflops, 2),
                  "device_gflops_measured": args.device_gflops is None,
                  "source": app.source.source.__class__.__name__}

@@ -70,12 +70,13 @@ class Decider:
     """Conditions from flags + live estimate, decisions from the planner."""
 
     def __init__(self, planner: Planner, settings: DecisionSettings, *, price: float | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, jpeg_stop_confidence: float | None = None):
         if (price is None) == (threshold is None):
             raise ValueError("a Decider needs exactly one of price (priced rule) and threshold (threshold rule)")
         self.planner = planner.with_price(price) if price is not None else planner.with_threshold(threshold)
         self.settings = settings
         self.price, self.threshold = price, threshold
+        self.jpeg_stop_confidence = jpeg_stop_confidence
 
     @property
     def rule(self) -> str:
@@ -86,6 +87,13 @@ class Decider:
     def stop_confidence(self) -> float:
         """The capped rule's stop confidence; 0.0: answer at the planned exit."""
         return self.settings.stop_confidence or 0.0
+
+    def stop_confidence_for(self, encoding: str | None) -> float:
+        """The stop confidence for a frame sent with `encoding`: a JPEG image stops at the stricter one tuned so
+        its exits lose nothing to the compression (orchestration.simulator.calibrate_for_jpeg)."""
+        if encoding == "jpeg" and self.stop_confidence and self.jpeg_stop_confidence is not None:
+            return self.jpeg_stop_confidence
+        return self.stop_confidence
 
     @property
     def knob(self) -> float:
@@ -149,7 +157,7 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
                   traces: str | Path | None = None) -> Decider:
     """The planner for `model` (orchestration.factory: measured costs, layer counts, real request sizes on
     `sample_pixels`, or a trace cache holding this model) behind the agent's settings."""
-    from orchestration.factory import planner_for_model
+    from orchestration.factory import jpeg_stop_confidence, planner_for_model
 
     if settings.threshold is not None and settings.price is not None:
         raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")
@@ -175,7 +183,10 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
             raise ValueError("measuring the device's speed needs a sample frame")
         gflops, _ = measure_device_gflops(model, planner, sample_pixels[0], layer_us=settings.device_layer_us)
         settings = replace(settings, device_gflops=gflops)
-    return Decider(planner, settings, price=price, threshold=settings.threshold)
+    jpeg_stop = None
+    if settings.stop_confidence is not None and (0, "jpeg") in planner.menu:  # JPEG on the menu: a trace cache
+        jpeg_stop = jpeg_stop_confidence(model, traces, planner, settings.stop_confidence)
+    return Decider(planner, settings, price=price, threshold=settings.threshold, jpeg_stop_confidence=jpeg_stop)
 
 
 def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: int = 9,

@@ -235,7 +235,7 @@ class EdgeAgent:
                                     deadline_ms=int(self.settings.deadline_ms),
                                     edge_compute_ms=lat["local"] + lat["predictor"],
                                     cloud_exit_price=self.decider.price if cloud_exit else None,
-                                    stop_confidence=stop)
+                                    stop_confidence=self.decider.stop_confidence_for(plan.encoding))
             data = request.SerializeToString()
         except Exception as err:  # noqa: BLE001 - a frame the codec refuses is answered locally, flagged
             self.link.breaker.failure()

@@ -208,7 +208,8 @@ def markdown(rows, summary, world) -> str:
               f"- fastest baseline per cell: {s['fastest_baseline_counts']}"]
     if s.get("capped"):
         c = s["capped"]
-        lines += [f"- RAPNet capped (price {world.capped_setting[0]:g}, stop confidence {world.capped_setting[1]:g}; "
+        lines += [f"- RAPNet capped (price {world.capped_setting[0]:g}, stop confidence {world.capped_setting[1]:g}, "
+                  f"{world.capped_jpeg_stop:g} for JPEG images; "
                   f"`edge-agent --price Q --stop-confidence T`), against the baselines with its own edge-only ablation "
                   f"(rapnet_edge_capped) for RAPNet's: fastest {c['fastest_overall']}/{s['cells']}, issue 7's criterion "
                   f"{c['wins_strict']}/{s['cells']} ({c['wins_within_tie']}/{s['cells']} within {100 * ACCURACY_TIE:g} point; "

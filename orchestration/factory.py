@@ -18,6 +18,29 @@ import numpy as np
 from .planner import DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, LayerCounts, Planner
 
 
+def traces_for_model(model, traces: str | Path | None):
+    """The ModelTraces of `model` (by identity) in a rapnet-sim trace cache; None without one."""
+    from rapnet.checkpoint import model_identity
+
+    from .traces import load_traces
+
+    if traces is None or not Path(traces).exists():
+        return None
+    identity = model_identity(model)
+    return next((t for t in load_traces(Path(traces))[0].values() if t.identity == identity), None)
+
+
+def jpeg_stop_confidence(model, traces: str | Path | None, planner: Planner, stop_confidence: float) -> float:
+    """The capped rule's stop confidence for frames sent as JPEG: the simulator's (simulator.capped_jpeg_stop), tuned
+    on the trace cache's held-out split; `stop_confidence` itself without one."""
+    from .simulator import capped_jpeg_stop
+
+    t = traces_for_model(model, traces)
+    if t is None:
+        return stop_confidence
+    return capped_jpeg_stop(t, (planner.price, stop_confidence), planner.relative_costs, planner._local_f)
+
+
 def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float | None = None,
                       price: float | None = None,
                       exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
@@ -32,24 +55,21 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     accuracy needs labels). With the priced rule the planner learns the rule's exits (Planner.with_calibration) on
     the traces' calibration images, or on the sample frames, and with a `stop_confidence` (the capped rule) where
     those frames stop."""
-    from rapnet.checkpoint import model_identity
     from rapnet.costs import measure_costs
 
-    from .traces import _payloads, leaf_layers, load_traces
+    from .traces import _payloads, leaf_layers
 
     costs = measure_costs(model)
     layers = LayerCounts(tuple(leaf_layers(s) for s in model.stages), tuple(leaf_layers(e) for e in model.exits),
                          leaf_layers(model.predictor) if model.predictor is not None else 0)
     payload = codec_ms = agreement = prior_scores = prior_confidence = None
-    if traces is not None and Path(traces).exists():
-        identity = model_identity(model)
-        for t in load_traces(Path(traces))[0].values():
-            if t.identity == identity:
-                payload, agreement = t.menu(min_agreement, max_jpeg_drop)
-                codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
-                exit_accuracy = exit_accuracy if exit_accuracy is not None else (
-                    t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
-                prior_scores, prior_confidence = t.cal_scores, t.cal_confidence
+    t = traces_for_model(model, traces)
+    if t is not None:
+        payload, agreement = t.menu(min_agreement, max_jpeg_drop)
+        codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
+        exit_accuracy = exit_accuracy if exit_accuracy is not None else (
+            t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
+        prior_scores, prior_confidence = t.cal_scores, t.cal_confidence
     if payload is None:
         if sample_pixels is None:
             raise ValueError("pass sample frames (uint8 N x H x W x 3) to measure request sizes, or a matching trace cache")

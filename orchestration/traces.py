@@ -19,7 +19,9 @@ import torch
 
 from rapnet.costs import CostTable
 
-TRACE_VERSION = 4  # 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test, held-out split)
+# 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test, held-out split); 5: confidences
+# and predictor scores on the held-out split too, where the exit rules for JPEG images are tuned
+TRACE_VERSION = 5
 MODEL_NAMES = ("rapnet", "sdn", "static")
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
 DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -32,7 +34,9 @@ FEATURE_ENCODINGS = ("fp32+zstd", "fp16+zstd", "int8+zstd")
 # Which encodings leave the model's answer unchanged: PNG, raw pixels and fp32 are exactly lossless. fp16 is
 # checked per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
 LOSSLESS = ("png", "raw+zstd", "fp32+zstd")
-JPEG_FIELDS = ("jpeg_correct", "jpeg_confidence", "jpeg_scores", "heldout_correct", "heldout_jpeg_correct")
+PER_SAMPLE_FIELDS = ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores",
+                     "jpeg_correct", "jpeg_confidence", "jpeg_scores", "heldout_correct", "heldout_confidence",
+                     "heldout_scores", "heldout_jpeg_correct", "heldout_jpeg_confidence", "heldout_jpeg_scores")
 
 
 def encode_options(encoding: str):
@@ -84,9 +88,15 @@ class ModelTraces:
     jpeg_confidence: np.ndarray | None = None  # (N, K)
     jpeg_scores: np.ndarray | None = None  # (N, K), RAPNet only: the predictor run in the cloud on the JPEG image
     # (N_val, K) answers on the whole held-out validation split (never trained on; the predictor plays no part in
-    # an exit's answer), losslessly and from JPEG: they decide whether JPEG may go on the planner's menu
+    # an exit's answer), losslessly and from JPEG: they decide whether JPEG may go on the planner's menu. With the
+    # confidences and predictor scores on both views they tune the exit rules for JPEG images (calibrate_for_jpeg;
+    # the predictor was fitted on 80% of these images, which flatters both views alike)
     heldout_correct: np.ndarray | None = None
+    heldout_confidence: np.ndarray | None = None
+    heldout_scores: np.ndarray | None = None
     heldout_jpeg_correct: np.ndarray | None = None
+    heldout_jpeg_confidence: np.ndarray | None = None
+    heldout_jpeg_scores: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -114,7 +124,8 @@ class ModelTraces:
         agreement = dict(self.agreement)
         drop = self.jpeg_accuracy_drop()
         if (0, "jpeg") in agreement and drop is not None and drop <= max_jpeg_drop:
-            ratio = self.heldout_jpeg_correct.mean(0) / np.maximum(self.heldout_correct.mean(0), 1e-9)
+            lossless, jpeg = self.heldout_correct.mean(0), self.heldout_jpeg_correct.mean(0)
+            ratio = np.divide(jpeg, lossless, out=np.ones_like(lossless), where=lossless > 0)  # never right: none lost
             agreement[0, "jpeg"] = float(min(1.0, ratio.min()))
         else:
             agreement.pop((0, "jpeg"), None)
@@ -192,15 +203,16 @@ def jpeg_round_trip(images: np.ndarray, quality: int = 90) -> np.ndarray:
     return np.stack([codec.decode_image(codec.encode_image(p, "jpeg", quality)) for p in images])
 
 
-def heldout_jpeg_test(model, meta: dict, train) -> tuple[np.ndarray, np.ndarray]:
-    """Every exit's answers on the model's whole held-out validation split, losslessly and from JPEG q90."""
+def heldout_jpeg_test(model, meta: dict, train):
+    """Every exit's answers (rapnet.evaluate.Traces) on the model's whole held-out validation split, losslessly and
+    from JPEG q90."""
     from rapnet.data import train_val_split
     from rapnet.evaluate import collect_traces
 
     split = meta.get("split", {})
     _, held = train_val_split(len(train), split.get("val", 5000), seed=meta.get("seed", 0))
     images, labels = train.images[held], train.labels[held]
-    return collect_traces(model, images, labels).correct, collect_traces(model, jpeg_round_trip(images), labels).correct
+    return collect_traces(model, images, labels), collect_traces(model, jpeg_round_trip(images), labels)
 
 
 def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_n: int = 500,
@@ -228,7 +240,7 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
         c = collect_traces(model, train.images[cal_idx], train.labels[cal_idx])
         payload, enc_ms, dec_ms, agreement = _payloads(model, name, test.images[:payload_n], log)
         jt = collect_traces(model, jpeg_round_trip(test.images), test.labels)
-        heldout_correct, heldout_jpeg_correct = heldout_jpeg_test(model, meta, train)
+        held, held_jpeg = heldout_jpeg_test(model, meta, train)
         traces[name] = ModelTraces(
             name=name, identity=meta["identity"], costs=measure_costs(model),
             stage_layers=tuple(leaf_layers(s) for s in model.stages),
@@ -240,7 +252,10 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, payload_
             payload=payload, encode_ms=enc_ms, decode_ms=dec_ms, agreement=agreement,
             jpeg_correct=jt.correct, jpeg_confidence=jt.confidence.astype(np.float32),
             jpeg_scores=None if jt.scores is None else jt.scores.astype(np.float32),
-            heldout_correct=heldout_correct, heldout_jpeg_correct=heldout_jpeg_correct,
+            heldout_correct=held.correct, heldout_confidence=held.confidence.astype(np.float32),
+            heldout_scores=None if held.scores is None else held.scores.astype(np.float32),
+            heldout_jpeg_correct=held_jpeg.correct, heldout_jpeg_confidence=held_jpeg.confidence.astype(np.float32),
+            heldout_jpeg_scores=None if held_jpeg.scores is None else held_jpeg.scores.astype(np.float32),
         )
         log(f"{name}: done in {time.time() - started:.0f} s")
     key = _cache_key(identities, str(data_path), payload_n)
@@ -265,7 +280,7 @@ def save_traces(traces: dict[str, ModelTraces], path: Path, meta: dict) -> None:
              "decode_ms": [[s, e, v] for (s, e), v in t.decode_ms.items()],
              "agreement": [[s, e, v] for (s, e), v in t.agreement.items()]}
         info["models"][name] = m
-        for field_name in ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores", *JPEG_FIELDS):
+        for field_name in PER_SAMPLE_FIELDS:
             value = getattr(t, field_name)
             if value is not None:
                 arrays[f"{name}.{field_name}"] = value
@@ -289,20 +304,17 @@ def load_traces(path: Path) -> tuple[dict[str, ModelTraces], dict]:
             tuple(c["stage_flops"]), tuple(c["exit_flops"]), tuple(c["exit_stages"]), c["predictor_flops"],
             tuple(tuple(k) for k in c["split_keys"]), tuple(tuple(tuple(s) for s in ss) for ss in c["split_shapes"]),
             tuple(c["split_fp32_bytes"]))
-        get = lambda f: arrays.get(f"{name}.{f}")  # noqa: E731
+        def get(field_name: str):  # correctness is stored as bool; absent arrays (older caches, SDN scores) are None
+            value = arrays.get(f"{name}.{field_name}")
+            return value.astype(bool) if value is not None and field_name.endswith("correct") else value
+
         traces[name] = ModelTraces(
             name=name, identity=m["identity"], costs=costs, stage_layers=tuple(m["stage_layers"]),
             exit_layers=tuple(m["exit_layers"]), predictor_layers=m["predictor_layers"],
-            correct=get("correct").astype(bool), confidence=get("confidence"), scores=get("scores"),
-            cal_correct=None if get("cal_correct") is None else get("cal_correct").astype(bool),
-            cal_confidence=get("cal_confidence"), cal_scores=get("cal_scores"),
             payload={(s, e): arrays[f"{name}.payload.{s}.{e}"] for s, e in m["payload_keys"]},
             encode_ms={(s, e): v for s, e, v in m["encode_ms"]}, decode_ms={(s, e): v for s, e, v in m["decode_ms"]},
             agreement={(s, e): v for s, e, v in m["agreement"]},
-            jpeg_correct=None if get("jpeg_correct") is None else get("jpeg_correct").astype(bool),
-            jpeg_confidence=get("jpeg_confidence"), jpeg_scores=get("jpeg_scores"),
-            heldout_correct=None if get("heldout_correct") is None else get("heldout_correct").astype(bool),
-            heldout_jpeg_correct=None if get("heldout_jpeg_correct") is None else get("heldout_jpeg_correct").astype(bool),
+            **{f: get(f) for f in PER_SAMPLE_FIELDS},
         )
     return traces, info["meta"]
 

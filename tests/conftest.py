@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -29,3 +31,25 @@ def ray_instance():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _jpeg_heldout_views(n: int = 200, k: int = 4):
+    """Held-out views where every exit is as accurate from JPEG as losslessly (exit 0 always wrong, the others always
+    right), but JPEG makes exit 0 confident at 0.5 where it was at 0.0: a stop confidence of 0.5 or below answers
+    wrong at exit 0 from JPEG, right at exit 1 losslessly."""
+    correct = np.ones((n, k), dtype=bool)
+    correct[:, 0] = False
+    confidence = np.ones((n, k), dtype=np.float32)
+    confidence[:, 0] = 0.0
+    jpeg_confidence = confidence.copy()
+    jpeg_confidence[:, 0] = 0.5
+    scores = np.tile(np.linspace(0.1, 0.9, k, dtype=np.float32), (n, 1))  # price 0 caps every frame at the last exit
+    return SimpleNamespace(heldout_correct=correct, heldout_confidence=confidence, heldout_scores=scores,
+                           heldout_jpeg_correct=correct.copy(), heldout_jpeg_confidence=jpeg_confidence,
+                           heldout_jpeg_scores=scores)
+
+
+@pytest.fixture
+def jpeg_heldout_views():
+    """_jpeg_heldout_views(n, k): held-out views (a ModelTraces stand-in) where JPEG makes a wrong exit confident."""
+    return _jpeg_heldout_views

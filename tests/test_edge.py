@@ -473,18 +473,21 @@ def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, data
         assert modelled > 0.1 and r["latency_ms"]["encode"] >= modelled - 0.01
 
 
-def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path) -> Path:
+def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path, **heldout) -> Path:
     """A rapnet-sim trace cache for `model` whose labelled held-out answers say JPEG costs no accuracy (request sizes
-    and codec times measured on `pixels`)."""
+    measured on `pixels`); `heldout` replaces held-out arrays."""
     from orchestration.traces import ModelTraces, _payloads, leaf_layers, save_traces
     from rapnet.checkpoint import model_identity
 
     payload, enc, dec, agreement = _payloads(model, "rapnet", pixels, lambda m: None)
+    # equal codec times, so the smallest image wins on a slow uplink: measured ones follow the machine's load, and
+    # on a 0.01 GFLOP/s device JPEG's slower encoding can outweigh its smaller transfer
+    enc, dec = {k: 0.1 for k in enc}, {k: 0.1 for k in dec}
     right = np.ones((len(pixels), model.num_exits), dtype=bool)
     t = ModelTraces("rapnet", model_identity(model), measure_costs(model), tuple(leaf_layers(s) for s in model.stages),
                     tuple(leaf_layers(e) for e in model.exits), leaf_layers(model.predictor), right,
                     right.astype(np.float32), None, cal_correct=right, payload=payload, encode_ms=enc, decode_ms=dec,
-                    agreement=agreement, heldout_correct=right, heldout_jpeg_correct=right)
+                    agreement=agreement, **{"heldout_correct": right, "heldout_jpeg_correct": right, **heldout})
     save_traces({"rapnet": t}, path, {})
     return path
 
@@ -518,6 +521,39 @@ def test_jpeg_goes_out_only_with_labelled_accuracy_and_is_answered_from_the_deco
         exits = priced_exits(model.exit_scores(x).numpy(), 0.05, costs)
         classes = [int(model.run_to_exit(x[i : i + 1], int(k)).argmax(1)[0]) for i, k in enumerate(exits)]
     assert [r["exit"] for r in lines] == exits.tolist() and [r["class"] for r in lines] == classes
+
+
+def test_capped_frames_sent_as_jpeg_stop_at_the_stricter_confidence_tuned_for_jpeg(cloud, checkpoint, dataset,
+                                                                                      workdir, token_env,
+                                                                                      jpeg_heldout_views):
+    """A trace cache whose held-out split shows JPEG making a wrong exit confident: the agent's JPEG frames carry the
+    stricter stop confidence the simulator tunes for them, and the cloud answers where the capped rule with it says
+    on the decoded JPEG (the frames' untrained confidences lie below it, so each runs to its cap)."""
+    from orchestration.traces import jpeg_round_trip
+    from rapnet.evaluate import capped_exits
+
+    model, _ = load_model(checkpoint)
+    frames = list(DatasetSource(dataset, model.config.image_size))[:6]
+    pixels = np.stack([f.pixels for f in frames])
+    views = vars(jpeg_heldout_views(k=model.num_exits))
+    cache = _trace_cache_admitting_jpeg(model, pixels, workdir / "traces-jpeg-stop.npz", **views)
+    with torch.no_grad():
+        x = to_model_input(jpeg_round_trip(pixels))
+        scores = model.exit_scores(x).numpy()
+        confidence = np.stack([torch.softmax(z, 1).max(1).values.numpy() for z in model(x)], 1)
+    stop = float(np.median(confidence[:, :-1]))  # the lossless setting would stop about half the frames early
+    assert stop < 0.5 and confidence.max() < 0.51
+    out = workdir / "jpeg-capped.jsonl"
+    app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, "--fixed-network",
+                     "--bandwidth-mbps", "1", "--rtt-ms", "1", "--device-gflops", "0.01", "--calibration-frames", "6",
+                     "--deadline-ms", "30000", "--quiet", "--limit", "6", "--price", "0", "--stop-confidence",
+                     str(stop), "--traces", str(cache), "--output", str(out)])
+    assert app.decider.stop_confidence == stop and app.decider.stop_confidence_for("jpeg") == pytest.approx(0.51)
+    lines = read_lines(out)
+    assert {(r["where"], r["encoding"]) for r in lines} == {("cloud", "jpeg")}
+    expected = capped_exits(scores, confidence, 0.0, 0.51, app.decider.planner.relative_costs)
+    assert [r["exit"] for r in lines] == expected.tolist()
+    assert app.summary["jpeg_stop_confidence"] == pytest.approx(0.51)
 
 
 def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, token_env):

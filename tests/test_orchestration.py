@@ -206,8 +206,10 @@ def _synthetic(kind: str, seed: int) -> ModelTraces:
     flip = rng.random(c.shape) < 0.1
     jc, jf = c ^ flip, np.clip(f + 0.1 * rng.standard_normal(f.shape), 0, 1).astype(np.float32)
     js = None if s is None else np.clip(s + 0.2 * rng.standard_normal(s.shape), 0, 1).astype(np.float32)
-    held = draw(300)[0]
+    held, held_f, held_s = draw(300)
     held_jpeg = held & (rng.random(held.shape) >= 0.1)
+    held_jf = np.clip(held_f + 0.1 * rng.standard_normal(held_f.shape), 0, 1).astype(np.float32)
+    held_js = None if held_s is None else np.clip(held_s + 0.2 * rng.standard_normal(held_s.shape), 0, 1).astype(np.float32)
     pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     payload, enc, dec, agree = _payloads(model, kind, pixels, lambda m: None)
     # fixed codec times: measured ones follow the machine's load, and the tests below must not
@@ -217,7 +219,8 @@ def _synthetic(kind: str, seed: int) -> ModelTraces:
                        leaf_layers(model.predictor) if model.predictor is not None else 0,
                        c, f, s, cc, cf, cs, payload, enc, dec, {k: 1.0 for k in agree},
                        jpeg_correct=jc, jpeg_confidence=jf, jpeg_scores=js, heldout_correct=held,
-                       heldout_jpeg_correct=held_jpeg)
+                       heldout_confidence=held_f, heldout_scores=held_s, heldout_jpeg_correct=held_jpeg,
+                       heldout_jpeg_confidence=held_jf, heldout_jpeg_scores=held_js)
 
 
 @pytest.fixture(scope="module")
@@ -280,13 +283,13 @@ def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(tr
 
 
 def _jpeg_admitted(t: ModelTraces, jpeg_share_of_png: float = 0.3) -> ModelTraces:
-    """t with JPEG costing no held-out accuracy, JPEG images a fraction of the PNG request's size and slower to
-    encode than the lossless ones (as on the real machine)."""
+    """t with JPEG changing nothing on the held-out split, JPEG images a fraction of the PNG request's size and slower
+    to encode than the lossless ones (as on the real machine)."""
     from dataclasses import replace as dc_replace
 
     payload = {**t.payload, (0, "jpeg"): (t.payload[0, "png"] * jpeg_share_of_png).astype(np.int32)}
-    return dc_replace(t, heldout_jpeg_correct=t.heldout_correct.copy(), payload=payload,
-                      encode_ms={**t.encode_ms, (0, "jpeg"): 0.12})
+    return dc_replace(t, heldout_jpeg_correct=t.heldout_correct.copy(), heldout_jpeg_confidence=t.heldout_confidence,
+                      heldout_jpeg_scores=t.heldout_scores, payload=payload, encode_ms={**t.encode_ms, (0, "jpeg"): 0.12})
 
 
 def test_jpeg_goes_on_the_menu_by_held_out_accuracy_not_agreement(traces):
@@ -323,17 +326,41 @@ def test_frames_sent_as_jpeg_are_answered_from_the_jpeg_view(traces, cloud_exit)
     assert split.accuracy != pytest.approx(r.correct[rows, exits].mean(), abs=1e-6)  # the views differ
     capped = results["rapnet_capped"]
     assert capped.detail["jpeg_share"] == 1.0
+    assert w.capped_jpeg_stop == w.capped_setting[1]  # JPEG changes nothing on the held-out split: the same stop
     exits = capped_exits(r.jpeg_scores if cloud_exit else r.scores, r.jpeg_confidence, *w.capped_setting, relative)
     assert capped.accuracy == pytest.approx(r.jpeg_correct[rows, exits].mean(), abs=1e-12)
     assert results["oracle"].accuracy == pytest.approx(r.jpeg_correct.any(1).mean(), abs=1e-12)
     assert results["neurosurgeon"].accuracy == pytest.approx(jt["static"].jpeg_correct[:, 0].mean(), abs=1e-12)
     assert results["neurosurgeon"].accuracy == pytest.approx(results["cloud_jpeg"].accuracy, abs=1e-12)
     assert results["spinn"].detail["encoding"] == "jpeg"
+    assert w.sdn_jpeg_threshold == w.sdn_threshold
     exits = confidence_exits(jt["sdn"].jpeg_confidence, w.sdn_threshold)
     assert results["spinn"].accuracy == pytest.approx(jt["sdn"].jpeg_correct[rows, exits].mean(), abs=1e-12)
     # a fast uplink sends lossless pixels again
     fast = w.run_policy("rapnet_split", replace_conditions(c, bandwidth_mbps=10_000))
     assert "jpeg" not in fast.detail["encodings"] and fast.detail["jpeg_share"] == 0.0
+
+
+def test_jpeg_images_get_the_cheapest_no_looser_setting_that_loses_nothing_on_the_held_out_split(jpeg_heldout_views):
+    from orchestration.simulator import calibrate_for_jpeg, capped_jpeg_stop
+
+    t = jpeg_heldout_views()
+    relative = np.linspace(0.25, 1.0, 4)
+    cost = np.arange(1.0, 5.0)
+    assert capped_jpeg_stop(t, (0.0, 0.3), relative, cost) == pytest.approx(0.51)  # the grid's first above 0.5
+    assert capped_jpeg_stop(t, (0.0, 0.7), relative, cost) == 0.7  # already strict enough: unchanged
+    # never looser than the lossless setting, even where a looser one would reach the same accuracy
+    same = jpeg_heldout_views()
+    same.heldout_jpeg_confidence = same.heldout_confidence
+    assert capped_jpeg_stop(same, (0.0, 0.3), relative, cost) == 0.3
+    confidence_rule = lambda sc, cf, th: confidence_exits(cf, th)  # noqa: E731
+    assert calibrate_for_jpeg(t, 0.2, [0.2, 0.5, 0.6, 0.9], confidence_rule, cost) == 0.6
+    # none reaches the lossless accuracy: the most accurate one
+    assert calibrate_for_jpeg(t, 0.2, [0.2, 0.4], confidence_rule, cost) == 0.2
+    # traces without the held-out views (an older cache): the lossless setting
+    bare = jpeg_heldout_views()
+    bare.heldout_jpeg_confidence = None
+    assert capped_jpeg_stop(bare, (0.0, 0.3), relative, cost) == 0.3
 
 
 def test_the_cloud_picks_the_exit_when_that_is_faster_on_average_over_the_rules_exits(world):
