@@ -133,9 +133,10 @@ def calibrate_for_jpeg(t: ModelTraces, setting, stricter, exits_for, cost_per_ex
 
 def capped_jpeg_stop(t: ModelTraces, setting: tuple[float, float], relative_costs: np.ndarray,
                      cost_per_exit: np.ndarray) -> float:
-    """The capped rule's stop confidence for JPEG images (calibrate_for_jpeg; the price, hence the cap, stays)."""
+    """The capped rule's stop confidence for JPEG images (calibrate_for_jpeg; the price, hence the cap, stays), on
+    the single-knob rules' finer threshold grid: one knob to search, not CAPPED_GRID's two."""
     price, stop = setting
-    stricter = [(price, th) for th in sorted({th for _, th in CAPPED_GRID} | {stop}) if th >= stop]
+    stricter = [(price, float(th)) for th in sorted({*THRESHOLDS.tolist(), stop}) if th >= stop]
     return calibrate_for_jpeg(t, setting, stricter, lambda sc, cf, qt: capped_exits(sc, cf, *qt, relative_costs),
                               cost_per_exit)[1]
 
