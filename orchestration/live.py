@@ -253,6 +253,9 @@ def run_live(args) -> dict:
     errors = [r["abs_rel_error"] for r in rows if "abs_rel_error" in r]
     errors.sort()
     result = {"shaping": "in-transport TCP proxy (tc netem unavailable)", "policy": policy, "agent_rule": rule,
+              # the capped rule's stop for JPEG images, which the agent derives from the same traces (its summary's
+              # jpeg_stop_confidence)
+              "simulated_jpeg_stop": world.capped_jpeg_stop if args.capped else None,
               "points": rows, "frames_per_point": n,
               "calibration": calibration, "cloud_overhead_ms": overhead,
               "median_abs_rel_error": errors[len(errors) // 2] if errors else None, "workdir": str(tmp)}
