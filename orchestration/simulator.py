@@ -119,8 +119,8 @@ def calibrate_for_jpeg(t: ModelTraces, setting, stricter, exits_for, cost_per_ex
     no looser than `setting`) whose exits on the JPEG view of the held-out split are as accurate as `setting`'s on
     its lossless view (the most accurate one when none is). JPEG costs the exits a little accuracy; the cloud, where
     those frames run, buys it back with a few more heads at its cheap compute. The whole held-out split (5,000
-    images) and not the calibration part (1,000): a paired comparison of two views, so the predictor having been
-    fitted on most of it flatters both alike, while the ~0.3-point loss it measures is 3 images on 1,000.
+    images), not the calibration part (1,000), on which a loss of half a point is 5 images: the comparison of two
+    views is paired, so the predictor having been fitted on most of the split flatters both alike.
     exits_for(scores, confidence, setting) -> exit per sample. `setting` itself when the traces lack the views."""
     if t.heldout_jpeg_confidence is None:
         return setting
@@ -230,7 +230,7 @@ class World:
             self.capped_planner = self.capped_planner.with_calibration(
                 priced_exits(r.cal_scores, self.capped_setting[0], relative),
                 capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative))
-        # frames that travel as JPEG stop at a stricter confidence, as accurate on the calibration part
+        # frames that travel as JPEG stop at a stricter confidence: as accurate as lossless ones on the held-out split
         self.capped_jpeg_stop = capped_jpeg_stop(r, self.capped_setting, relative, self.capped_planner._local_f)
         # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
         self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
