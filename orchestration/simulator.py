@@ -220,20 +220,9 @@ class World:
             raise ValueError(f"unknown RAPNet rule {config.rapnet_rule!r}: price or threshold")
         self.sdn_exits = confidence_exits(s.confidence, self.sdn_threshold)
         # Capped rule: heads on the way to the cap run (SDN-style costs), so it gets a sequential planner.
-        self.capped_planner = self._planner(r, sequential=True)
-        self.capped_setting, self.capped_cal_acc = calibrate_capped(
-            r.cal_correct, r.cal_scores, r.cal_confidence, relative, self.capped_planner._local_f, self.accuracy_target)
-        # its cloud-side exit picks the cap: weighed by how often each cap comes up; a local cap costs where its
-        # frames stop
-        self.capped_planner = self.capped_planner.with_price(self.capped_setting[0])
-        if config.calibration_priors:
-            self.capped_planner = self.capped_planner.with_calibration(
-                priced_exits(r.cal_scores, self.capped_setting[0], relative),
-                capped_exits(r.cal_scores, r.cal_confidence, *self.capped_setting, relative))
-        # frames that travel as JPEG stop at a stricter confidence: as accurate as lossless ones on the held-out split
-        self.capped_jpeg_stop = capped_jpeg_stop(r, self.capped_setting, relative, self.capped_planner._local_f)
-        # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
-        self.capped_exits = capped_exits(r.scores, r.confidence, *self.capped_setting, relative)
+        setting, _ = calibrate_capped(r.cal_correct, r.cal_scores, r.cal_confidence, relative,
+                                      self._planner(r, sequential=True)._local_f, self.accuracy_target)
+        self.use_capped_setting(setting)
         # the oracle knows each image's exit, so it runs no predictor (RAPNet's cloud-side exit skips it too)
         self.oracle_planner = self._planner(r, sequential=False, predictor_on_edge=False)
         self.sdn_jpeg_threshold = calibrate_for_jpeg(s, self.sdn_threshold, THRESHOLDS[THRESHOLDS >= self.sdn_threshold],
@@ -246,6 +235,24 @@ class World:
         self.phase = rng.random(config.devices) / config.fps
         device = np.arange(self.n) % config.devices
         self.frame_start_ms = ((np.arange(self.n) // config.devices) / config.fps + self.phase[device]) * 1e3
+
+    def use_capped_setting(self, setting: tuple[float, float]) -> None:
+        """Run the capped rule at `setting` (price, stop confidence); World() calibrates it. Everything that follows
+        from it is set here: its planner, the stop for JPEG images and its lossless exits."""
+        r, relative = self.rapnet, self.planners["rapnet"].relative_costs
+        price, _ = self.capped_setting = tuple(setting)
+        self.capped_cal_acc = float(r.cal_correct[np.arange(len(r.cal_correct)),
+                                                  capped_exits(r.cal_scores, r.cal_confidence, *setting, relative)].mean())
+        # its cloud-side exit picks the cap: weighed by how often each cap comes up; a local cap costs where its
+        # frames stop
+        self.capped_planner = self._planner(r, sequential=True).with_price(price)
+        if self.config.calibration_priors:
+            self.capped_planner = self.capped_planner.with_calibration(
+                priced_exits(r.cal_scores, price, relative), capped_exits(r.cal_scores, r.cal_confidence, *setting, relative))
+        # frames that travel as JPEG stop at a stricter confidence: as accurate as lossless ones on the held-out split
+        self.capped_jpeg_stop = capped_jpeg_stop(r, self.capped_setting, relative, self.capped_planner._local_f)
+        # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
+        self.capped_exits = capped_exits(r.scores, r.confidence, *setting, relative)
 
     def _planner(self, t: ModelTraces, sequential: bool, predictor_on_edge: bool | None = None) -> Planner:
         menu, agreement = t.menu(self.config.min_agreement, self.config.max_jpeg_drop)

@@ -265,6 +265,27 @@ def test_simulated_accuracy_equals_offline_evaluation(traces, world, cond):
     assert v["oracle_ratio"] > 0 and v["fastest_baseline"] in results
 
 
+def test_the_capped_rule_runs_at_a_given_setting_as_the_offline_rule_does(traces):
+    """World.use_capped_setting (benchmarks/oracle_bound.py's hindsight reference): the capped rule then answers as
+    rapnet.evaluate's capped_curve at that setting, and going back to the calibrated one restores every result."""
+    w = World(traces, SimConfig(devices=4, workers=1, fps=10.0, accuracy_target=0.7))
+    c = Conditions(10, 20, 1.0)
+    calibrated = w.capped_setting
+    before = {p: w.run_policy(p, c) for p in ("rapnet_capped", "rapnet_edge_capped")}
+    other = next((q, t) for q, t in [(0.1, 0.9), (0.2, 0.8)] if (q, t) != calibrated)
+    w.use_capped_setting(other)
+    offline = next(p for p in capped_curve(_offline(traces["rapnet"]), traces["rapnet"].costs)
+                   if (p["price"], p["threshold"]) == other)
+    for name in before:
+        result = w.run_policy(name, c)
+        assert result.accuracy == pytest.approx(offline["accuracy"], abs=1e-12)
+        assert result.exit_histogram == offline["exit_histogram"]
+    w.use_capped_setting(calibrated)
+    for name, result in before.items():
+        again = w.run_policy(name, c)
+        assert (again.accuracy, again.mean_ms, again.exit_histogram) == (result.accuracy, result.mean_ms, result.exit_histogram)
+
+
 def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(traces):
     from dataclasses import replace as dc_replace
 
