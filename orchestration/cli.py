@@ -80,7 +80,8 @@ def cmd_run(args) -> None:
     results = world.run_all(c)
     print(f"conditions: {c}")
     print(f"accuracy target {world.accuracy_target:.4f} (calibration split): RAPNet {world.rapnet_setting()}, "
-          f"SDN threshold {world.sdn_threshold}\n")
+          f"capped price {world.capped_setting[0]:g} stop {world.capped_setting[1]:g} (JPEG images "
+          f"{world.capped_jpeg_stop:g}), SDN threshold {world.sdn_threshold:g} (JPEG images {world.sdn_jpeg_threshold:g})\n")
     print("| policy | accuracy % | mean ms | p50 ms | p95 ms | offloaded % | mean bytes | queue ms | what |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
