@@ -23,12 +23,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# asyncio's timers wake through epoll, whose timeout is whole milliseconds rounded up: a timed wait overshoots by up
+# to 1 ms (0.5 on average), in each direction of every request. The shaper sleeps until this much before a chunk is
+# due and yields to the loop for the rest, so the emulated RTT is the RTT asked for.
+TIMER_SLACK_S = 0.0015
+
+
 class Shaper:
     """TCP proxy 127.0.0.1:port -> target: uplink bytes serialised at `bandwidth_mbps`, each direction delayed
     by rtt/2 (downlink not rate-limited: answers are ~100 bytes)."""
 
     def __init__(self, target: tuple[str, int], bandwidth_mbps: float, rtt_ms: float):
         self.target, self.rate, self.delay = target, bandwidth_mbps * 1e6 / 8, rtt_ms / 2e3
+        self.uplink_bytes = 0  # everything the client sent: requests with their gRPC and HTTP/2 framing
         self.loop = asyncio.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -44,7 +51,8 @@ class Shaper:
         self.loop.run_forever()
         self.loop.close()
 
-    async def _pipe(self, reader, writer, rate):
+    async def _pipe(self, reader, writer, uplink: bool):
+        rate = self.rate if uplink else None
         queue: asyncio.Queue = asyncio.Queue()
 
         async def deliver():
@@ -54,8 +62,10 @@ class Shaper:
                     writer.close()
                     return
                 wait = at - self.loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                if wait > TIMER_SLACK_S:
+                    await asyncio.sleep(wait - TIMER_SLACK_S)
+                while self.loop.time() < at:  # the last stretch without a timer: see TIMER_SLACK_S
+                    await asyncio.sleep(0)
                 writer.write(data)
                 await writer.drain()
 
@@ -67,6 +77,8 @@ class Shaper:
                 if not data:
                     break
                 now = self.loop.time()
+                if uplink:
+                    self.uplink_bytes += len(data)
                 if rate:
                     busy = max(now, busy) + len(data) / rate
                     at = busy + self.delay
@@ -85,7 +97,7 @@ class Shaper:
             w_client.close()
             return
         try:
-            await asyncio.gather(self._pipe(r_client, w_server, self.rate), self._pipe(r_server, w_client, None),
+            await asyncio.gather(self._pipe(r_client, w_server, True), self._pipe(r_server, w_client, False),
                                  return_exceptions=True)
         finally:
             w_server.close()
@@ -223,6 +235,7 @@ def run_live(args) -> dict:
                                 checkpoints["rapnet"], cache)
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
             shaper.close()
+            uplink_bytes = shaper.uplink_bytes
             if done.returncode != 0 or not summary.exists():
                 rows.append({**p.__dict__, "error": (done.stderr or done.stdout)[-400:]})
                 continue
@@ -242,7 +255,11 @@ def run_live(args) -> dict:
                          "simulated_cloud_exit": bool(sim.detail.get("cloud_exit")),
                          "measured_cloud_exit_share":
                              sum(f.get("exit_picked_by") == "cloud" for f in frames) / len(frames),
-                         "simulated_accuracy": sim.accuracy, "measured_summary": measured})
+                         "simulated_accuracy": sim.accuracy, "measured_summary": measured,
+                         # what the requests took on the wire, connection set-up included, against what the model
+                         # charges (the serialized InferRequest): the difference is gRPC and HTTP/2 framing
+                         "uplink_bytes_per_offloaded_frame": uplink_bytes / max(1, measured.get("offloaded", 0)),
+                         "modelled_bytes_per_offloaded_frame": measured.get("bytes_per_offloaded_frame")})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "measured_summary"}), flush=True)
     finally:
         cloud.terminate()

@@ -19,7 +19,7 @@ from rapnet.evaluate import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, conf
                              predictor_exits, priced_exits)
 
 from .planner import (DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS,
-                      Conditions, LayerCounts, Planner)
+                      REQUEST_FRAMING_BYTES, Conditions, LayerCounts, Planner)
 from .traces import IMAGE_ENCODINGS, ModelTraces
 
 POLICIES = ("sdn_edge", "rapnet_edge", "rapnet_edge_capped", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn",
@@ -298,7 +298,7 @@ class World:
                 idx = np.flatnonzero(off & (exits == k))
                 nbytes[idx] = self._payload(t, int(placement.split[k]), placement.encoding[k], idx)
             idx = np.flatnonzero(off)
-            b = nbytes[idx]
+            b = nbytes[idx] + REQUEST_FRAMING_BYTES  # on the wire
             tx = b * 8 / (c.bandwidth_mbps * 1e3) if c.bandwidth_mbps > 0 else np.full(len(idx), math.inf)
             jitter = self.jitter_z[idx] * c.jitter_ms
             packets = np.ceil(b / MSS_BYTES) + 1
