@@ -44,8 +44,8 @@ REF_LAYER_US = 20.7
 DEFAULT_PRICE = 0.03
 MSS_BYTES = 1448
 # What a request takes on the wire beyond its serialized InferRequest: gRPC's 5-byte message prefix and the HTTP/2
-# HEADERS (path, deadline, the bearer token, which HPACK never indexes) and DATA frames. Measured through
-# rapnet-sim live's proxy: 1,311 bytes per JPEG request of 1,178 (133), connection set-up spread over 100 requests.
+# HEADERS (path, deadline, bearer token) and DATA frames. Measured through rapnet-sim live's proxy: 1,311 bytes per
+# JPEG request of 1,178 (133), connection set-up spread over 100 requests.
 REQUEST_FRAMING_BYTES = 133
 MIN_RTO_MS = 200.0
 DEFAULT_ENCODINGS = ("png", "raw+zstd", "jpeg", "int8+zstd", "fp16+zstd", "fp32+zstd")
