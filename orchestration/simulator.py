@@ -502,7 +502,7 @@ class World:
             "capped_jpeg_threshold": self.capped_jpeg_stop, "sdn_jpeg_threshold": self.sdn_jpeg_threshold,
             "config": self.config.__dict__, "reference_gflops": REF_GFLOPS,
             "image_encodings": IMAGE_ENCODINGS,
-            # per model: the largest calibration-accuracy loss at any exit from JPEG images, and whether that let
+            # per model: the mean accuracy the exits lose on JPEG images of the held-out split, and whether that let
             # JPEG onto its menu
             "jpeg_accuracy_drop": {name: t.jpeg_accuracy_drop() for name, t in self.traces.items()},
             "jpeg_on_menu": {name: (0, "jpeg") in p.menu for name, p in self.planners.items()},
