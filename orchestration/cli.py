@@ -51,7 +51,7 @@ def _world(args):
     from .simulator import SimConfig, World
     from .traces import DEFAULT_CACHE, default_checkpoints, ensure_traces
 
-    checkpoints = default_checkpoints(Path(args.models))
+    checkpoints = default_checkpoints(args.models)
     traces, meta = ensure_traces(checkpoints, args.data, Path(args.cache or DEFAULT_CACHE), rebuild=getattr(args, "rebuild", False),
                                  log=lambda m: print(m, file=sys.stderr))
     config = SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
@@ -174,7 +174,7 @@ def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    from rapnet.evaluate import machine_info
+    from rapnet.machine import machine_info
 
     info = {"summary": {k: v for k, v in summary.items() if k != "losing_cells"}, "losing_cells": summary["losing_cells"],
             "world": world.describe(), "traces": meta, "args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{traces,run,sweep,live}")
     common = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = common.add_argument_group("models and traces")
-    g.add_argument("--models", default=str(ROOT / "models"), help="folder with rapnet-/sdn-/static-cifar10.pt")
+    g.add_argument("--models", default=None,
+                   help="folder with rapnet-/sdn-/static-cifar10.pt (default: the shipped models, rapnet.shipped.models_dir(): "
+                        "$RAPNET_MODELS, else the installed package's, else the checkout's models/)")
     g.add_argument("--data", help="dataset path (default: rapnet.data's search: $RAPNET_DATA, ../shared/datasets)")
     g.add_argument("--cache", help="trace cache (default runs/sim_traces.npz)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the traces even if the cache matches")

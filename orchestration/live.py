@@ -194,7 +194,7 @@ def run_live(args) -> dict:
     from .simulator import SimConfig, World
     from .traces import DEFAULT_CACHE, default_checkpoints, ensure_traces
 
-    checkpoints = default_checkpoints(Path(args.models))
+    checkpoints = default_checkpoints(args.models)
     cache = Path(args.cache or DEFAULT_CACHE)
     traces, _ = ensure_traces(checkpoints, None, cache)
     n = args.frames

@@ -24,7 +24,6 @@ from rapnet.costs import CostTable
 TRACE_VERSION = 5
 MODEL_NAMES = ("rapnet", "sdn", "static")
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
-DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 # Encodings the simulator knows (names shared with the planner). At split 0 the request carries the image
 # itself (an ImagePayload: PNG, uint8 pixels + zstd, or JPEG); at later splits the live feature tensors, plus
@@ -319,8 +318,11 @@ def load_traces(path: Path) -> tuple[dict[str, ModelTraces], dict]:
     return traces, info["meta"]
 
 
-def default_checkpoints(models_dir: Path = DEFAULT_MODELS) -> dict[str, Path]:
-    return {name: Path(models_dir) / f"{name}-cifar10.pt" for name in MODEL_NAMES}
+def default_checkpoints(models_dir: str | Path | None = None) -> dict[str, Path]:
+    """The three models' checkpoints in `models_dir`, or the shipped ones (rapnet.shipped) when None."""
+    from rapnet.shipped import default_checkpoints as shipped
+
+    return {name: path for name, path in shipped("cifar10", models_dir).items() if name in MODEL_NAMES}
 
 
 def ensure_traces(checkpoints: dict[str, Path], data: str | None = None, cache: Path = DEFAULT_CACHE,

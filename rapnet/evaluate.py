@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +21,11 @@ from .costs import CostTable, measure_costs
 from .data import (
     RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, train_val_split,
 )
+from .machine import machine_info
 from .network import MultiExitNetwork
 from .preprocess import to_model_input
+from .shipped import default_checkpoint
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "rapnet-cifar10.pt"
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
 PRICES = np.round(np.linspace(0.0, 4.0, 401), 4)
 # The capped rule's grid (price x threshold); coarser than the single-knob grids to keep reports small.
@@ -212,25 +211,6 @@ def measure_latency(models: dict[str, tuple[MultiExitNetwork, dict]], images: np
                 times[name].append((time.perf_counter() - started) * 1e3)
     return {name: {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t), "samples": len(t)}
             for name, t in times.items()}
-
-
-def machine_info() -> dict:
-    model_name = "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                model_name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    import os
-
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit}
 
 
 @torch.inference_mode()
@@ -449,7 +429,7 @@ def plot(report: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rapnet-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="RAPNet checkpoint")
+    p.add_argument("--checkpoint", default=str(default_checkpoint()), help="RAPNet checkpoint")
     p.add_argument("--sdn", help="SDN checkpoint (default: next to --checkpoint, 'rapnet' replaced by 'sdn')")
     p.add_argument("--static", help="static-network checkpoint (default: next to --checkpoint)")
     p.add_argument("--data", help="dataset path; default: $RAPNET_DATA, then ../shared/datasets")

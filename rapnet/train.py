@@ -30,6 +30,7 @@ from .data import (
     RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file,
     train_val_split,
 )
+from .machine import git_state
 from .network import MultiExitNetwork
 from .preprocess import random_crop_flip, to_model_input
 
@@ -261,14 +262,6 @@ def dataset_parts(dataset, cfg: TrainConfig):
     return dataset, train_idx, val_idx, fit_idx
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _load_teacher(path: str, cfg: TrainConfig) -> tuple[MultiExitNetwork, str]:
     """A teacher must have been trained on this run's training part only: had it seen the validation images,
     its soft labels would leak into the exits and the calibration accuracies would read high."""
@@ -307,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     image_size = dataset.images.shape[1]
     metadata_common = {
-        "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": _git_commit(), "seed": args.seed,
+        "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": git_state().get("git_commit", "unknown"), "seed": args.seed,
         "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
         "train_config": asdict(cfg), "device": str(device), "teacher_identity": teacher_identity,
         "split": {"train": len(train_idx), "val": len(val_idx), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
@@ -367,7 +360,7 @@ def refit_predictor(args: argparse.Namespace) -> dict:
     metadata["split"] = {**meta.get("split", {}), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
                          "predictor_split": RANDOM_PREDICTOR_SPLIT}
     metadata["predictor_refit"] = {
-        "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": _git_commit(), "device": str(device),
+        "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": git_state().get("git_commit", "unknown"), "device": str(device),
         "predictor_epochs": cfg.predictor_epochs, "seconds": round(time.time() - started, 1), "log": log,
         "previous_identity": meta["identity"],
     }
