@@ -10,7 +10,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,101 +17,17 @@ import torch
 
 from .checkpoint import CheckpointError, load_model
 from .costs import CostTable, measure_costs
-from .data import (
-    RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, train_val_split,
-)
+from .data import DatasetError, load_dataset, locate_dataset
+from .exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
+                         predictor_exits, priced_exits, relative_exit_costs)
+from .exit_traces import Traces, calibration_indices, collect_traces
 from .machine import machine_info
 from .network import MultiExitNetwork
 from .preprocess import to_model_input
 from .shipped import default_checkpoint
 
-THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
-PRICES = np.round(np.linspace(0.0, 4.0, 401), 4)
-# The capped rule's grid (price x threshold); coarser than the single-knob grids to keep reports small.
-CAPPED_GRID = [(float(q), float(t)) for q in np.round(np.linspace(0.0, 1.0, 41), 4)
-               for t in np.round(np.linspace(0.5, 1.0, 51), 4)]
 
-
-def calibration_indices(n_train: int, meta: dict, has_predictor: bool) -> np.ndarray:
-    """Training-archive indices of the calibration part: held out from training, never fitted by the predictor."""
-    split = meta.get("split", {})
-    if has_predictor and split.get("predictor_split") != RANDOM_PREDICTOR_SPLIT:
-        raise CheckpointError(
-            "this checkpoint's predictor was fitted on a slice of the class-sorted validation indices (classes 0-7), "
-            "so no class-mixed calibration part exists for it: refit the predictor with "
-            "`rapnet-train --predictor-only CHECKPOINT --out DIR`"
-        )
-    seed = meta.get("seed", 0)
-    _, val_idx = train_val_split(n_train, split.get("val", 5000), seed=seed)
-    return predictor_calibration_split(val_idx, split.get("predictor_fit", int(0.8 * len(val_idx))), seed)[1]
-
-
-@dataclass
-class Traces:
-    """Everything a policy needs, per sample: every exit's logits-derived answers and the predictor's scores."""
-
-    correct: np.ndarray  # (N, K) bool
-    confidence: np.ndarray  # (N, K) top softmax probability
-    scores: np.ndarray | None  # (N, K) predictor probabilities (RAPNet only)
-
-
-@torch.no_grad()
-def collect_traces(model: MultiExitNetwork, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> Traces:
-    model.eval()
-    correct, confidence, scores = [], [], []
-    for i in range(0, len(images), batch_size):
-        x = to_model_input(images[i : i + batch_size])
-        probs = torch.stack([torch.softmax(z, 1) for z in model(x)], 1)  # (B, K, C)
-        conf, pred = probs.max(2)
-        correct.append((pred == torch.as_tensor(labels[i : i + batch_size])[:, None]).numpy())
-        confidence.append(conf.numpy())
-        if model.predictor is not None:
-            scores.append(model.exit_scores(x).numpy())
-    return Traces(np.concatenate(correct), np.concatenate(confidence), np.concatenate(scores) if scores else None)
-
-
-# --- policies: per-sample exit choice and FLOPs ------------------------------------------------------------
-def priced_exits(scores: np.ndarray, price: float, relative_costs: np.ndarray) -> np.ndarray:
-    """RAPNet's rule (ours): the exit with the best predicted chance of being right net of its compute,
-    argmax_k score_k - price * cost_k / full cost. Price 0 asks for the most accurate exit; raising it trades
-    accuracy for FLOPs. Unlike a first-exit-above-threshold rule, it weighs every exit's score against what
-    that exit costs, so a deep exit is chosen only when the predictor expects it to pay off."""
-    return np.argmax(scores - price * np.asarray(relative_costs)[None, :], axis=1)
-
-
-def capped_exits(scores: np.ndarray, confidence: np.ndarray, price: float, threshold: float,
-                 relative_costs: np.ndarray) -> np.ndarray:
-    """RAPNet's capped rule (ours): the priced rule picks the deepest exit worth running (the cap); on the way
-    there, the first exit whose top softmax probability reaches `threshold` answers. The predictor keeps
-    hopeless images from running deep; an exit's own confidence stops the easy ones early. Every head up to
-    the answering exit runs (FLOPs: CostTable.sequential_exit_cost)."""
-    cap = priced_exits(scores, price, relative_costs)
-    confident = (confidence >= threshold) & (np.arange(confidence.shape[1])[None, :] <= cap[:, None])
-    return np.where(confident.any(1), confident.argmax(1), cap)
-
-
-def relative_exit_costs(costs: CostTable) -> np.ndarray:
-    return np.array([costs.exit_cost(k) for k in range(costs.num_exits)]) / costs.full_cost
-
-
-def predictor_exits(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Threshold rule: jump to the shallowest exit the predictor trusts at `threshold`, else the last.
-    (What the planner uses today; `priced_exits` is the better rule, see docs/results.md.)"""
-    trusted = scores >= threshold
-    return np.where(trusted.any(1), trusted.argmax(1), scores.shape[1] - 1)
-
-
-def confidence_exits(confidence: np.ndarray, threshold: float) -> np.ndarray:
-    """SDN's rule: the first exit whose top softmax probability reaches `threshold`, else the last."""
-    confident = confidence >= threshold
-    return np.where(confident.any(1), confident.argmax(1), confidence.shape[1] - 1)
-
-
-def oracle_exits(correct: np.ndarray) -> np.ndarray:
-    """Earliest correct exit (the last one when none is right)."""
-    return np.where(correct.any(1), correct.argmax(1), correct.shape[1] - 1)
-
-
+# --- curves: accuracy and FLOPs of a rule over its grid ------------------------------------------------------
 def point(traces: Traces, exits: np.ndarray, flops_per_exit: np.ndarray, overhead: int = 0) -> dict:
     rows = np.arange(len(exits))
     return {
