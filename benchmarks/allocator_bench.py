@@ -97,7 +97,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from cloud_bench import machine_info
+    from rapnet.machine import machine_info
 
     runs = []
     for rep in range(args.repeats):

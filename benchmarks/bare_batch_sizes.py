@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from cloud_bench import bare_torch, machine_info  # noqa: E402
+from cloud_bench import bare_torch  # noqa: E402
+from rapnet.machine import machine_info  # noqa: E402
 from rapnet.checkpoint import load_model  # noqa: E402
 from rapnet.codec import pixels_to_tensor, tensor_to_pixels  # noqa: E402
 from rapnet.runtime import keep_freed_memory  # noqa: E402

@@ -20,7 +20,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -31,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rapnet.machine import machine_info  # noqa: E402
+
 TOKEN = "bench-token-" + "z" * 24
 
 
@@ -269,19 +270,6 @@ def deploy_variant(server, checkpoint, identity: str, config, env: str, max_batc
                               batch={"max_batch_size": max_batch}),
         app_name=app_name)
     return serve.run(build_app(str(checkpoint), identity, variant), name=variant.app_name, route_prefix=None)
-
-
-def machine_info(torch_threads: int) -> dict:
-    def sh(cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return ""
-
-    model = next((line.split(":", 1)[1].strip() for line in sh("lscpu").splitlines() if line.startswith("Model name")), "")
-    return {"cpu": model, "nproc": int(sh("nproc") or 0), "torch_threads": torch_threads,
-            "python": platform.python_version(), "git_commit": sh(f"git -C {ROOT} rev-parse --short HEAD"),
-            "loadavg_start": os.getloadavg()[0]}
 
 
 def main() -> None:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from rapnet import codec  # noqa: E402
 from rapnet.codec import EncodeOptions  # noqa: E402
+from rapnet.machine import machine_info  # noqa: E402
 
 
 @dataclass
@@ -58,28 +57,6 @@ class Config:
         if o.encoding in ("fp32",) or self.split == 0:
             return (self.split, "fp32", img)
         return (self.split, o.encoding, o.per_channel, o.params if o.encoding in ("int8", "int4") else "", img)
-
-
-def machine_info(threads: int) -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    model = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
-                  if line.startswith("Model name")), platform.processor())
-    return {
-        "cpu_model": model,
-        "nproc": int(run(["nproc"]) or 0),
-        "torch_threads": threads,
-        "git_commit": run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": bool(run(["git", "status", "--porcelain", "--", "rapnet/codec.py", "protos", "benchmarks/codec_bench.py"])),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "zstandard": zstandard.__version__,
-        "load_average": list(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else None,
-    }
 
 
 def load_model(checkpoint: str | None, calibration: np.ndarray):
@@ -371,8 +348,8 @@ def markdown(out: dict) -> str:
         )
     m = out["machine"]
     lines.append("")
-    lines.append(f"Machine: {m['cpu_model']}, {m['nproc']} cores, torch threads {m['torch_threads']}, "
-                 f"commit {m['git_commit'][:10]}{' (dirty)' if m['git_dirty'] else ''}; "
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+                 f"commit {m.get('git_commit', 'n/a')[:10]}{' (dirty)' if m.get('git_dirty') else ''}; "
                  f"{out['settings']['n_test_images']} CIFAR-10 test images for bytes and accuracy "
                  f"(fp32 {100 * out['fp32_accuracy']:.2f}%), {out['settings']['n_timing_images']} timed, median of "
                  f"{out['settings']['repeats']} interleaved repeats; {out['settings']['wall_seconds']:.0f} s.")

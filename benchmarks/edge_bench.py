@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,23 +56,9 @@ from rapnet.checkpoint import load_model  # noqa: E402
 from rapnet.codec import ModelContract, build_request  # noqa: E402
 from rapnet.data import load_dataset  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
+from rapnet.machine import machine_info  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "rapnet-cifar10.pt"
-
-
-def machine_info(threads: int) -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return ""
-
-    model = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
-                  if line.startswith("Model name")), platform.processor())
-    return {"cpu": model, "nproc": int(run(["nproc"]) or os.cpu_count() or 0), "torch_threads": threads,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "git_commit": run(["git", "rev-parse", "HEAD"]), "git_dirty": bool(run(["git", "status", "--porcelain", "--", "edge", "benchmarks/edge_bench.py"])),
-            "load_average": os.getloadavg()}
 
 
 def timed(fn) -> float:
@@ -316,7 +300,7 @@ def main(argv=None) -> int:
             print(f"| {name} | {row['fps']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {100 * row['accuracy']:.1f}% | "
                   f"{100 * row['offload_share']:.0f}% | {row['bytes_per_frame']:.0f} |")
     m = result["machine"]
-    print(f"\n{m['cpu']}, {m['nproc']} cores, torch threads {m['torch_threads']}, commit {m['git_commit'][:10]}, "
+    print(f"\n{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, commit {m.get('git_commit', 'n/a')[:10]}, "
           f"load average {m['load_average']}")
     return 0
 

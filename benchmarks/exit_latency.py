@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import load_model, model_identity  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
 from rapnet.costs import measure_costs  # noqa: E402
+from rapnet.machine import machine_info  # noqa: E402
 
 FLAG_MIN_COST_FRACTION = 0.25
 FLAG_QUOTIENT = 1.3
@@ -77,32 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads < 0 or args.warmup < 0:
         parser.error("--threads and --warmup must be >= 0")
     return args
-
-
-def machine_info() -> dict:
-    def run(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
-    model_name = "unknown"
-    for line in run(["lscpu"]).splitlines():
-        if line.lower().startswith("model name"):
-            model_name = line.split(":", 1)[1].strip()
-            break
-    dirty = run(["git", "status", "--porcelain", "--untracked-files=no", "--", "rapnet", "benchmarks/exit_latency.py"])
-    return {
-        "cpu_model": model_name,
-        "nproc": int(run(["nproc"]) or os.cpu_count() or 0),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
-        "python": platform.python_version(),
-        "git_commit": run(["git", "rev-parse", "--short", "HEAD"]),
-        "rapnet_dirty": bool(dirty and dirty != "unknown"),
-        "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 def count_layer_calls(call: Callable[[], object], model: torch.nn.Module) -> dict:
@@ -217,10 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
             reference[kind] = {"flops": other_table.full_cost, "num_exits": other.num_exits}
 
     layer_calls = {name: count_layer_calls(call, owners.get(name, model)) for name, call in calls.items()}
-    info = machine_info()
+    info = machine_info(dirty_paths=("rapnet", "benchmarks/exit_latency.py"))
     print(
         f"# exit latency: {config.arch} width {config.width}, {args.repeats} rounds (+{args.warmup} warmup), "
-        f"{info['torch_threads']} torch threads, {info['cpu_model']} x{info['nproc']}, commit {info['git_commit']}",
+        f"{info['torch_threads']} torch threads, {info['cpu']} x{info['cores']}, commit {info.get('git_commit', 'n/a')}",
         file=sys.stderr,
     )
     started = time.perf_counter()
@@ -285,9 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(result: dict) -> str:
     m, c = result["machine"], result["config"]
     lines = [
-        f"RAPNet {c['arch']} width {c['width']}, batch 1, {m['cpu_model']} ({m['nproc']} cores), "
-        f"{m['torch_threads']} torch threads, torch {m['torch_version']}, commit {m['git_commit']}"
-        f"{' (+uncommitted rapnet/ changes)' if m['rapnet_dirty'] else ''}; "
+        f"RAPNet {c['arch']} width {c['width']}, batch 1, {m['cpu']} ({m['cores']} cores), "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}, commit {m.get('git_commit', 'n/a')}"
+        f"{' (+uncommitted rapnet/ changes)' if m.get('git_dirty') else ''}; "
         f"medians of {result['settings']['repeats']} interleaved rounds.",
         "",
         "| call | stage | MFLOPs | layers (dw) | FLOPs / full | latency ms (p25-p75) | latency / full | quotient | flag |",

@@ -56,7 +56,7 @@ def main() -> None:
     from cloud.config import CloudConfig
     from cloud.front import replica_handle
     from cloud.server import CloudServer, local_ray_environment
-    from cloud_bench import machine_info
+    from rapnet.machine import machine_info
     from rapnet.checkpoint import load_model
 
     model = load_model(args.checkpoint)[0].eval()
