@@ -94,7 +94,7 @@ def edge_breakdown(model, identity, decider, pixels: np.ndarray, rounds: int, se
     encodings = {}
     for s in range(S):
         for enc in decider.planner.encodings:
-            if any(o[0] == s and o[1] == enc for opts in decider.planner._options for o in opts):
+            if any(o[0] == s and o[1] == enc for opts in decider.planner.options for o in opts):
                 encodings.setdefault(s, []).append(enc)
                 opts = encode_options(enc)
                 calls[f"encode split {s} {enc}"] = (lambda s, opts: lambda i: build_request(

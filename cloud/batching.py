@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rapnet.costs import measure_costs
-from rapnet.evaluate import priced_exits, relative_exit_costs
+from rapnet.exit_rules import priced_exits, relative_exit_costs
 from rapnet.network import MultiExitNetwork
 
 
@@ -48,7 +48,7 @@ class SampleResult:
 
 
 def priced_rule_costs(model: MultiExitNetwork) -> np.ndarray | None:
-    """The priced rule's per-exit relative costs (the edge's own, rapnet.evaluate.relative_exit_costs); None for a
+    """The priced rule's per-exit relative costs (the edge's own, rapnet.exit_rules.relative_exit_costs); None for a
     model without a predictor, which cannot pick exits."""
     return relative_exit_costs(measure_costs(model)) if model.predictor is not None else None
 
@@ -56,7 +56,7 @@ def priced_rule_costs(model: MultiExitNetwork) -> np.ndarray | None:
 def pick_exits(model: MultiExitNetwork, samples: list[Sample], relative_costs: np.ndarray,
                device: torch.device | None = None) -> float:
     """For samples that leave the exit to the cloud: the predictor on their images and RAPNet's priced rule
-    (rapnet.evaluate.priced_exits, the edge's own rule), capped at each sample's `exit`. Sets `sample.exit`;
+    (rapnet.exit_rules.priced_exits, the edge's own rule), capped at each sample's `exit`. Sets `sample.exit`;
     returns the milliseconds it took."""
     t0 = time.perf_counter()
     images = torch.from_numpy(np.concatenate([s.carry["image"] for s in samples]))

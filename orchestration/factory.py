@@ -38,7 +38,7 @@ def jpeg_stop_confidence(model, traces: str | Path | None, planner: Planner, sto
     t = traces_for_model(model, traces)
     if t is None:
         return stop_confidence
-    return capped_jpeg_stop(t, (planner.price, stop_confidence), planner.relative_costs, planner._local_f)
+    return capped_jpeg_stop(t, (planner.price, stop_confidence), planner.relative_costs, planner.local_flops)
 
 
 def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, threshold: float | None = None,

@@ -24,20 +24,20 @@ first call with given conditions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from rapnet.costs import CostTable
-from rapnet.evaluate import predictor_exits, priced_exits, relative_exit_costs
+from rapnet.exit_rules import check_price, check_threshold, predictor_exits, priced_exits, relative_exit_costs
 
 # The reference machine: benchmarks/results/exit_latency.json (AMD EPYC, 1 torch thread, batch 1):
 # median_ms ~ MFLOPs / 33.3 GFLOP/s + leaf layer calls * 20.7 us. A device of G GFLOP/s is modelled as a
 # scaled copy of it: per-layer cost 20.7 us * 33.3 / G unless given.
 REF_GFLOPS = 33.3
 REF_LAYER_US = 20.7
-# RAPNet's default exit rule: rapnet.evaluate.priced_exits at this price (argmax_k score_k - price * cost_k /
+# RAPNet's default exit rule: rapnet.exit_rules.priced_exits at this price (argmax_k score_k - price * cost_k /
 # full cost). 0.03 is the price rapnet-eval's budget mode picks on the calibration part (the 1000 validation
 # images the predictor never saw) for the shipped checkpoint: the most accurate calibration point within 30%
 # (and within 35%) of the static network's FLOPs (87.2% test at 29.7% FLOPs, predictor included).
@@ -133,8 +133,8 @@ class Planner:
     costs: the model's cost table. payload_bytes: (split, encoding) -> real serialized request bytes (mean).
     exit_accuracy: per-exit accuracy (used without predictor scores, and for reports). encodings: the menu
     (an encoding is available at a split when payload_bytes has that key). Exit rule: `price` uses
-    rapnet.evaluate.priced_exits (argmax score - price * relative cost, the default: DEFAULT_PRICE);
-    `threshold` alone uses the threshold rule rapnet.evaluate.predictor_exits (shallowest exit whose score
+    rapnet.exit_rules.priced_exits (argmax score - price * relative cost, the default: DEFAULT_PRICE);
+    `threshold` alone uses the threshold rule rapnet.exit_rules.predictor_exits (shallowest exit whose score
     reaches it); pass one or neither. layers: leaf-layer counts for the per-layer device term.
     codec_ms: (split, encoding) -> (encode ms, decode ms) on the reference machine. agreement: (split,
     encoding) -> share of answers a lossy encoding leaves unchanged (expected accuracy is scaled by it).
@@ -153,8 +153,8 @@ class Planner:
         self.exit_accuracy = np.asarray(exit_accuracy, dtype=float)
         if threshold is not None and price is not None:
             raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")
-        self.threshold = None if threshold is None else float(threshold)
-        self.price = None if threshold is not None else float(DEFAULT_PRICE if price is None else price)
+        self.threshold = None if threshold is None else check_threshold(threshold)
+        self.price = None if threshold is not None else check_price(DEFAULT_PRICE if price is None else price)
         self.relative_costs = relative_exit_costs(costs)  # cost_k / full cost, the priced rule's prices
         self.encodings = tuple(encodings)
         self.layers = layers or LayerCounts.zeros(costs)
@@ -179,19 +179,19 @@ class Planner:
             mask = (ex_st >= lo_stage) & (ex_st < hi_stage) & (np.arange(K) <= upto_k)
             return float(vec[mask].sum())
 
-        # local[k]: FLOPs/layers to answer exit k on the edge
-        self._local_f = np.zeros(K)
-        self._local_l = np.zeros(K)
-        # options: list of (k, s, enc, edge_f, edge_l, cloud_f, cloud_l, bytes)
-        self._options: list[list[tuple]] = [[] for _ in range(K)]
+        # local_flops[k], local_layers[k]: what answering exit k on the edge costs
+        self.local_flops = np.zeros(K)
+        self.local_layers = np.zeros(K)
+        # options[k]: every way to offload exit k, as (split, encoding, edge_f, edge_l, cloud_f, cloud_l, bytes)
+        self.options: list[list[tuple]] = [[] for _ in range(K)]
         for k in range(K):
             end = ex_st[k] + 1
             if sequential:
-                self._local_f[k] = pred_f + cum_f[end] + heads(0, end, k, hf)
-                self._local_l[k] = pred_l + cum_l[end] + heads(0, end, k, hl)
+                self.local_flops[k] = pred_f + cum_f[end] + heads(0, end, k, hf)
+                self.local_layers[k] = pred_l + cum_l[end] + heads(0, end, k, hl)
             else:
-                self._local_f[k] = pred_f + cum_f[end] + hf[k]
-                self._local_l[k] = pred_l + cum_l[end] + hl[k]
+                self.local_flops[k] = pred_f + cum_f[end] + hf[k]
+                self.local_layers[k] = pred_l + cum_l[end] + hl[k]
             for s in range(0, end):
                 for enc in self.encodings:
                     if (s, enc) not in payload_bytes:
@@ -203,7 +203,7 @@ class Planner:
                         edge_l += heads(0, s, k, hl)
                         cloud_f += heads(s, end, k - 1, hf)
                         cloud_l += heads(s, end, k - 1, hl)
-                    self._options[k].append((s, enc, edge_f, edge_l, cloud_f, cloud_l, float(payload_bytes[s, enc])))
+                    self.options[k].append((s, enc, edge_f, edge_l, cloud_f, cloud_l, float(payload_bytes[s, enc])))
         self._cache: dict[Conditions, OptionTable] = {}
         self._cloud_exit_cache: dict[Conditions, list[dict] | None] = {}  # per Conditions, like the option tables
         self.exit_prior: np.ndarray | None = None  # with_exit_prior
@@ -255,7 +255,7 @@ class Planner:
         for k in range(K):
             best = {"edge_ms": local[k], "total_ms": local[k]}
             lat[k], split[k] = local[k], self.costs.exit_stages[k] + 1
-            for option in self._options[k]:
+            for option in self.options[k]:
                 p = self.offload_parts(option, c)
                 if p["total_ms"] < lat[k]:
                     lat[k], split[k], enc[k], off[k], best = p["total_ms"], option[0], option[1], True, p
@@ -268,7 +268,7 @@ class Planner:
 
     def answer_ms(self, c: Conditions) -> np.ndarray:
         """(K,) device ms to answer each exit here (predictor included where it runs on the edge)."""
-        return np.array([self.device_ms(f, l, c) for f, l in zip(self._local_f, self._local_l)])
+        return np.array([self.device_ms(f, l, c) for f, l in zip(self.local_flops, self.local_layers)])
 
     def cloud_exit_parts(self, c: Conditions) -> list[dict] | None:
         """Per exit, the latency parts of sending the image at once and letting the cloud run the predictor and
@@ -291,7 +291,7 @@ class Planner:
         for enc in sorted({e for s, e in self.menu if s == 0}):
             parts = []
             for k in range(K):
-                s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(o for o in self._options[k] if o[:2] == (0, enc))
+                s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(o for o in self.options[k] if o[:2] == (0, enc))
                 p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f, cloud_l + pred_l,
                                         nbytes), c)
                 parts.append({**p, "encoding": enc, "cloud_exit": True})
@@ -384,7 +384,7 @@ class Planner:
     def plan_exits(self, scores: np.ndarray | None, c: Conditions, n: int | None = None) -> np.ndarray:
         """Target exit per sample (vectorised; `plan` uses this on one row).
 
-        Default: the planner's rule on the predictor's scores, priced (rapnet.evaluate.priced_exits at
+        Default: the planner's rule on the predictor's scores, priced (rapnet.exit_rules.priced_exits at
         self.price) or threshold (predictor_exits at self.threshold); no scores: the last exit. With an
         accuracy target: the shallowest exit predicted to reach it (= predictor_exits at the target). With a
         latency budget: that exit if its best placement fits the budget, else the best exit among those that
@@ -446,9 +446,9 @@ class Planner:
         out = np.zeros(K)
         for k in range(K):
             if self.costs.exit_stages[k] < split or encoding is None:
-                out[k] = self.device_ms(self._local_f[k], self._local_l[k], c)
+                out[k] = self.device_ms(self.local_flops[k], self.local_layers[k], c)
             else:
-                option = next((o for o in self._options[k] if o[0] == split and o[1] == encoding), None)
+                option = next((o for o in self.options[k] if o[0] == split and o[1] == encoding), None)
                 out[k] = math.inf if option is None else self.offload_parts(option, c)["total_ms"]
         return out[np.asarray(exits)]
 
@@ -462,7 +462,7 @@ class Planner:
         best = (self.num_stages, None, float(p @ self.progressive_latency(exits, self.num_stages, None, c)))
         for s in range(self.num_stages):
             for enc in self.encodings:
-                if not any(o[0] == s and o[1] == enc for opts in self._options for o in opts):
+                if not any(o[0] == s and o[1] == enc for opts in self.options for o in opts):
                     continue
                 ms = float(p @ self.progressive_latency(exits, s, enc, c))
                 if ms < best[2]:
@@ -472,24 +472,21 @@ class Planner:
     def with_threshold(self, threshold: float) -> "Planner":
         """The same planner with the threshold rule at `threshold`."""
         other = self._copy(keep_setting=False)
-        other.threshold, other.price = float(threshold), None
+        other.threshold, other.price = check_threshold(threshold), None
         return other
 
     def with_price(self, price: float) -> "Planner":
         """The same planner with the priced rule at `price`."""
-        other = self._copy(keep_setting=self.price is not None and float(price) == self.price)
-        other.threshold, other.price = None, float(price)
+        price = check_price(price)
+        other = self._copy(keep_setting=self.price is not None and price == self.price)
+        other.threshold, other.price = None, price
         return other
 
     @property
     def menu(self) -> set[tuple[int, str]]:
         """The (split, encoding) pairs this planner may send."""
-        return {(o[0], o[1]) for options in self._options for o in options}
+        return {(o[0], o[1]) for options in self.options for o in options}
 
     @property
     def rule(self) -> str:
         return "threshold" if self.price is None else "price"
-
-
-def conditions_with(c: Conditions, **changes) -> Conditions:
-    return replace(c, **changes)

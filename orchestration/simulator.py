@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from rapnet.evaluate import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
-                             predictor_exits, priced_exits)
+from rapnet.exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
+                               predictor_exits, priced_exits)
 
 from .planner import (DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS,
                       REQUEST_FRAMING_BYTES, Conditions, LayerCounts, Planner)
@@ -103,13 +103,13 @@ def calibrate_threshold(correct: np.ndarray, values: np.ndarray, rule, cost_per_
 
 def calibrate_price(correct: np.ndarray, scores: np.ndarray, relative_costs: np.ndarray, cost_per_exit: np.ndarray,
                     target: float) -> tuple[float, float]:
-    """Priced rule (priced_exits): the cheapest price on rapnet.evaluate.PRICES reaching `target`."""
+    """Priced rule (priced_exits): the cheapest price on rapnet.exit_rules.PRICES reaching `target`."""
     return calibrate_setting(correct, PRICES, lambda q: priced_exits(scores, q, relative_costs), cost_per_exit, target)
 
 
 def calibrate_capped(correct: np.ndarray, scores: np.ndarray, confidence: np.ndarray, relative_costs: np.ndarray,
                      cost_per_exit: np.ndarray, target: float) -> tuple[tuple[float, float], float]:
-    """Capped rule (capped_exits): the cheapest (price, threshold) on rapnet.evaluate.CAPPED_GRID reaching `target`."""
+    """Capped rule (capped_exits): the cheapest (price, threshold) on rapnet.exit_rules.CAPPED_GRID reaching `target`."""
     return calibrate_setting(correct, CAPPED_GRID, lambda qt: capped_exits(scores, confidence, *qt, relative_costs),
                              cost_per_exit, target)
 
@@ -189,8 +189,8 @@ class World:
         self.n = n.pop()
         self.planners = {name: self._planner(t, sequential=(name == "sdn")) for name, t in traces.items()}
         r, s = self.rapnet, self.sdn
-        rap_cost = self.planners["rapnet"]._local_f
-        sdn_cost = self.planners["sdn"]._local_f
+        rap_cost = self.planners["rapnet"].local_flops
+        sdn_cost = self.planners["sdn"].local_flops
         rap_max = max(calibrate_threshold(r.cal_correct, r.cal_scores, predictor_exits, rap_cost, 2.0)[1], 0.0)
         if config.accuracy_target == "static":
             self.accuracy_target = float(self.static.cal_correct[:, -1].mean())
@@ -221,7 +221,7 @@ class World:
         self.sdn_exits = confidence_exits(s.confidence, self.sdn_threshold)
         # Capped rule: heads on the way to the cap run (SDN-style costs), so it gets a sequential planner.
         setting, _ = calibrate_capped(r.cal_correct, r.cal_scores, r.cal_confidence, relative,
-                                      self._planner(r, sequential=True)._local_f, self.accuracy_target)
+                                      self._planner(r, sequential=True).local_flops, self.accuracy_target)
         self.use_capped_setting(setting)
         # the oracle knows each image's exit, so it runs no predictor (RAPNet's cloud-side exit skips it too)
         self.oracle_planner = self._planner(r, sequential=False, predictor_on_edge=False)
@@ -250,7 +250,7 @@ class World:
             self.capped_planner = self.capped_planner.with_calibration(
                 priced_exits(r.cal_scores, price, relative), capped_exits(r.cal_scores, r.cal_confidence, *setting, relative))
         # frames that travel as JPEG stop at a stricter confidence: as accurate as lossless ones on the held-out split
-        self.capped_jpeg_stop = capped_jpeg_stop(r, self.capped_setting, relative, self.capped_planner._local_f)
+        self.capped_jpeg_stop = capped_jpeg_stop(r, self.capped_setting, relative, self.capped_planner.local_flops)
         # the lossless view (what the edge agent computes locally); _capped redoes it where frames travel as JPEG
         self.capped_exits = capped_exits(r.scores, r.confidence, *setting, relative)
 
@@ -455,9 +455,9 @@ class World:
         for k in range(K):
             local = enc is None or k > last_exit or t.costs.exit_stages[k] < split
             if local:
-                parts.append({"edge_ms": planner.device_ms(planner._local_f[k], planner._local_l[k], c)})
+                parts.append({"edge_ms": planner.device_ms(planner.local_flops[k], planner.local_layers[k], c)})
             else:
-                option = next(o for o in planner._options[k] if o[0] == split and o[1] == enc)
+                option = next(o for o in planner.options[k] if o[0] == split and o[1] == enc)
                 parts.append(planner.offload_parts(option, c))
             off.append(not local)
             splits.append(split if not local else t.costs.exit_stages[k] + 1)

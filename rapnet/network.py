@@ -189,7 +189,7 @@ class MultiExitNetwork(nn.Module):
                         stop_confidence: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a batch that starts at `split`, each sample at most to its exit in `caps`. A sample with a stop
         confidence > 0 also leaves at the first exit from the split on whose top softmax probability reaches
-        it (RAPNet's capped rule, rapnet.evaluate.capped_exits); its heads on the way run. Samples leave the
+        it (RAPNet's capped rule, rapnet.exit_rules.capped_exits); its heads on the way run. Samples leave the
         batch at their exit (regrouped, never padded). Returns (logits, exit each sample answered at)."""
         caps = torch.as_tensor(caps, dtype=torch.long).reshape(-1)
         batch = caps.numel()
@@ -239,7 +239,7 @@ class MultiExitNetwork(nn.Module):
     def run_until_confident(self, image: torch.Tensor, threshold: float, last_exit: int | None = None) -> tuple[torch.Tensor, int]:
         """SDN-style inference for one image: evaluate exits one after another and stop at the first whose
         top softmax probability reaches `threshold`; `last_exit` (default: the last) always answers.
-        RAPNet's capped rule passes the priced rule's exit as `last_exit` (rapnet.evaluate.capped_exits)."""
+        RAPNet's capped rule passes the priced rule's exit as `last_exit` (rapnet.exit_rules.capped_exits)."""
         last_exit = self.num_exits - 1 if last_exit is None else last_exit
         self._check_exit(last_exit)
         return self._first_confident(image, range(last_exit + 1), threshold, last_answers=True)[2]

@@ -3,6 +3,7 @@ models (no checkpoints or dataset needed). One optional test replays the real ca
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,13 @@ import pytest
 import torch
 
 from orchestration.planner import DEFAULT_PRICE, Conditions, LayerCounts, Planner
-from orchestration.planner import conditions_with as replace_conditions
 from orchestration.simulator import POLICIES, SimConfig, World, compare, fifo_waits
 from orchestration.traces import ModelTraces, _payloads, leaf_layers, load_traces, save_traces
 from rapnet.costs import CostTable, measure_costs
-from rapnet.evaluate import (Traces, capped_curve, capped_exits, confidence_exits, oracle_exits, point, predictor_exits, priced_curve,
-                             priced_exits, relative_exit_costs, sdn_curve)
+from rapnet.evaluate import capped_curve, point, priced_curve, sdn_curve
+from rapnet.exit_rules import (capped_exits, confidence_exits, oracle_exits, predictor_exits, priced_exits,
+                               relative_exit_costs)
+from rapnet.exit_traces import Traces
 
 torch.set_num_threads(1)
 
@@ -156,8 +158,8 @@ def test_sequential_costs_include_every_head():
     costs = toy_costs()
     seq = Planner(costs, {}, [0.5] * 4, sequential=True, predictor_on_edge=False)
     jump = Planner(costs, {}, [0.5] * 4, predictor_on_edge=False)
-    assert seq._local_f[3] == costs.sequential_exit_cost(3)
-    assert jump._local_f[3] == costs.exit_cost(3)
+    assert seq.local_flops[3] == costs.sequential_exit_cost(3)
+    assert jump.local_flops[3] == costs.exit_cost(3)
 
 
 def test_static_and_progressive_helpers():
@@ -296,7 +298,7 @@ def test_cloud_jpeg_pays_for_encoding_even_when_the_planner_may_not_pick_jpeg(tr
     assert static.jpeg_accuracy_drop() > 0.005  # it costs calibration accuracy: JPEG stays off the planner's menu
     w = World({**traces, "static": lossy}, SimConfig(devices=4, workers=1, fps=10.0, accuracy_target=0.7))
     c = Conditions(100, 5, 0.5, jitter_ms=0.0, loss=0.0)
-    assert all(option[1] != "jpeg" for options in w.planners["static"]._options for option in options)
+    assert all(option[1] != "jpeg" for options in w.planners["static"].options for option in options)
     assert w.planners["static"].codec_scaled(0, "jpeg", c)[0] == pytest.approx(0.1 * REF_GFLOPS / 0.5)
     png, jpeg = w.run_policy("cloud_png", c), w.run_policy("cloud_jpeg", c)
     # same encode and decode times in these traces: JPEG is faster by its smaller transfer only
@@ -358,7 +360,7 @@ def test_frames_sent_as_jpeg_are_answered_from_the_jpeg_view(traces, cloud_exit)
     exits = confidence_exits(jt["sdn"].jpeg_confidence, w.sdn_threshold)
     assert results["spinn"].accuracy == pytest.approx(jt["sdn"].jpeg_correct[rows, exits].mean(), abs=1e-12)
     # a fast uplink sends lossless pixels again
-    fast = w.run_policy("rapnet_split", replace_conditions(c, bandwidth_mbps=10_000))
+    fast = w.run_policy("rapnet_split", replace(c, bandwidth_mbps=10_000))
     assert "jpeg" not in fast.detail["encodings"] and fast.detail["jpeg_share"] == 0.0
 
 
@@ -479,7 +481,7 @@ def test_sweep_output_prefix_keeps_its_dots():
 def test_the_oracle_runs_no_predictor(traces, world):
     predictor = traces["rapnet"].costs.predictor_flops
     assert predictor > 0
-    np.testing.assert_allclose(world.oracle_planner._local_f, world.planners["rapnet"]._local_f - predictor)
+    np.testing.assert_allclose(world.oracle_planner.local_flops, world.planners["rapnet"].local_flops - predictor)
 
 
 def test_thresholds_come_from_calibration_not_test(traces, world):
@@ -505,7 +507,7 @@ def test_capped_policy_answers_early_exits_on_the_edge_and_the_rest_where_its_ca
     c = Conditions(bandwidth_mbps=0, rtt_ms=10, device_gflops=2.0)
     res = world.run_policy("rapnet_capped", c)
     planner = world.capped_planner
-    local = np.array([planner.device_ms(planner._local_f[k], planner._local_l[k], c) for k in range(len(planner._local_f))])
+    local = np.array([planner.device_ms(planner.local_flops[k], planner.local_layers[k], c) for k in range(len(planner.local_flops))])
     assert res.offload_share == 0 and res.mean_ms == pytest.approx(local[world.capped_exits].mean())
     ablation = world.run_policy("rapnet_edge_capped", Conditions(bandwidth_mbps=100, rtt_ms=10, device_gflops=2.0))
     assert ablation.offload_share == 0 and ablation.mean_ms == pytest.approx(res.mean_ms)  # its edge-only twin
