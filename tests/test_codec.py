@@ -17,10 +17,12 @@ from hypothesis.extra import numpy as hnp
 
 from protos.rapnet.v1 import inference_pb2 as pb
 from rapnet import codec
+from rapnet.codec import images as codec_images
+from rapnet.codec import tensors as codec_tensors
 from rapnet.codec import CodecError, ContractMismatch, DecodeLimits, EncodeOptions, LimitExceeded, MalformedMessage
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "models" / "rapnet-cifar10.pt"  # the trained model, once issue 3 ships it
+CHECKPOINT = ROOT / "models" / "rapnet-cifar10.pt"  # the shipped model; without it the tests use an untrained one
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def test_zstd_bombs_fail_without_allocating(frame, why):
 
 def test_inflated_shapes_are_refused_before_decompression(monkeypatch):
     calls = []
-    monkeypatch.setattr(codec, "zstd_decompress_bounded", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(codec_tensors, "zstd_decompress_bounded", lambda *a, **k: calls.append(a))
     for shape, raw_size in [((1, 1 << 20, 1 << 20, 1), 1 << 40), ((1 << 62, 2, 2, 2), 1 << 63), ((1, 2049, 32, 16), 2049 * 512)]:
         msg = _valid("int8", 3)
         del msg.shape[:]
@@ -317,7 +319,7 @@ def test_image_headers_are_checked_before_opencv_allocates(monkeypatch):
     png = codec.encode_image(pixels, "png")
     big = bytearray(png.data)
     big[16:24] = struct.pack(">II", 60000, 60000)  # IHDR claims 60000x60000 (10.8 GB of pixels)
-    monkeypatch.setattr(codec.cv2, "imdecode", lambda *a: pytest.fail("imdecode must not run"))
+    monkeypatch.setattr(codec_images.cv2, "imdecode", lambda *a: pytest.fail("imdecode must not run"))
     lying = pb.ImagePayload(format=pb.IMAGE_FORMAT_PNG, width=32, height=32, channels=3, data=bytes(big))
     with pytest.raises(MalformedMessage, match="60000x60000"):
         codec.decode_image(lying)
