@@ -673,6 +673,32 @@ def predictor_calibration_split(val_idx: np.ndarray, fit_count: int, seed: int =
     return np.sort(val_idx[order[:fit_count]]), np.sort(val_idx[order[fit_count:]])
 
 
+def stratified_sample(labels: Sequence[int] | np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """`n` indices into `labels`, spread evenly over the classes (sorted, deterministic for a seed).
+
+    Round robin over the classes (in a seeded order), each class's members taken in a seeded random order, so
+    every class is covered once n >= the number of classes and no class has more than one image more than
+    another until it runs out. Test splits are usually stored class by class, where the first n images would
+    all be one class. n >= len(labels) returns every index; n <= 0 none.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 2])
+    classes = rng.permutation(np.unique(labels))
+    rank = np.empty(total, dtype=np.int64)  # position of each sample within its class's random order
+    turn = np.empty(total, dtype=np.int64)  # its class's place in the round robin
+    for place, c in enumerate(classes):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        rank[members] = np.arange(len(members))
+        turn[members] = place
+    order = np.lexsort((turn, rank))  # round 0 of every class, then round 1, ...
+    return np.sort(order[:n]).astype(np.int64)
+
+
 def sha256_of_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Streaming sha256 hex digest (for checkpoint metadata and archive checks)."""
     h = hashlib.sha256()

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_model
 from .costs import CostTable, measure_costs
-from .data import DatasetError, load_dataset, locate_dataset
+from .data import DatasetError, load_dataset, locate_dataset, stratified_sample
 from .exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                          predictor_exits, priced_exits, relative_exit_costs)
 from .exit_traces import Traces, calibration_indices, collect_traces
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     train = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
     cal_idx = calibration_indices(len(train), meta, has_predictor=rapnet.predictor is not None)
     if args.limit:
-        test = test.subset(np.arange(min(args.limit, len(test))))
+        test = test.subset(stratified_sample(test.labels, args.limit, seed=args.seed))
     cal = train.subset(cal_idx)
 
     costs = measure_costs(rapnet)
@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, nargs="*", default=[0.25, 0.3, 0.35, 0.5],
                    help="target mean FLOPs as fractions of the reference network")
     p.add_argument("--budget-ms", type=float, default=None, help="target mean batch-1 CPU milliseconds")
-    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate on N test images only, a seeded sample spread evenly over the classes (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     p.add_argument("--latency-images", type=int, default=100, help="images timed for batch-1 latency")
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)

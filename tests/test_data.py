@@ -14,7 +14,8 @@ import pytest
 
 from rapnet import data
 from rapnet.data import (
-    DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file, train_val_split,
+    DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file, stratified_sample,
+    train_val_split,
 )
 
 CLASSES = ["cat", "dog", "frog"]  # deliberately sorted = label order
@@ -372,3 +373,29 @@ def test_shared_cifar10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     np.testing.assert_array_equal(np.bincount(ds.labels), [1000] * 10)
     assert 110 < ds.images.mean() < 135  # README: about 123 for test (JPEG export)
+
+
+def test_stratified_sample_covers_every_class_evenly() -> None:
+    labels = np.repeat(np.arange(10), 100)  # stored class by class, as test splits are
+    for n in (10, 25, 137):
+        idx = stratified_sample(labels, n, seed=0)
+        assert len(idx) == n and len(set(idx.tolist())) == n
+        assert np.all(np.diff(idx) > 0)  # sorted
+        counts = np.bincount(labels[idx], minlength=10)
+        assert counts.min() >= 1 and counts.max() - counts.min() <= 1
+
+
+def test_stratified_sample_is_deterministic_and_seeded() -> None:
+    labels = np.random.default_rng(3).integers(0, 7, 500)
+    a, b = stratified_sample(labels, 40, seed=0), stratified_sample(labels, 40, seed=0)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, stratified_sample(labels, 40, seed=1))
+
+
+def test_stratified_sample_edges() -> None:
+    labels = np.array([0] * 3 + [1] * 50)
+    assert np.array_equal(stratified_sample(labels, 100), np.arange(53))  # n >= len: all of them
+    assert np.array_equal(stratified_sample(labels, 53), np.arange(53))
+    assert len(stratified_sample(labels, 0)) == 0
+    small = stratified_sample(labels, 10)
+    assert np.bincount(labels[small]).tolist() == [3, 7]  # a class that runs out leaves its turns to the others
