@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CA (give to clients): {paths.ca}\nserver: {paths.cert} {paths.key}\nclient: {paths.client_cert} {paths.client_key}")
         return 0
     if args.command == "make-token":
-        from .security import BearerToken
+        from rapnet.transport import BearerToken
 
         out = Path(args.out)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args) -> int:
     from . import logs
-    from .security import TLSFiles, load_token
+    from rapnet.transport import load_token
+
+    from .security import TLSFiles
     from .server import CloudServer, StartError
 
     logs.configure()

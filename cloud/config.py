@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
+
 
 REPLICA_TRANSPORTS = ("grpc", "ray")
 
@@ -116,7 +118,7 @@ class FrontSettings:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    max_message_bytes: int = 1 << 20  # receive and send limit; a batch-1 CIFAR request is < 30 KB
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # receive and send limit; a batch-1 CIFAR request is < 30 KB
     max_in_flight: int = 256  # samples admitted at once (unary + stream); beyond: RESOURCE_EXHAUSTED
     request_timeout_s: float = 30.0  # cap for requests that carry no gRPC deadline
     retries: int = 1  # retries of a request whose replica died under it

@@ -20,12 +20,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from protos.rapnet.v1 import inference_pb2 as pb
 from rapnet.codec import CodecError, DecodeLimits, ModelContract, build_response, parse_request_bytes
+from rapnet.transport import BearerToken
 
 from .batching import Sample, SampleResult
 from .config import FrontSettings
 from .logs import fields, get_logger
 from .metrics import FrontMetrics
-from .security import BearerToken
 
 SERVICE = "rapnet.v1.Inference"
 Code = grpc.StatusCode

@@ -1,86 +1,22 @@
-"""TLS credentials, the bearer token, and a development certificate authority.
+"""The server's TLS credentials, and a development certificate authority.
 
-Every call to rapnet.v1.Inference must carry `authorization: Bearer <token>` in its metadata; the token is
-compared in constant time and never logged. The edge-facing port uses TLS (server certificate, optionally
-mutual TLS with a client CA). `make_dev_cert` writes a self-signed CA and a server certificate for
-127.0.0.1/localhost (the `cryptography` package, or openssl when it is missing: recipe in docs/cloud.md).
+The edge-facing port uses TLS (server certificate, optionally mutual TLS with a client CA); the bearer token
+and the client side of TLS live in rapnet.transport, which both sides use. `make_dev_cert` writes a
+self-signed CA and a server certificate for 127.0.0.1/localhost (the `cryptography` package, or openssl when
+it is missing: recipe in docs/cloud.md).
 """
 from __future__ import annotations
 
 import datetime
-import hmac
 import ipaddress
 import os
-import secrets
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-TOKEN_ENV = "RAPNET_TOKEN"
-AUTH_HEADER = "authorization"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bearer token
-# ----------------------------------------------------------------------------------------------------------
-
-
-class BearerToken:
-    """Holds the expected token; `repr` and `str` never show it."""
-
-    def __init__(self, token: str):
-        token = token.strip()
-        if len(token) < 16:
-            raise ValueError("the bearer token must be at least 16 characters (use `rapnet-cloud make-token`)")
-        if any(c.isspace() for c in token) or not token.isascii():
-            raise ValueError("the bearer token must be printable ASCII without spaces")
-        self._expected = f"Bearer {token}".encode()
-        self._token = token
-
-    @classmethod
-    def generate(cls) -> "BearerToken":
-        return cls(secrets.token_urlsafe(32))
-
-    @property
-    def value(self) -> str:
-        """The token itself, for handing to a client (never for logs)."""
-        return self._token
-
-    def matches(self, metadata) -> bool:
-        """True when the call's metadata holds exactly `authorization: Bearer <token>`."""
-        presented = [value for key, value in (metadata or ()) if key == AUTH_HEADER]
-        if len(presented) != 1:
-            return False
-        value = presented[0]
-        value = value.encode() if isinstance(value, str) else bytes(value)
-        return hmac.compare_digest(value, self._expected)
-
-    def __repr__(self) -> str:
-        return "BearerToken(<redacted>)"
-
-    __str__ = __repr__
-
-
-def load_token(token_file: str | os.PathLike | None = None, env: dict | None = None) -> BearerToken | None:
-    """The token from --token-file, else from $RAPNET_TOKEN, else None."""
-    env = os.environ if env is None else env
-    if token_file:
-        path = Path(token_file)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ValueError(f"cannot read token file {path}: {err.strerror}") from None
-        return BearerToken(text)
-    if env.get(TOKEN_ENV):
-        return BearerToken(env[TOKEN_ENV])
-    return None
-
-
-def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Client side: the metadata to send with every call."""
-    return ((AUTH_HEADER, f"Bearer {token}"),)
+from rapnet.transport import read_pem
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,27 +33,11 @@ class TLSFiles:
     client_ca: str | None = None
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        cert, key = _read(self.cert, "certificate"), _read(self.key, "private key")
-        ca = _read(self.client_ca, "client CA") if self.client_ca else None
+        cert, key = read_pem(self.cert, "certificate"), read_pem(self.key, "private key")
+        ca = read_pem(self.client_ca, "client CA") if self.client_ca else None
         return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
         )
-
-
-def client_credentials(ca: str, client_cert: str | None = None, client_key: str | None = None) -> grpc.ChannelCredentials:
-    """Client side: trust `ca` (the dev CA, or the CA that signed the server) and optionally present a cert."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "CA certificate"),
-        private_key=_read(client_key, "client key") if client_key else None,
-        certificate_chain=_read(client_cert, "client certificate") if client_cert else None,
-    )
-
-
-def _read(path: str | os.PathLike, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise ValueError(f"cannot read the TLS {what} {path}: {err.strerror}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

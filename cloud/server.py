@@ -20,11 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rapnet.runtime import freeze_startup_heap, prefer_throughput_scheduling, set_thread_scheduling
+from rapnet.transport import BearerToken, channel_options
 
 from .config import CloudConfig, RaySettings
 from .logs import fields, get_logger
 from .metrics import FrontMetrics
-from .security import BearerToken, TLSFiles
+from .security import TLSFiles
 
 log = get_logger("rapnet.cloud.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -242,11 +243,7 @@ class CloudServer:
 
         front_cfg = self.config.front
         self._stop_event = asyncio.Event()
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", front_cfg.max_message_bytes),
-            ("grpc.max_send_message_length", front_cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ])
+        server = grpc.aio.server(options=channel_options(front_cfg.max_message_bytes) + [("grpc.so_reuseport", 0)])
         front = InferenceFront(contract, replica_handle(self._handle, front_cfg.replica_transport), front_cfg,
                                self._token, self.metrics, max_chunk=self.config.batch.max_batch_size)
         front.coalescer.replicas = self.config.autoscaling.min_replicas

@@ -303,7 +303,7 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
 
 
 def _cloud_target(app: EdgeApp):
-    from cloud.security import load_token
+    from rapnet.transport import load_token
 
     from .link import CloudTarget
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from protos.rapnet.v1 import inference_pb2 as pb
+from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES, auth_metadata, open_channel
 
 INFER_METHOD = "/rapnet.v1.Inference/Infer"
 
@@ -32,7 +33,7 @@ class CloudTarget:
     ca: str | None = None  # TLS: the CA that signed the server certificate (None: plaintext, loopback only)
     client_cert: str | None = None
     client_key: str | None = None
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __repr__(self) -> str:
         return (f"CloudTarget(address={self.address!r}, token={'<redacted>' if self.token else None}, "
@@ -173,30 +174,20 @@ class CloudReply:
     bytes_received: int
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    from cloud.client import channel_options
-
-    return channel_options(max_message_bytes) + [
-        # Reconnect quickly once the cloud is back (gRPC's default backoff grows to 120 s).
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.min_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
+# Reconnect quickly once the cloud is back (gRPC's default backoff grows to 120 s).
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 class CloudLink:
     def __init__(self, target: CloudTarget, deadline_ms: float, breaker: CircuitBreaker | None = None,
                  estimate: NetworkEstimate | None = None):
-        from cloud.client import client_credentials
-        from cloud.security import auth_metadata
-
         self.target, self.deadline_ms = target, float(deadline_ms)
-        options = _channel_options(target.max_message_bytes)
-        if target.ca is None:
-            self.channel = grpc.insecure_channel(target.address, options=options)
-        else:
-            creds = client_credentials(target.ca, target.client_cert, target.client_key)
-            self.channel = grpc.secure_channel(target.address, creds, options=options)
+        self.channel = open_channel(target.address, target.ca, target.client_cert, target.client_key,
+                                    target.max_message_bytes, extra_options=RECONNECT_OPTIONS)
         self._call = self.channel.unary_unary(INFER_METHOD, request_serializer=None,
                                               response_deserializer=pb.InferResponse.FromString)
         self._metadata = auth_metadata(target.token) if target.token else None

@@ -23,16 +23,17 @@ ray = pytest.importorskip("ray")
 
 from cloud.app import build_app  # noqa: E402
 from cloud.batching import Sample, run_batch  # noqa: E402
-from cloud.client import InferenceStub, auth_metadata, health_status, open_channel  # noqa: E402
 from cloud.config import CloudConfig  # noqa: E402
 from cloud.logs import JsonFormatter, redact  # noqa: E402
-from cloud.security import BearerToken, TLSFiles, make_dev_cert  # noqa: E402
+from cloud.security import TLSFiles, make_dev_cert  # noqa: E402
 from cloud.server import CloudServer  # noqa: E402
 from protos.rapnet.v1 import inference_pb2 as pb  # noqa: E402
+from protos.rapnet.v1.inference_pb2_grpc import InferenceStub  # noqa: E402
 from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import save_checkpoint  # noqa: E402
 from rapnet.codec import EncodeOptions, ModelContract, build_request  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
+from rapnet.transport import BearerToken, auth_metadata, health_status, open_channel  # noqa: E402
 
 TOKEN = "test-token-" + "x" * 24
 Code = grpc.StatusCode
@@ -143,7 +144,7 @@ def test_run_batch_regroups_mixed_splits_and_exits(model_file):
 
 def _priced(model, image, price, cap=None):
     from rapnet.costs import measure_costs
-    from rapnet.evaluate import priced_exits, relative_exit_costs
+    from rapnet.exit_rules import priced_exits, relative_exit_costs
 
     cap = model.num_exits if cap is None else cap + 1
     with torch.no_grad():
