@@ -51,9 +51,8 @@ from edge.frames import Frame, Source, bgr_to_rgb, fit_image  # noqa: E402
 from edge.link import CircuitBreaker, CloudLink, CloudTarget, NetworkEstimate  # noqa: E402
 from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
 from orchestration.planner import Plan  # noqa: E402
-from orchestration.traces import encode_options  # noqa: E402
 from rapnet.checkpoint import load_model  # noqa: E402
-from rapnet.codec import ModelContract, build_request  # noqa: E402
+from rapnet.codec import ModelContract, build_request, encode_options  # noqa: E402
 from rapnet.data import load_dataset  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
 from rapnet.machine import machine_info  # noqa: E402

@@ -120,15 +120,12 @@ def _gflops(value: str) -> float | None:
 
 
 def _encodings(value: str) -> tuple[str, ...]:
-    from orchestration.planner import DEFAULT_ENCODINGS
+    from rapnet.codec.menu import parse_encodings
 
-    if value == "auto":
-        return DEFAULT_ENCODINGS
-    chosen = tuple(e.strip() for e in value.split(",") if e.strip())
-    unknown = [e for e in chosen if e not in DEFAULT_ENCODINGS]
-    if unknown or not chosen:
-        raise SetupError(f"--encoding {value!r}: choose auto or from {', '.join(DEFAULT_ENCODINGS)}")
-    return tuple(dict.fromkeys(chosen))
+    try:
+        return parse_encodings(value)
+    except ValueError as err:
+        raise SetupError(f"--encoding: {err}") from None
 
 
 class Display:

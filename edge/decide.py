@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from orchestration.planner import DEFAULT_ENCODINGS, DEFAULT_PRICE, Conditions, Plan, Planner
+from orchestration.planner import DEFAULT_PRICE, Conditions, Plan, Planner
+from rapnet.codec.menu import DEFAULT_ENCODINGS
 
 # The exit rule: by default RAPNet's priced rule (rapnet.evaluate.priced_exits: argmax score - price x cost)
 # at the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner: 0.03, calibrated on the

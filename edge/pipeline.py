@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from protos.rapnet.v1 import inference_pb2 as pb
-from rapnet.codec import ModelContract, build_request
+from rapnet.codec import ModelContract, build_request, encode_options
 from rapnet.preprocess import to_model_input
 
 from .decide import Decider
@@ -141,8 +141,6 @@ class EdgeAgent:
 
     # ---- per-frame work ---------------------------------------------------------------------------------
     def _options(self, encoding: str):
-        from orchestration.traces import encode_options
-
         opts = self._encode_options.get(encoding)
         if opts is None:
             opts = self._encode_options[encoding] = encode_options(encoding)

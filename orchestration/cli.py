@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from rapnet.codec.menu import DEFAULT_ENCODINGS, ENCODING_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sim_sweep"
 DEFAULT_FIGURES = ROOT / "docs"
 DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
-# = planner.DEFAULT_ENCODINGS (a test checks), written out because importing the planner loads torch (slow --help)
-SIM_ENCODINGS = ("png", "raw+zstd", "jpeg", "int8+zstd", "fp16+zstd", "fp32+zstd")
 
 
 def _accuracy_target(value: str) -> float | str:
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
                    help="RAPNet split always runs the predictor on the edge (default: when every exit would send the "
                         "image anyway, the edge skips it and the cloud picks the exit)")
-    g.add_argument("--encodings", nargs="+", default=list(SIM_ENCODINGS),
+    g.add_argument("--encodings", nargs="+", default=list(DEFAULT_ENCODINGS), choices=ENCODING_NAMES, metavar="NAME",
                    help="planner's encoding menu (png, raw+zstd or jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later); "
                         "a lossy one is used only where it passes the accuracy test (orchestration.traces.ModelTraces.menu)")
     g.add_argument("--seed", type=int, default=0)

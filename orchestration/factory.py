@@ -15,7 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .planner import DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, LayerCounts, Planner
+from rapnet.codec.menu import DEFAULT_ENCODINGS
+
+from .planner import MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, LayerCounts, Planner
 
 
 def traces_for_model(model, traces: str | Path | None):

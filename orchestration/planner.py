@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from rapnet.codec.menu import DEFAULT_ENCODINGS
 from rapnet.costs import CostTable
 from rapnet.exit_rules import check_price, check_threshold, predictor_exits, priced_exits, relative_exit_costs
 
@@ -48,7 +49,6 @@ MSS_BYTES = 1448
 # JPEG request of 1,178 (133), connection set-up spread over 100 requests.
 REQUEST_FRAMING_BYTES = 133
 MIN_RTO_MS = 200.0
-DEFAULT_ENCODINGS = ("png", "raw+zstd", "jpeg", "int8+zstd", "fp16+zstd", "fp32+zstd")
 # A lossy encoding joins the menu when it leaves this share of answers unchanged (features), or, for a JPEG
 # image, when its exits lose at most this much held-out accuracy on average (ModelTraces.menu).
 MIN_AGREEMENT = 0.995

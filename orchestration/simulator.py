@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from rapnet.codec.menu import DEFAULT_ENCODINGS, IMAGE_ENCODINGS
 from rapnet.exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                                predictor_exits, priced_exits)
 
-from .planner import (DEFAULT_ENCODINGS, MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS,
-                      REQUEST_FRAMING_BYTES, Conditions, LayerCounts, Planner)
-from .traces import IMAGE_ENCODINGS, ModelTraces
+from .planner import (MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, REQUEST_FRAMING_BYTES,
+                      Conditions, LayerCounts, Planner)
+from .traces import ModelTraces
 
 POLICIES = ("sdn_edge", "rapnet_edge", "rapnet_edge_capped", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn",
             "rapnet_split", "rapnet_capped", "oracle")

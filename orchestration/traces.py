@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rapnet.codec.menu import LOSSLESS, encode_options, encodings_for_split
 from rapnet.costs import CostTable
 
 # 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test, held-out split); 5: confidences
@@ -25,34 +26,9 @@ TRACE_VERSION = 5
 MODEL_NAMES = ("rapnet", "sdn", "static")
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
 
-# Encodings the simulator knows (names shared with the planner). At split 0 the request carries the image
-# itself (an ImagePayload: PNG, uint8 pixels + zstd, or JPEG); at later splits the live feature tensors, plus
-# the image as PNG where a later stage still reads it (RAPNet's high-resolution path).
-IMAGE_ENCODINGS = ("png", "raw+zstd", "jpeg")
-FEATURE_ENCODINGS = ("fp32+zstd", "fp16+zstd", "int8+zstd")
-# Which encodings leave the model's answer unchanged: PNG, raw pixels and fp32 are exactly lossless. fp16 is
-# checked per split on the payload subset (argmax agreement stored in the traces); int8 and JPEG change answers.
-LOSSLESS = ("png", "raw+zstd", "fp32+zstd")
 PER_SAMPLE_FIELDS = ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores",
                      "jpeg_correct", "jpeg_confidence", "jpeg_scores", "heldout_correct", "heldout_confidence",
                      "heldout_scores", "heldout_jpeg_correct", "heldout_jpeg_confidence", "heldout_jpeg_scores")
-
-
-def encode_options(encoding: str):
-    from rapnet.codec import EncodeOptions
-
-    if encoding == "png":
-        return EncodeOptions(image_format="png")
-    if encoding == "raw+zstd":  # 30% more bytes than PNG, about 4x cheaper to encode: for slow devices
-        return EncodeOptions(image_format="raw_zstd")
-    if encoding == "jpeg":
-        return EncodeOptions(image_format="jpeg", jpeg_quality=90)
-    base, _, codec = encoding.partition("+")
-    return EncodeOptions(encoding=base, zstd_level=3 if codec == "zstd" else None, image_format="png")
-
-
-def encodings_for_split(split: int) -> tuple[str, ...]:
-    return IMAGE_ENCODINGS if split == 0 else FEATURE_ENCODINGS
 
 
 def leaf_layers(module: torch.nn.Module) -> int:
