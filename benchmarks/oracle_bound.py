@@ -1,15 +1,15 @@
-"""How close to the oracle can an exit rule get? Issue 7 asks RAPNet's policy to stay within 15% of the latency of
-an oracle that knows each image's earliest correct exit. This script bounds what any rule of the kinds we have can
-reach, by tuning them on the test set itself (which no real rule may do) and comparing their compute per frame with
-the oracle's, at the accuracy our calibrated capped rule reaches on the test set.
+"""How close to the oracle can an exit rule get? The oracle knows each image's earliest correct exit; RAPNet's
+policy is held to within 15% of its latency. This script bounds what any rule of the kinds we have can reach, by
+tuning them on the test set itself (which no real rule may do) and comparing their compute per frame with the
+oracle's, at the accuracy our calibrated capped rule reaches on the test set.
 
 Where a device answers every frame itself (fast devices), latency follows compute (FLOPs plus per-layer calls), so
 these ratios are what the sweep's cells there show; where the network dominates, every policy pays the same
 transfer and the ratios shrink towards 1. Then, over the default sweep's cells, the latency of our capped rule
 against the same rule at the setting tuned on the test set: a reference that a realizable rule could be held to.
 
-    python benchmarks/oracle_bound.py --models models/cpu-e20-kd --cache runs/sim_traces_kd.npz --accuracy-target 0.835
-Writes benchmarks/results/oracle_bound-<cache name>.json and prints markdown tables (~30 s).
+    python benchmarks/oracle_bound.py                       # the shipped models; --models DIR --cache FILE for others
+Writes benchmarks/results/oracle_bound.json and prints markdown tables (~30 s).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestration.cli import _world, build_parser, sweep  # noqa: E402
-from rapnet.evaluate import CAPPED_GRID, THRESHOLDS, capped_exits, confidence_exits, oracle_exits  # noqa: E402
+from orchestration.cli import build_parser, sim_config, sweep  # noqa: E402
+from orchestration.simulator import load_world  # noqa: E402
+from rapnet.exit_rules import CAPPED_GRID, THRESHOLDS, capped_exits, confidence_exits, oracle_exits  # noqa: E402
 
 
 def cheapest(rules, correct: np.ndarray, cost, accuracy: float):
@@ -47,14 +48,15 @@ def _capped_ms(world, sweep_args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default=str(ROOT / "models"), help="rapnet-sim's --models")
+    p.add_argument("--models", default=None, help="rapnet-sim's --models (default: the shipped models)")
     p.add_argument("--cache", default=str(ROOT / "runs" / "sim_traces.npz"), help="rapnet-sim's --cache")
     p.add_argument("--accuracy-target", default=None, help="rapnet-sim's --accuracy-target (default: the simulator's)")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/oracle_bound-<cache stem>.json)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "oracle_bound.json"), help="JSON output")
     args = p.parse_args(argv)
     target = [] if args.accuracy_target is None else ["--accuracy-target", args.accuracy_target]
-    sweep_args = build_parser().parse_args(["sweep", "--models", args.models, "--cache", args.cache, *target])
-    world, _ = _world(sweep_args)  # the default sweep's world
+    models = [] if args.models is None else ["--models", args.models]
+    sweep_args = build_parser().parse_args(["sweep", *models, "--cache", args.cache, *target])
+    world, _ = load_world(sim_config(sweep_args), sweep_args.models, sweep_args.data, sweep_args.cache)  # the default sweep's world
     r = world.rapnet
     c, K = r.costs, r.costs.num_exits
     direct = np.array([c.exit_cost(k) for k in range(K)], dtype=float)  # straight to one exit: the oracle
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
                        "max_over_test_tuned": float(ratios.max()), "within_15pct": int((ratios <= 1.15).sum())}
     print(f"\nover the sweep's {len(ratios)} cells, ours / the capped rule at the test-tuned setting {capped[0]}: median "
           f"{np.median(ratios):.3f}, max {ratios.max():.3f}, within 15% in {(ratios <= 1.15).sum()}")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"oracle_bound-{Path(args.cache).stem}.json"
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0

@@ -1,7 +1,7 @@
 """The edge agent's decision: which exit, and local or split, for one frame.
 
 The decision itself belongs to the planner (orchestration/planner.py, built by
-orchestration.factory.planner_for_model): this module only turns the agent's flags and its live network
+orchestration.calibration.planner_for_model): this module only turns the agent's flags and its live network
 estimate into the planner's `Conditions`, and keeps those conditions on a coarse grid so the planner's
 per-Conditions option cache stays small and a noisy estimate does not flip decisions on every frame.
 
@@ -156,9 +156,9 @@ class Decider:
 
 def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSettings, metadata: dict | None = None,
                   traces: str | Path | None = None) -> Decider:
-    """The planner for `model` (orchestration.factory: measured costs, layer counts, real request sizes on
+    """The planner for `model` (orchestration.calibration: measured costs, layer counts, real request sizes on
     `sample_pixels`, or a trace cache holding this model) behind the agent's settings."""
-    from orchestration.factory import jpeg_stop_confidence, planner_for_model
+    from orchestration.calibration import jpeg_stop_confidence, planner_for_model
 
     if settings.threshold is not None and settings.price is not None:
         raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")

@@ -44,20 +44,23 @@ def _accuracy_target(value: str) -> float | str:
     return target
 
 
+def sim_config(args):
+    """The simulator's SimConfig from rapnet-sim's parsed arguments."""
+    from .simulator import SimConfig
+
+    return SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
+                     rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed,
+                     cloud_exit=args.cloud_exit, calibration_priors=args.calibration_priors)
+
+
 def _world(args):
     import torch
 
     torch.set_num_threads(1)
-    from .simulator import SimConfig, World
-    from .traces import DEFAULT_CACHE, default_checkpoints, ensure_traces
+    from .simulator import load_world
 
-    checkpoints = default_checkpoints(args.models)
-    traces, meta = ensure_traces(checkpoints, args.data, Path(args.cache or DEFAULT_CACHE), rebuild=getattr(args, "rebuild", False),
-                                 log=lambda m: print(m, file=sys.stderr))
-    config = SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
-                       rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed,
-                       cloud_exit=args.cloud_exit, calibration_priors=args.calibration_priors)
-    return World(traces, config), meta
+    return load_world(sim_config(args), args.models, args.data, args.cache, rebuild=getattr(args, "rebuild", False),
+                      log=lambda m: print(m, file=sys.stderr))
 
 
 def _conditions(args, bandwidth, gflops, rtt):

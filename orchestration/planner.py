@@ -104,7 +104,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class LayerCounts:
-    """Leaf-layer calls per stage, exit head and predictor (orchestration.traces.leaf_layers)."""
+    """Leaf-layer calls per stage, exit head and predictor (orchestration.calibration.layer_counts)."""
 
     stage_layers: tuple[int, ...]
     exit_layers: tuple[int, ...]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +20,10 @@ from rapnet.codec.menu import DEFAULT_ENCODINGS, IMAGE_ENCODINGS
 from rapnet.exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                                predictor_exits, priced_exits)
 
+from .calibration import calibrate_for_jpeg, calibrate_setting, capped_jpeg_stop
+from .model_traces import ModelTraces
 from .planner import (MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, REQUEST_FRAMING_BYTES,
                       Conditions, LayerCounts, Planner)
-from .traces import ModelTraces
 
 POLICIES = ("sdn_edge", "rapnet_edge", "rapnet_edge_capped", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn",
             "rapnet_split", "rapnet_capped", "oracle")
@@ -80,22 +82,6 @@ class PolicyResult:
     detail: dict = field(default_factory=dict)
 
 
-def calibrate_setting(correct: np.ndarray, grid, exits_for, cost_per_exit: np.ndarray,
-                      target: float) -> tuple[float, float]:
-    """The setting in `grid` (exits_for(setting) -> exit per sample) with the lowest mean cost whose accuracy
-    reaches `target` on calibration data (the most accurate one when none does). Returns (setting,
-    calibration accuracy)."""
-    rows = np.arange(len(correct))
-    best = None
-    for t in grid:
-        exits = exits_for(t)
-        acc, cost = float(correct[rows, exits].mean()), float(cost_per_exit[exits].mean())
-        key = (acc < target, cost if acc >= target else -acc, cost)
-        if best is None or key < best[0]:
-            best = (key, t, acc)
-    return best[1], best[2]
-
-
 def calibrate_threshold(correct: np.ndarray, values: np.ndarray, rule, cost_per_exit: np.ndarray,
                         target: float) -> tuple[float, float]:
     """Threshold rule (predictor_exits / confidence_exits): the cheapest threshold reaching `target`."""
@@ -113,33 +99,6 @@ def calibrate_capped(correct: np.ndarray, scores: np.ndarray, confidence: np.nda
     """Capped rule (capped_exits): the cheapest (price, threshold) on rapnet.exit_rules.CAPPED_GRID reaching `target`."""
     return calibrate_setting(correct, CAPPED_GRID, lambda qt: capped_exits(scores, confidence, *qt, relative_costs),
                              cost_per_exit, target)
-
-
-def calibrate_for_jpeg(t: ModelTraces, setting, stricter, exits_for, cost_per_exit: np.ndarray):
-    """The setting an exit rule uses on images that travel as JPEG: the cheapest of `stricter` (the rule's settings
-    no looser than `setting`) whose exits on the JPEG view of the held-out split are as accurate as `setting`'s on
-    its lossless view (the most accurate one when none is). JPEG costs the exits a little accuracy; the cloud, where
-    those frames run, buys it back with a few more heads at its cheap compute. The whole held-out split (5,000
-    images), not the calibration part (1,000), on which a loss of half a point is 5 images: the comparison of two
-    views is paired, so the predictor having been fitted on most of the split flatters both alike.
-    exits_for(scores, confidence, setting) -> exit per sample. `setting` itself when the traces lack the views."""
-    if t.heldout_jpeg_confidence is None:
-        return setting
-    rows = np.arange(len(t.heldout_correct))
-    target = float(t.heldout_correct[rows, exits_for(t.heldout_scores, t.heldout_confidence, setting)].mean())
-    return calibrate_setting(t.heldout_jpeg_correct, stricter,
-                             lambda s: exits_for(t.heldout_jpeg_scores, t.heldout_jpeg_confidence, s), cost_per_exit,
-                             target)[0]
-
-
-def capped_jpeg_stop(t: ModelTraces, setting: tuple[float, float], relative_costs: np.ndarray,
-                     cost_per_exit: np.ndarray) -> float:
-    """The capped rule's stop confidence for JPEG images (calibrate_for_jpeg; the price, hence the cap, stays), on
-    the single-knob rules' finer threshold grid: one knob to search, not CAPPED_GRID's two."""
-    price, stop = setting
-    stricter = [(price, float(th)) for th in sorted({*THRESHOLDS.tolist(), stop}) if th >= stop]
-    return calibrate_for_jpeg(t, setting, stricter, lambda sc, cf, qt: capped_exits(sc, cf, *qt, relative_costs),
-                              cost_per_exit)[1]
 
 
 def fifo_waits(arrival: np.ndarray, service: np.ndarray, workers: int) -> np.ndarray:
@@ -511,6 +470,20 @@ class World:
 
 
 # A second, looser count of issue 7's criterion: accuracies within 0.1 point (10 of 10,000 test images) count as equal.
+def load_world(config: SimConfig, models: str | Path | None = None, data: str | None = None,
+               cache: str | Path | None = None, rebuild: bool = False, log=print, settings=None,
+               progress: bool = True) -> tuple[World, dict]:
+    """The World of the three models in `models` (default: the shipped ones) under `config`, from their trace
+    cache (`cache`, default: orchestration.traces.default_cache_path; built when missing, stale or `rebuild`) made
+    with `settings` (orchestration.traces.TraceSettings, default: its defaults). Returns (world, the cache's
+    metadata)."""
+    from .traces import TraceSettings, default_checkpoints, ensure_traces
+
+    traces, meta = ensure_traces(default_checkpoints(models), data, cache, settings or TraceSettings(),
+                                 rebuild=rebuild, log=log, progress=progress)
+    return World(traces, config), meta
+
+
 ACCURACY_TIE = 0.001
 
 

@@ -476,10 +476,11 @@ def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, data
 def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path, **heldout) -> Path:
     """A rapnet-sim trace cache for `model` whose labelled held-out answers say JPEG costs no accuracy (request sizes
     measured on `pixels`); `heldout` replaces held-out arrays."""
-    from orchestration.traces import ModelTraces, _payloads, leaf_layers, save_traces
+    from orchestration.calibration import leaf_layers, measure_payloads
+    from orchestration.model_traces import ModelTraces, save_traces
     from rapnet.checkpoint import model_identity
 
-    payload, enc, dec, agreement = _payloads(model, "rapnet", pixels, lambda m: None)
+    payload, enc, dec, agreement = measure_payloads(model, pixels)
     # equal codec times, so the smallest image wins on a slow uplink: measured ones follow the machine's load, and
     # on a 0.01 GFLOP/s device JPEG's slower encoding can outweigh its smaller transfer
     enc, dec = {k: 0.1 for k in enc}, {k: 0.1 for k in dec}

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from orchestration.calibration import leaf_layers, measure_payloads
+from orchestration.model_traces import ModelTraces, load_traces, save_traces
 from orchestration.planner import DEFAULT_PRICE, Conditions, LayerCounts, Planner
 from orchestration.simulator import POLICIES, SimConfig, World, compare, fifo_waits
-from orchestration.traces import ModelTraces, _payloads, leaf_layers, load_traces, save_traces
 from rapnet.costs import CostTable, measure_costs
 from rapnet.evaluate import capped_curve, point, priced_curve, sdn_curve
 from rapnet.exit_rules import (capped_exits, confidence_exits, oracle_exits, predictor_exits, priced_exits,
@@ -213,7 +214,7 @@ def _synthetic(kind: str, seed: int) -> ModelTraces:
     held_jf = np.clip(held_f + 0.1 * rng.standard_normal(held_f.shape), 0, 1).astype(np.float32)
     held_js = None if held_s is None else np.clip(held_s + 0.2 * rng.standard_normal(held_s.shape), 0, 1).astype(np.float32)
     pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    payload, enc, dec, agree = _payloads(model, kind, pixels, lambda m: None)
+    payload, enc, dec, agree = measure_payloads(model, pixels)
     # fixed codec times: measured ones follow the machine's load, and the tests below must not
     enc, dec = {k: 0.1 for k in enc}, {k: 0.1 for k in dec}
     return ModelTraces(kind, f"synthetic-{kind}", costs, tuple(leaf_layers(x) for x in model.stages),
@@ -365,7 +366,7 @@ def test_frames_sent_as_jpeg_are_answered_from_the_jpeg_view(traces, cloud_exit)
 
 
 def test_jpeg_images_get_the_cheapest_no_looser_setting_that_loses_nothing_on_the_held_out_split(jpeg_heldout_views):
-    from orchestration.simulator import calibrate_for_jpeg, capped_jpeg_stop
+    from orchestration.calibration import calibrate_for_jpeg, capped_jpeg_stop
 
     t = jpeg_heldout_views()
     relative = np.linspace(0.25, 1.0, 4)
@@ -708,7 +709,7 @@ def test_raw_pixels_travel_when_encoding_time_outweighs_bytes():
 
 
 def test_planner_for_model_from_sample_frames():
-    from orchestration.factory import planner_for_model
+    from orchestration.calibration import planner_for_model
     from rapnet.build import build_model
     from rapnet.config import ModelConfig
 
