@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from protos.rapnet.v1 import inference_pb2 as pb
 from rapnet.codec import ModelContract, build_request, encode_options
 from rapnet.preprocess import to_model_input
 
@@ -107,7 +106,6 @@ class AgentSettings:
     frame_queue: int = 4  # captured frames waiting for the compute thread (live sources: 1, latest wins)
     in_flight: int = 4  # requests queued or on the wire at once
     network_threads: int = 4
-    policy_name: str = "rapnet-predictor"
     use_predictor: bool = True  # False: baselines that do not run the exit predictor (scores = None)
     emulate_device: bool = False  # pad predictor, local compute and encoding to the planner's modelled device time
 
@@ -225,13 +223,9 @@ class EdgeAgent:
         self._emulate(lat, conditions, use and not cloud_exit, split=plan.split)
         t = time.perf_counter()
         try:
-            # the rule's one setting travels in Policy.threshold; the name says which (e.g. rapnet-predictor/price)
-            policy = pb.Policy(name=f"{self.settings.policy_name}/{self.decider.rule}", threshold=self.decider.knob,
-                               score=score or 0.0)
             request = build_request(self.contract, carry, plan.split, plan.exit_index, self._options(plan.encoding),
-                                    image=frame.pixels if "image" in carry else None, policy=policy,
+                                    image=frame.pixels if "image" in carry else None,
                                     deadline_ms=int(self.settings.deadline_ms),
-                                    edge_compute_ms=lat["local"] + lat["predictor"],
                                     cloud_exit_price=self.decider.price if cloud_exit else None,
                                     stop_confidence=self.decider.stop_confidence_for(plan.encoding))
             data = request.SerializeToString()

@@ -381,7 +381,7 @@ def test_oversized_message_is_resource_exhausted(server, certs, stub, model_file
     big = open_channel(server.address, ca=str(certs.ca), max_message_bytes=8 << 20)
     try:
         req, _ = _request(model, contract, split=4)
-        req.policy.name = "x" * (2 << 20)  # 2 MiB > the server's 1 MiB limit
+        req.request_id = "x" * (2 << 20)  # 2 MiB > the server's 1 MiB limit
         assert _code(lambda: InferenceStub(big).Infer(req, metadata=auth_metadata(TOKEN), timeout=10)) == Code.RESOURCE_EXHAUSTED
     finally:
         big.close()

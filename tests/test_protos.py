@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 
 from protos import generate
 from protos.rapnet.v1 import inference_pb2 as pb
@@ -50,11 +51,22 @@ def test_every_enum_zero_is_unspecified():
 
 
 def test_tensor_field_numbers_are_stable():
-    """v1 only grows: existing numbers never change; compact quantisation parameters were added as 12 and 13."""
+    """Field numbers never change within v1 (old and new senders interoperate)."""
     fields = {f.name: f.number for f in pb.Tensor.DESCRIPTOR.fields}
     assert fields == {"name": 1, "dtype": 2, "shape": 3, "encoding": 4, "codec": 5, "scale": 6, "zero_point": 7,
                       "quant_axis": 8, "raw_size": 9, "zstd_dict_id": 10, "data": 11, "scale_f16": 12,
                       "zero_point_u8": 13}
+
+
+def test_request_field_numbers_are_stable_and_unread_ones_reserved():
+    """5 (policy) and 10 (edge_compute_ms) are reserved: the cloud does not read them and no new field may reuse them."""
+    fields = {f.name: f.number for f in pb.InferRequest.DESCRIPTOR.fields}
+    assert fields == {"request_id": 1, "model_identity": 2, "split_point": 3, "target_exit": 4, "tensors": 6,
+                      "image": 7, "deadline_ms": 8, "client_sent_unix_ns": 9, "cloud_exit": 11, "stop_confidence": 12}
+    proto = descriptor_pb2.DescriptorProto()
+    pb.InferRequest.DESCRIPTOR.CopyToProto(proto)
+    assert sorted((r.start, r.end) for r in proto.reserved_range) == [(5, 6), (10, 11)]
+    assert sorted(proto.reserved_name) == ["edge_compute_ms", "policy"]
 
 
 def test_health_service_is_the_standard_one():

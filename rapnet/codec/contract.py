@@ -81,7 +81,6 @@ class ParsedRequest:
     split: int
     exit: int
     carry: dict[str, torch.Tensor]
-    policy: pb.Policy
     deadline_ms: int
     client_sent_unix_ns: int
     decode_ms: float = 0.0
@@ -98,9 +97,7 @@ def build_request(
     *,
     image: np.ndarray | None = None,
     request_id: str | None = None,
-    policy: pb.Policy | None = None,
     deadline_ms: int = 0,
-    edge_compute_ms: float = 0.0,
     cloud_exit_price: float | None = None,
     stop_confidence: float = 0.0,
 ) -> pb.InferRequest:
@@ -128,11 +125,8 @@ def build_request(
         target_exit=exit_index,
         deadline_ms=deadline_ms,
         client_sent_unix_ns=time.time_ns(),
-        edge_compute_ms=edge_compute_ms,
         stop_confidence=stop_confidence,
     )
-    if policy is not None:
-        req.policy.CopyFrom(policy)
     if cloud_exit_price is not None:
         req.cloud_exit.price = cloud_exit_price
     for key in sorted(carry):
@@ -219,7 +213,6 @@ def parse_request(
         split=req.split_point,
         exit=req.target_exit,
         carry=carry,
-        policy=req.policy,
         deadline_ms=req.deadline_ms,
         client_sent_unix_ns=req.client_sent_unix_ns,
         decode_ms=(time.perf_counter() - start) * 1e3,

@@ -24,37 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/rapnet/v1/inference.proto\x12\trapnet.v1\"\xa5\x02\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.rapnet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x13.rapnet.v1.Encoding\x12\x1f\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x10.rapnet.v1.Codec\x12\r\n\x05scale\x18\x06 \x03(\x02\x12\x12\n\nzero_point\x18\x07 \x03(\x02\x12\x12\n\nquant_axis\x18\x08 \x01(\x05\x12\x10\n\x08raw_size\x18\t \x01(\x04\x12\x14\n\x0czstd_dict_id\x18\n \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\x12\x11\n\tscale_f16\x18\x0c \x01(\x0c\x12\x15\n\rzero_point_u8\x18\r \x01(\x0c\"u\n\x0cImagePayload\x12&\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x16.rapnet.v1.ImageFormat\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"8\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"\xe1\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_identity\x18\x02 \x01(\t\x12\x13\n\x0bsplit_point\x18\x03 \x01(\r\x12\x13\n\x0btarget_exit\x18\x04 \x01(\r\x12!\n\x06policy\x18\x05 \x01(\x0b\x32\x11.rapnet.v1.Policy\x12\"\n\x07tensors\x18\x06 \x03(\x0b\x32\x11.rapnet.v1.Tensor\x12&\n\x05image\x18\x07 \x01(\x0b\x32\x17.rapnet.v1.ImagePayload\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\r\x12\x1b\n\x13\x63lient_sent_unix_ns\x18\t \x01(\x03\x12\x17\n\x0f\x65\x64ge_compute_ms\x18\n \x01(\x02\x12(\n\ncloud_exit\x18\x0b \x01(\x0b\x32\x14.rapnet.v1.CloudExit\x12\x17\n\x0fstop_confidence\x18\x0c \x01(\x02\"\x1a\n\tCloudExit\x12\r\n\x05price\x18\x01 \x01(\x02\"*\n\x04TopK\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x11\n\tdecode_ms\x18\x03 \x01(\x02\"\xc3\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\r\x12\x1e\n\x05top_k\x18\x03 \x03(\x0b\x32\x0f.rapnet.v1.TopK\x12\x11\n\texit_used\x18\x04 \x01(\r\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.rapnet.v1.ServerTimings\x12\x16\n\x0emodel_identity\x18\x06 \x01(\t\x12\x13\n\x0bsplit_point\x18\x07 \x01(\r*1\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x11\n\rENCODING_INT4\x10\x04*>\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_ZSTD\x10\x02*s\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x19\n\x15IMAGE_FORMAT_RAW_ZSTD\x10\x03\x32\x8d\x01\n\tInference\x12:\n\x05Infer\x12\x17.rapnet.v1.InferRequest\x1a\x18.rapnet.v1.InferResponse\x12\x44\n\x0bInferStream\x12\x17.rapnet.v1.InferRequest\x1a\x18.rapnet.v1.InferResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/rapnet/v1/inference.proto\x12\trapnet.v1\"\xa5\x02\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.rapnet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x13.rapnet.v1.Encoding\x12\x1f\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x10.rapnet.v1.Codec\x12\r\n\x05scale\x18\x06 \x03(\x02\x12\x12\n\nzero_point\x18\x07 \x03(\x02\x12\x12\n\nquant_axis\x18\x08 \x01(\x05\x12\x10\n\x08raw_size\x18\t \x01(\x04\x12\x14\n\x0czstd_dict_id\x18\n \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\x12\x11\n\tscale_f16\x18\x0c \x01(\x0c\x12\x15\n\rzero_point_u8\x18\r \x01(\x0c\"u\n\x0cImagePayload\x12&\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x16.rapnet.v1.ImageFormat\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xca\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_identity\x18\x02 \x01(\t\x12\x13\n\x0bsplit_point\x18\x03 \x01(\r\x12\x13\n\x0btarget_exit\x18\x04 \x01(\r\x12\"\n\x07tensors\x18\x06 \x03(\x0b\x32\x11.rapnet.v1.Tensor\x12&\n\x05image\x18\x07 \x01(\x0b\x32\x17.rapnet.v1.ImagePayload\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\r\x12\x1b\n\x13\x63lient_sent_unix_ns\x18\t \x01(\x03\x12(\n\ncloud_exit\x18\x0b \x01(\x0b\x32\x14.rapnet.v1.CloudExit\x12\x17\n\x0fstop_confidence\x18\x0c \x01(\x02J\x04\x08\x05\x10\x06J\x04\x08\n\x10\x0bR\x06policyR\x0f\x65\x64ge_compute_ms\"\x1a\n\tCloudExit\x12\r\n\x05price\x18\x01 \x01(\x02\"*\n\x04TopK\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x11\n\tdecode_ms\x18\x03 \x01(\x02\"\xc3\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\r\x12\x1e\n\x05top_k\x18\x03 \x03(\x0b\x32\x0f.rapnet.v1.TopK\x12\x11\n\texit_used\x18\x04 \x01(\r\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.rapnet.v1.ServerTimings\x12\x16\n\x0emodel_identity\x18\x06 \x01(\t\x12\x13\n\x0bsplit_point\x18\x07 \x01(\r*1\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x11\n\rENCODING_INT4\x10\x04*>\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_ZSTD\x10\x02*s\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x19\n\x15IMAGE_FORMAT_RAW_ZSTD\x10\x03\x32\x8d\x01\n\tInference\x12:\n\x05Infer\x12\x17.rapnet.v1.InferRequest\x1a\x18.rapnet.v1.InferResponse\x12\x44\n\x0bInferStream\x12\x17.rapnet.v1.InferRequest\x1a\x18.rapnet.v1.InferResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.rapnet.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1220
-  _globals['_DTYPE']._serialized_end=1269
-  _globals['_ENCODING']._serialized_start=1271
-  _globals['_ENCODING']._serialized_end=1383
-  _globals['_CODEC']._serialized_start=1385
-  _globals['_CODEC']._serialized_end=1447
-  _globals['_IMAGEFORMAT']._serialized_start=1449
-  _globals['_IMAGEFORMAT']._serialized_end=1564
+  _globals['_DTYPE']._serialized_start=1139
+  _globals['_DTYPE']._serialized_end=1188
+  _globals['_ENCODING']._serialized_start=1190
+  _globals['_ENCODING']._serialized_end=1302
+  _globals['_CODEC']._serialized_start=1304
+  _globals['_CODEC']._serialized_end=1366
+  _globals['_IMAGEFORMAT']._serialized_start=1368
+  _globals['_IMAGEFORMAT']._serialized_end=1483
   _globals['_TENSOR']._serialized_start=48
   _globals['_TENSOR']._serialized_end=341
   _globals['_IMAGEPAYLOAD']._serialized_start=343
   _globals['_IMAGEPAYLOAD']._serialized_end=460
-  _globals['_POLICY']._serialized_start=462
-  _globals['_POLICY']._serialized_end=518
-  _globals['_INFERREQUEST']._serialized_start=521
-  _globals['_INFERREQUEST']._serialized_end=874
-  _globals['_CLOUDEXIT']._serialized_start=876
-  _globals['_CLOUDEXIT']._serialized_end=902
-  _globals['_TOPK']._serialized_start=904
-  _globals['_TOPK']._serialized_end=946
-  _globals['_SERVERTIMINGS']._serialized_start=948
-  _globals['_SERVERTIMINGS']._serialized_end=1020
-  _globals['_INFERRESPONSE']._serialized_start=1023
-  _globals['_INFERRESPONSE']._serialized_end=1218
-  _globals['_INFERENCE']._serialized_start=1567
-  _globals['_INFERENCE']._serialized_end=1708
+  _globals['_INFERREQUEST']._serialized_start=463
+  _globals['_INFERREQUEST']._serialized_end=793
+  _globals['_CLOUDEXIT']._serialized_start=795
+  _globals['_CLOUDEXIT']._serialized_end=821
+  _globals['_TOPK']._serialized_start=823
+  _globals['_TOPK']._serialized_end=865
+  _globals['_SERVERTIMINGS']._serialized_start=867
+  _globals['_SERVERTIMINGS']._serialized_end=939
+  _globals['_INFERRESPONSE']._serialized_start=942
+  _globals['_INFERRESPONSE']._serialized_end=1137
+  _globals['_INFERENCE']._serialized_start=1486
+  _globals['_INFERENCE']._serialized_end=1627
 # @@protoc_insertion_point(module_scope)

@@ -91,43 +91,29 @@ class ImagePayload(_message.Message):
     data: bytes
     def __init__(self, format: _Optional[_Union[ImageFormat, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class Policy(_message.Message):
-    __slots__ = ("name", "threshold", "score")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    threshold: float
-    score: float
-    def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
-
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model_identity", "split_point", "target_exit", "policy", "tensors", "image", "deadline_ms", "client_sent_unix_ns", "edge_compute_ms", "cloud_exit", "stop_confidence")
+    __slots__ = ("request_id", "model_identity", "split_point", "target_exit", "tensors", "image", "deadline_ms", "client_sent_unix_ns", "cloud_exit", "stop_confidence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     SPLIT_POINT_FIELD_NUMBER: _ClassVar[int]
     TARGET_EXIT_FIELD_NUMBER: _ClassVar[int]
-    POLICY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
-    EDGE_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     CLOUD_EXIT_FIELD_NUMBER: _ClassVar[int]
     STOP_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_identity: str
     split_point: int
     target_exit: int
-    policy: Policy
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     image: ImagePayload
     deadline_ms: int
     client_sent_unix_ns: int
-    edge_compute_ms: float
     cloud_exit: CloudExit
     stop_confidence: float
-    def __init__(self, request_id: _Optional[str] = ..., model_identity: _Optional[str] = ..., split_point: _Optional[int] = ..., target_exit: _Optional[int] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., image: _Optional[_Union[ImagePayload, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., client_sent_unix_ns: _Optional[int] = ..., edge_compute_ms: _Optional[float] = ..., cloud_exit: _Optional[_Union[CloudExit, _Mapping]] = ..., stop_confidence: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model_identity: _Optional[str] = ..., split_point: _Optional[int] = ..., target_exit: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., image: _Optional[_Union[ImagePayload, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., client_sent_unix_ns: _Optional[int] = ..., cloud_exit: _Optional[_Union[CloudExit, _Mapping]] = ..., stop_confidence: _Optional[float] = ...) -> None: ...
 
 class CloudExit(_message.Message):
     __slots__ = ("price",)
