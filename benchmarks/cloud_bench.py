@@ -135,7 +135,7 @@ def bare_torch(model, carries, split: int, exit_index: int, batch: int, warmup_s
     import torch
 
     from cloud.batching import priced_rule_costs
-    from rapnet.evaluate import priced_exits
+    from rapnet.exit_rules import priced_exits
 
     costs = priced_rule_costs(model)[: exit_index + 1] if exit_price is not None else None
 

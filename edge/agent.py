@@ -223,6 +223,7 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
 
     torch.set_num_threads(max(1, args.torch_threads))
     from rapnet.checkpoint import CheckpointError, load_model
+    from rapnet.exit_rules import check_rule
 
     from orchestration.planner import MAX_JPEG_ACCURACY_DROP
 
@@ -237,12 +238,10 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
         raise SetupError("mutual TLS needs --tls-ca as well (the CA that signed the cloud's certificate)")
     if args.deadline_ms <= 0:
         raise SetupError("--deadline-ms must be > 0")
-    if args.price is not None and not 0.0 <= args.price < float("inf"):
-        raise SetupError("--price must be a finite number >= 0")
-    if args.stop_confidence is not None and args.threshold is not None:
-        raise SetupError("--stop-confidence caps the priced rule's exit: it does not go with --threshold")
-    if args.stop_confidence is not None and not 0.0 < args.stop_confidence <= 1.0:
-        raise SetupError("--stop-confidence must lie in (0, 1]")
+    try:
+        check_rule(args.price, args.threshold, args.stop_confidence, names=("--price", "--threshold", "--stop-confidence"))
+    except ValueError as err:
+        raise SetupError(str(err)) from None
     if args.emulate_device and args.device_gflops is None:
         raise SetupError("--emulate-device pads this CPU's compute to a slower device's: give that device's speed "
                          "with --device-gflops G")

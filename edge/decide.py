@@ -22,8 +22,9 @@ import numpy as np
 
 from orchestration.planner import DEFAULT_PRICE, Conditions, Plan, Planner
 from rapnet.codec.menu import DEFAULT_ENCODINGS
+from rapnet.exit_rules import check_price, check_rule
 
-# The exit rule: by default RAPNet's priced rule (rapnet.evaluate.priced_exits: argmax score - price x cost)
+# The exit rule: by default RAPNet's priced rule (rapnet.exit_rules.priced_exits: argmax score - price x cost)
 # at the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner: 0.03, calibrated on the
 # calibration split, see docs/edge.md). A threshold (flag only) switches to the threshold rule.
 PRICE_KEYS = ("price",)
@@ -35,7 +36,7 @@ class DecisionSettings:
 
     price: float | None = None  # priced rule; None: the checkpoint's "price", else DEFAULT_PRICE
     threshold: float | None = None  # given: the threshold rule at it instead (not with price)
-    # given: the capped rule (rapnet.evaluate.capped_exits): the priced rule's exit is the deepest the frame may
+    # given: the capped rule (rapnet.exit_rules.capped_exits): the priced rule's exit is the deepest the frame may
     # run; the first exit on the way whose top softmax probability reaches it answers (heads on the way run)
     stop_confidence: float | None = None
     device_gflops: float | None = 5.0  # None: measured at start-up (measure_device_gflops)
@@ -55,8 +56,10 @@ class DecisionSettings:
 def checkpoint_price(metadata: dict | None) -> float | None:
     for key in PRICE_KEYS:
         value = (metadata or {}).get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < math.inf:
-            return float(value)
+        try:
+            return check_price(value)
+        except ValueError:
+            continue
     return None
 
 
@@ -160,14 +163,7 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
     `sample_pixels`, or a trace cache holding this model) behind the agent's settings."""
     from orchestration.calibration import jpeg_stop_confidence, planner_for_model
 
-    if settings.threshold is not None and settings.price is not None:
-        raise ValueError("pass a price (priced rule) or a threshold (threshold rule), not both")
-    if settings.stop_confidence is not None:
-        if settings.threshold is not None:
-            raise ValueError("the capped rule caps the exit with the priced rule: a stop confidence does not go "
-                             "with the threshold rule")
-        if not 0.0 < settings.stop_confidence <= 1.0:
-            raise ValueError(f"the stop confidence must lie in (0, 1], got {settings.stop_confidence}")
+    check_rule(settings.price, settings.threshold, settings.stop_confidence)
     price = None
     if settings.threshold is None:
         price = settings.price if settings.price is not None else checkpoint_price(metadata)

@@ -37,7 +37,7 @@ from rapnet.checkpoint import load_model, save_checkpoint  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
 from rapnet.costs import measure_costs  # noqa: E402
 from orchestration.planner import DEFAULT_PRICE  # noqa: E402
-from rapnet.evaluate import predictor_exits, priced_exits, relative_exit_costs  # noqa: E402
+from rapnet.exit_rules import predictor_exits, priced_exits, relative_exit_costs  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
 
 TOKEN = "edge-test-token-" + "y" * 24
@@ -323,8 +323,8 @@ def test_device_speed_is_measured_unless_given(checkpoint, dataset):
 
 def test_decider_learns_the_rules_exits_and_early_stops_from_its_calibration_frames(checkpoint, dataset):
     """The planner behind the agent weighs the cloud-side exit by the rule's exits on the calibration frames and,
-    for the capped rule, plans each cap at where those frames stopped (rapnet.evaluate.capped_exits)."""
-    from rapnet.evaluate import capped_exits
+    for the capped rule, plans each cap at where those frames stopped (rapnet.exit_rules.capped_exits)."""
+    from rapnet.exit_rules import capped_exits
 
     model, metadata = load_model(checkpoint)
     pixels = np.stack([f.pixels for f in DatasetSource(dataset, model.config.image_size)])[:16]
@@ -423,9 +423,9 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
 def test_capped_rule_on_the_edge_and_in_the_cloud_equals_the_offline_rule(cloud, checkpoint, dataset, workdir,
                                                                          token_env):
     """--stop-confidence: on a fast device every frame runs here, on a very slow one the image goes to the cloud,
-    which picks the cap; either way each frame answers where rapnet.evaluate.capped_exits says."""
+    which picks the cap; either way each frame answers where rapnet.exit_rules.capped_exits says."""
     from rapnet.checkpoint import load_model
-    from rapnet.evaluate import capped_exits
+    from rapnet.exit_rules import capped_exits
 
     model, _ = load_model(checkpoint)
     with torch.no_grad():
@@ -531,7 +531,7 @@ def test_capped_frames_sent_as_jpeg_stop_at_the_stricter_confidence_tuned_for_jp
     stricter stop confidence the simulator tunes for them, and the cloud answers where the capped rule with it says
     on the decoded JPEG (the frames' untrained confidences lie below it, so each runs to its cap)."""
     from orchestration.traces import jpeg_round_trip
-    from rapnet.evaluate import capped_exits
+    from rapnet.exit_rules import capped_exits
 
     model, _ = load_model(checkpoint)
     frames = list(DatasetSource(dataset, model.config.image_size))[:6]

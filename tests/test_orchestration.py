@@ -3,6 +3,7 @@ models (no checkpoints or dataset needed). One optional test replays the real ca
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,6 +154,27 @@ def test_plan_agrees_with_vectorised_plan_exits():
     for c in (Conditions(5, 20, 1.0), Conditions(0.5, 80, 0.5, latency_budget_ms=50)):
         assert [priced.plan(s, c).exit_index for s in scores] == priced.plan_exits(scores, c).tolist()
     assert (priced.plan_exits(scores, Conditions(5, 20, 1.0)) == priced_exits(scores, 0.3, rel)).all()
+
+
+def test_rule_settings_are_checked_in_one_place():
+    """Price, threshold and stop confidence: a ValueError naming the value and the range, wherever they come in."""
+    from rapnet.exit_rules import check_price, check_rule, check_stop_confidence, check_threshold
+
+    assert check_price(0) == 0.0 and check_threshold(1) == 1.0 and check_stop_confidence(0.9) == 0.9
+    for check, bad, range_text in ((check_price, -0.1, ">= 0"), (check_price, math.inf, ">= 0"),
+                                   (check_price, math.nan, ">= 0"), (check_threshold, 1.5, "[0, 1]"),
+                                   (check_stop_confidence, 0.0, "(0, 1]"), (check_stop_confidence, True, "(0, 1]")):
+        with pytest.raises(ValueError, match=re.escape(range_text)) as err:
+            check(bad)
+        assert repr(bad) in str(err.value)
+    with pytest.raises(ValueError, match="not both"):
+        check_rule(price=0.1, threshold=0.5)
+    with pytest.raises(ValueError, match="--stop-confidence .* --threshold"):
+        check_rule(threshold=0.5, stop_confidence=0.9, names=("--price", "--threshold", "--stop-confidence"))
+    with pytest.raises(ValueError, match="price must be a finite number >= 0, got -1"):
+        toy_planner(threshold=None, price=-1)
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\], got 2"):
+        toy_planner().with_threshold(2)
 
 
 def test_sequential_costs_include_every_head():
