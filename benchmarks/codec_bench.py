@@ -16,7 +16,8 @@ images, serializes it, parses it back on the "cloud" side and records:
     batch 1 on the first --n-timing images, median of --repeats repeats, configuration order shuffled each time.
 Without --checkpoint the model is untrained (BatchNorm statistics calibrated on training images) and the
 accuracy column is meaningless. Writes benchmarks/results/codec.json and prints a markdown table
-(docs/wire.md copies it), the recommended encoding per split and the verdict per target.
+(docs/wire.md copies it), the recommended encoding per split and the verdict per target. The recommendation is
+what rapnet.codec.menu.RECOMMENDED_ENCODINGS holds (tests/test_codec.py checks the two agree).
 """
 from __future__ import annotations
 
@@ -157,19 +158,28 @@ def train_dictionaries(model, contract, pixels: np.ndarray, splits: list[int], s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", help="trained model (e.g. models/rapnet-cifar10.pt); without it: untrained")
+    ap.add_argument("--checkpoint", help="trained model (e.g. models/rapnet-cifar10.pt); default: an untrained model, "
+                                         "whose accuracy column means nothing")
     ap.add_argument("--data", help="CIFAR-10 location (default: rapnet.data's search path)")
-    ap.add_argument("--n", type=int, default=2000, help="test images for bytes and accuracy")
-    ap.add_argument("--n-timing", type=int, default=200, help="of those, images timed at batch 1")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--zstd-level", type=int, default=3)
-    ap.add_argument("--zstd-levels", type=int, nargs="*", default=[1, 19], help="extra levels tried")
-    ap.add_argument("--jpeg-qualities", type=int, nargs="+", default=[50, 75, 90, 95])
-    ap.add_argument("--dict-train", type=int, default=1000, help="training images for the zstd dictionary (0: skip)")
-    ap.add_argument("--dict-size", type=int, default=4096)
-    ap.add_argument("--max-loss-pts", type=float, default=0.3, help="accuracy budget for the recommendation")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (batch-1 inference)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "codec.json"))
+    ap.add_argument("--n", type=int, default=2000, help="test images for bytes and accuracy (default: %(default)s)")
+    ap.add_argument("--n-timing", type=int, default=200,
+                    help="of those, images timed at batch 1 (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timing repeats, configuration order shuffled each time; the median counts "
+                         "(default: %(default)s)")
+    ap.add_argument("--zstd-level", type=int, default=3, help="zstd level of the main rows (default: %(default)s)")
+    ap.add_argument("--zstd-levels", type=int, nargs="*", default=[1, 19],
+                    help="extra zstd levels tried (default: 1 19)")
+    ap.add_argument("--jpeg-qualities", type=int, nargs="+", default=[50, 75, 90, 95],
+                    help="JPEG qualities of the cloud-only rows (default: 50 75 90 95)")
+    ap.add_argument("--dict-train", type=int, default=1000,
+                    help="training images for the zstd dictionaries, 0 to skip them (default: %(default)s)")
+    ap.add_argument("--dict-size", type=int, default=4096, help="zstd dictionary size in bytes (default: %(default)s)")
+    ap.add_argument("--max-loss-pts", type=float, default=0.3,
+                    help="accuracy budget of the recommendation, in points vs fp32 (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, batch-1 inference (default: %(default)s)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "codec.json"),
+                    help="result JSON (default: benchmarks/results/codec.json in this checkout)")
     ap.add_argument("--markdown", metavar="JSON", help="only print the markdown table of an earlier run's JSON")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -348,7 +358,8 @@ def markdown(out: dict) -> str:
         )
     m = out["machine"]
     lines.append("")
-    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+    cpu, cores = m.get("cpu", m.get("cpu_model")), m.get("cores", m.get("nproc"))  # rapnet.machine's keys, or lscpu's
+    lines.append(f"Machine: {cpu}, {cores} cores, torch threads {m['torch_threads']}, "
                  f"commit {m.get('git_commit', 'n/a')[:10]}{' (dirty)' if m.get('git_dirty') else ''}; "
                  f"{out['settings']['n_test_images']} CIFAR-10 test images for bytes and accuracy "
                  f"(fp32 {100 * out['fp32_accuracy']:.2f}%), {out['settings']['n_timing_images']} timed, median of "

@@ -543,6 +543,40 @@ def test_wrong_carry_is_invalid_argument(setup, images):
         assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_menu_names_classes_and_options():
+    from rapnet.codec import menu
+
+    assert set(menu.DEFAULT_ENCODINGS) == set(menu.ENCODING_NAMES)
+    assert set(menu.IMAGE_ENCODINGS).isdisjoint(menu.FEATURE_ENCODINGS)
+    assert set(menu.LOSSLESS) <= set(menu.ENCODING_NAMES)
+    assert menu.encodings_for_split(0) == menu.IMAGE_ENCODINGS and menu.encodings_for_split(3) == menu.FEATURE_ENCODINGS
+    for name in menu.IMAGE_ENCODINGS:
+        assert menu.encode_options(name).image_format in ("png", "raw_zstd", "jpeg")
+    assert menu.encode_options("int8+zstd") == EncodeOptions("int8", 3, image_format="png")
+    assert menu.encode_options("fp32+zstd") == EncodeOptions("fp32", 3)
+    with pytest.raises(ValueError, match="choose one of png"):
+        menu.encode_options("int4+zstd")
+
+
+def test_parse_encodings_names_the_valid_choices():
+    from rapnet.codec.menu import DEFAULT_ENCODINGS, parse_encodings
+
+    assert parse_encodings("auto") == DEFAULT_ENCODINGS
+    assert parse_encodings(" png, int8+zstd ,png") == ("png", "int8+zstd")
+    for bad, why in [("png,webp", "unknown 'webp'"), (" , ", "no encoding given"), ("", "no encoding given")]:
+        with pytest.raises(ValueError, match=why) as info:
+            parse_encodings(bad)
+        assert "choose auto or a comma-separated list of png, raw+zstd, jpeg" in str(info.value)
+
+
+def test_the_menu_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rapnet.codec.menu; sys.exit('torch' in sys.modules or 'cv2' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 def test_recommended_encodings_match_the_benchmark_and_decode(setup, images):
     """The table in codec is the benchmark's pick (smallest deployable request within 0.3 points of fp32)."""
     import json
