@@ -1,7 +1,7 @@
 """Bare torch throughput of the cloud stages at several batch sizes, interleaved (one thread, as a replica).
 
 Why the cloud benchmark's limit is the best of several batch sizes: per sample, the largest batch is not always
-the fastest. With glibc's default malloc, batch 16 beat batch 32 by 1.4-1.8x here (sixth session); the process
+the fastest. With glibc's default malloc, batch 16 beat batch 32 by 1.4-1.8x here; the process
 keeps freed memory (`rapnet.runtime.keep_freed_memory`), as replicas do, unless --default-malloc.
 
     python benchmarks/bare_batch_sizes.py --split 4 0      # ~1 minute

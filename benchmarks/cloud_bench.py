@@ -259,7 +259,7 @@ def deploy_variant(server, checkpoint, identity: str, config, env: str, max_batc
     instance)."""
     keep = keep_freed == "on"
     if env == "default" and max_batch == config.batch.max_batch_size and keep == config.replica.keep_freed_memory:
-        return server._front.coalescer.handle
+        return server.front.coalescer.handle
     from ray import serve
 
     from cloud.app import build_app
@@ -277,7 +277,8 @@ def main() -> None:
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--payloads", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", default=None, help="default: models/rapnet-cifar10.pt, else runs/gpu-w1/rapnet.pt")
+    parser.add_argument("--checkpoint", default=None, help="RAPNet checkpoint (default: the shipped one, "
+                        "rapnet.shipped.default_checkpoint())")
     parser.add_argument("--split", type=int, default=4, help="split point the requests carry (0: the PNG image, what "
                         "edge agents send when they offload; 4: high-resolution features, ~12 KB in fp16)")
     parser.add_argument("--exit", type=int, default=None, help="default: the last exit")
@@ -342,12 +343,12 @@ def main() -> None:
     from rapnet.checkpoint import load_model
     from rapnet.codec import EncodeOptions, ModelContract, build_request, pixels_to_tensor, tensor_to_pixels
     from rapnet.runtime import keep_freed_memory, set_thread_scheduling
+    from rapnet.shipped import default_checkpoint
 
     local_ray_environment()
-    checkpoint = args.checkpoint or next(
-        (p for p in (ROOT / "models" / "rapnet-cifar10.pt", ROOT / "runs" / "gpu-w1" / "rapnet.pt") if p.is_file()), None)
-    if checkpoint is None:
-        sys.exit("no checkpoint: pass --checkpoint (models/rapnet-cifar10.pt is written by rapnet-train)")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if not checkpoint.is_file():
+        sys.exit(f"no checkpoint at {checkpoint}: pass --checkpoint (rapnet-train writes one)")
     torch.set_num_threads(args.torch_threads)
     # The bare limit runs in this process: the faster allocator setting, as in replicas. The front here (which does
     # not call it in production) allocates small blocks (a request is ~12-30 KB), where the setting changes little.
@@ -409,7 +410,7 @@ def main() -> None:
                 bare = bare_limit(model, carries, args.split, exit_index, min(clients, max(32, *args.max_batch_size)),
                                   args.warmup, args.seconds, args.cloud_exit_price)
                 for v in variants:  # all take effect at once: switching between runs is safe
-                    coalescer = server._front.coalescer
+                    coalescer = server.front.coalescer
                     coalescer.handle = replica_handle(handles[v["replica_env"], v["max_batch_size"],
                                                               v["keep_freed_memory"]], v["transport"])
                     coalescer.max_chunk = v["max_batch_size"]

@@ -2,11 +2,10 @@
 
 Runs of the same command minutes apart differ by up to 0.2 in their median ratio on a shared 2-vCPU host, so the
 figures in docs/cloud.md are pooled over every run with the shipped settings. Only results whose limit is the best
-of several batch sizes (`bare_limit`, sixth session on) are read. Runs are pooled apart by the settings later
-sessions changed: whether replicas and the bare limit keep freed memory (`rapnet.runtime.keep_freed_memory`;
-before: glibc's default malloc), how the front reaches replicas (`front.replica_transport`; before: ray), both from
-the seventh session, and the scheduling policy of the replicas and the front (`sched_batch`, eighth session;
-before: normal).
+of several batch sizes (they record `bare_limit`) are read. Runs are pooled apart by the settings that change the
+ratio: whether replicas and the bare limit keep freed memory (`rapnet.runtime.keep_freed_memory`, or glibc's
+default malloc), how the front reaches replicas (`front.replica_transport`: grpc or ray), and the scheduling
+policy of the replicas and the front (`sched_batch`: batch or normal).
 
     python benchmarks/cloud_pool.py benchmarks/results/cloud*.json --clients 32
 """

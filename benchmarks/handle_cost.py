@@ -78,7 +78,7 @@ def main() -> None:
             return [len(sample.carry) for sample in chunk]
 
     echo = Echo.remote()
-    handles = {transport: replica_handle(server._handle, transport) for transport in ("ray", "grpc")}
+    handles = {transport: replica_handle(server.handle, transport) for transport in ("ray", "grpc")}
     paths = {f"serve handle, {t}": h.remote for t, h in handles.items()} | {"plain Ray actor": echo.call.remote}
     rows = []
 
@@ -95,10 +95,10 @@ def main() -> None:
                           f"wall {wall_ms:6.2f} ms per call", flush=True)
 
     try:
-        asyncio.run_coroutine_threadsafe(measure(), server._loop).result()
+        asyncio.run_coroutine_threadsafe(measure(), server.loop).result()
         cpu, wall = _cpu_s(), time.perf_counter()
         for _ in range(20):
-            server._running_replicas()
+            server.running_replicas()
         status = {"caller_cpu_ms": (_cpu_s() - cpu) * 1e3 / 20, "wall_ms": (time.perf_counter() - wall) * 1e3 / 20}
         print(f"serve.status() poll: caller CPU {status['caller_cpu_ms']:.1f} ms, wall {status['wall_ms']:.1f} ms")
     finally:

@@ -122,7 +122,7 @@ def _serve(args) -> int:
           f"{', metrics on ' + str(config.metrics.host) + ':' + str(server.metrics_port) if server.metrics_port else ''})",
           flush=True)
     try:
-        while not stop.is_set() and server._thread is not None and server._thread.is_alive():
+        while not stop.is_set() and server.running:
             stop.wait(0.5)
     finally:
         server.stop()

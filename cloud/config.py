@@ -99,7 +99,7 @@ class ReplicaSettings:
     # batch's fresh activations, at the cost of keeping the peak heap.
     keep_freed_memory: bool = True
     # Run the replica's threads under Linux SCHED_BATCH (rapnet.runtime.prefer_throughput_scheduling): Serve's and
-    # gRPC's threads waking up no longer preempt the compute thread.
+    # gRPC's threads waking up do not preempt the compute thread.
     sched_batch: bool = True
     # Environment of the replica processes (Ray runtime_env), e.g. Ray Serve's RAY_SERVE_* switches; works on a
     # cluster too, unlike variables set for the local raylet.
@@ -131,7 +131,7 @@ class FrontSettings:
     # served 19 % more at 32 clients here (docs/cloud.md).
     replica_transport: str = "grpc"
     # Run the front's threads under Linux SCHED_BATCH once started: on a machine it shares with replicas, its
-    # wake-ups for every request no longer preempt their compute threads. stop() restores the earlier policy.
+    # wake-ups for every request do not preempt their compute threads. stop() restores the policy it found.
     sched_batch: bool = True
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
 

@@ -131,6 +131,26 @@ class CloudServer:
         host = self.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        """Whether the front is serving (started and not stopped)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def front(self):
+        """The gRPC front (cloud.front.InferenceFront) once started, else None."""
+        return self._front
+
+    @property
+    def handle(self):
+        """The Serve deployment handle of the cloud stages once started, else None."""
+        return self._handle
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the front runs on once started, else None."""
+        return self._loop
+
     def start(self, timeout_s: float = 300.0) -> "CloudServer":
         if self.config.ray.address is None:
             local_ray_environment()  # before anything imports ray
@@ -205,7 +225,7 @@ class CloudServer:
 
     def wait(self) -> None:
         """Block until the front stops (the CLI's main loop)."""
-        while self._thread is not None and self._thread.is_alive():
+        while self.running:
             self._thread.join(0.5)
 
     def __enter__(self) -> "CloudServer":
@@ -283,7 +303,7 @@ class CloudServer:
         while True:
             await asyncio.sleep(period_s)
             try:
-                running = await loop.run_in_executor(None, self._running_replicas)
+                running = await loop.run_in_executor(None, self.running_replicas)
             except Exception as err:  # noqa: BLE001 - a failed status poll must not kill the front
                 log.warning("status poll failed", extra=fields(error=str(err)))
                 continue
@@ -296,7 +316,8 @@ class CloudServer:
                 log.info("health", extra=fields(serving=state == SERVING, running_replicas=running))
                 last = state
 
-    def _running_replicas(self) -> int:
+    def running_replicas(self) -> int:
+        """How many replicas of the deployment Serve reports RUNNING."""
         from ray import serve
 
         app = serve.status().applications.get(self.config.app_name)

@@ -52,8 +52,8 @@ class SimConfig:
     devices: int = 16  # edge devices sharing the cloud
     workers: int = 1  # cloud workers (servers of the FIFO queue)
     fps: float = 15.0  # frames started per second per device
-    # calibration accuracy both early-exit rules aim for; None: auto; "static": the static network's, the accuracy
-    # issue 7's criterion asks RAPNet to match
+    # calibration accuracy both early-exit rules aim for; None: auto; "static": the static network's (the accuracy
+    # RAPNet is to match while beating the baselines on latency)
     accuracy_target: float | str | None = None
     rapnet_rule: str = "price"  # RAPNet's exit rule: "price" (priced_exits, ours) or "threshold" (predictor_exits)
     min_agreement: float = MIN_AGREEMENT  # lossy feature encodings: only when they change <= 0.5% of answers
@@ -63,7 +63,8 @@ class SimConfig:
     cloud_exit: bool = True  # RAPNet: skip the edge predictor where sending the image at once is faster
     # RAPNet's planners learn from the calibration part how often the rule picks each exit (the cloud-side exit must
     # win on average, not for every exit) and, for the capped rule, where frames stop before their cap (a local cap
-    # is planned at the cost of where its frames stop). False: neither (the planning before the eleventh session).
+    # is planned at the cost of where its frames stop). False: neither (the cloud-side exit must win for every exit,
+    # a local cap is planned at the cap's own cost).
     calibration_priors: bool = True
     seed: int = 0
 
@@ -137,8 +138,8 @@ class World:
 
     RAPNet's operating point: the cheapest (local FLOPs) setting of its rule reaching the accuracy target on
     the calibration split; SDN's confidence threshold likewise. The default target, RAPNet's best calibration
-    accuracy with the threshold rule minus 1 point, is the one the simulator used before the priced rule,
-    so SDN's operating point did not move. A target no setting reaches gives each rule its most accurate one."""
+    accuracy with the threshold rule minus 1 point, does not depend on RAPNet's rule, so SDN's operating
+    point is the same under either rule. A target no setting reaches gives each rule its most accurate one."""
 
     def __init__(self, traces: dict[str, ModelTraces], config: SimConfig = SimConfig()):
         self.traces, self.config = traces, config
@@ -469,7 +470,6 @@ class World:
         }
 
 
-# A second, looser count of issue 7's criterion: accuracies within 0.1 point (10 of 10,000 test images) count as equal.
 def load_world(config: SimConfig, models: str | Path | None = None, data: str | None = None,
                cache: str | Path | None = None, rebuild: bool = False, log=print, settings=None,
                progress: bool = True) -> tuple[World, dict]:
@@ -484,6 +484,8 @@ def load_world(config: SimConfig, models: str | Path | None = None, data: str | 
     return World(traces, config), meta
 
 
+# A second, looser count of the win criterion (compare): accuracies within 0.1 point (10 of 10,000 test images)
+# count as equal.
 ACCURACY_TIE = 0.001
 
 
@@ -499,7 +501,7 @@ def compare(results: dict[str, PolicyResult], ours: str = "rapnet_split", baseli
         "fastest_baseline": fastest.policy,
         "latency_vs_fastest": o.mean_ms / fastest.mean_ms,
         "accuracy_vs_fastest": o.accuracy - fastest.accuracy,
-        # strict (issue 7): lowest mean latency AND accuracy >= every baseline's
+        # strict: lowest mean latency AND accuracy >= every baseline's
         "wins_strict": all(o.mean_ms <= r.mean_ms and o.accuracy >= r.accuracy - tol for r in base),
         "wins_within_tie": all(o.mean_ms <= r.mean_ms and o.accuracy >= r.accuracy - max(tol, ACCURACY_TIE) for r in base),
         "fastest_overall": o.mean_ms <= fastest.mean_ms,

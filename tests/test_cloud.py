@@ -541,7 +541,7 @@ def test_replicas_run_at_the_configured_niceness(server):
 def test_the_front_reaches_replicas_over_the_configured_transport(server):
     """front.replica_transport grpc (the default): chunks go over Serve's direct gRPC channel, pickled, not as Ray
     object references (the requests in the other tests went this way too)."""
-    options = server._front.coalescer.handle.handle_options
+    options = server.front.coalescer.handle.handle_options
     assert server.config.front.replica_transport == "grpc"
     assert (options._by_reference, options.request_serialization, options.response_serialization) == (
         False, "pickle", "pickle")
@@ -641,11 +641,11 @@ def test_killing_a_replica_loses_no_request_silently(server, stub, model_file, c
     # one CI run of the whole suite saw no replacement within 90 s, so the wait is longer and a failure says what
     # Serve reported.
     deadline = time.time() + 240
-    while time.time() < deadline and server._running_replicas() < 2:
+    while time.time() < deadline and server.running_replicas() < 2:
         time.sleep(1)
     status = serve.status().applications.get(server.config.app_name)
     deployment = status.deployments.get(server.config.deployment_name) if status else None
-    assert server._running_replicas() == 2, (deployment.replica_states, deployment.message) if deployment else status
+    assert server.running_replicas() == 2, (deployment.replica_states, deployment.message) if deployment else status
     _good(stub, model, contract)
 
 
