@@ -9,8 +9,8 @@ A menu entry is a name that `encode_options(name)` turns into the `EncodeOptions
 PNG, raw pixels and fp32 are exactly lossless (LOSSLESS). fp16, int8 and JPEG can change answers, so the planner
 admits them only where they pass its accuracy test (orchestration.traces.ModelTraces.menu).
 
-Besides the menu, RECOMMENDED_ENCODINGS holds the smallest encoding per split point that benchmarks/codec_bench.py
-found within its accuracy budget, with the finer knobs (int4, one scale per tensor, compact parameters).
+Besides the menu, RECOMMENDED_ENCODINGS holds a default per split point with the finer knobs (int4, one scale per
+tensor, compact parameters): the smallest encoding benchmarks/codec_bench.py found within its accuracy budget.
 
 This module imports nothing heavy (no torch, OpenCV or zstandard), so command-line parsers can use it.
 """
@@ -82,13 +82,15 @@ def parse_encodings(text: str) -> tuple[str, ...]:
     return chosen
 
 
-# Per split point, the smallest request that benchmarks/codec_bench.py found, without shared state such as a zstd
-# dictionary, whose CIFAR-10 test accuracy at the final exit stays within 0.3 points of fp32 features (its
-# "recommended" section in benchmarks/results/codec.json, which also records the checkpoint it measured, the bytes
-# and the accuracy change). These are defaults for RAPNet's CIFAR-10 architecture, not a property of one set of
-# weights: re-run the benchmark to re-measure them for another checkpoint. docs/wire.md has the table and its caveats
-# (2000 images: a 95% interval of +-0.3-0.5 points on the int4 rows; the JPEG baseline is flattered by the dataset
-# being a JPEG q75 export). tests/test_codec.py checks this table against the benchmark's JSON.
+# Defaults per split point index: what benchmarks/codec_bench.py picked, the smallest request without shared state
+# such as a zstd dictionary whose CIFAR-10 test accuracy at the final exit stayed within 0.3 points of fp32 features
+# ("recommended" in benchmarks/results/codec.json, which records the checkpoint it measured, the bytes and the
+# accuracy change). The table is not tied to a model: any model gets these options by split index (SAFE_ENCODING
+# past the table's end), and every entry is a valid encoding for any of them; only the size/accuracy trade-off is
+# specific to the measured checkpoint, so re-run the benchmark for the model you deploy. docs/wire.md
+# has the table and its caveats (2000 images: a 95% interval of +-0.3-0.5 points on the int4 rows; the JPEG
+# baseline is flattered by the dataset being a JPEG q75 export). tests/test_codec.py checks this table against the
+# benchmark's JSON.
 RECOMMENDED_ENCODINGS: dict[int, EncodeOptions] = {
     0: EncodeOptions(image_format="jpeg", jpeg_quality=75),  # cloud-only: the image as JPEG q75
     1: EncodeOptions("int4", 3, per_channel=False, params="f16"),  # the image as PNG + int4 features
@@ -97,8 +99,8 @@ RECOMMENDED_ENCODINGS: dict[int, EncodeOptions] = {
     4: EncodeOptions("int4", 3, per_channel=False, params="f16"),
     5: EncodeOptions("int4", 3, per_channel=False, params="f16"),
 }
-# For split points outside the table: int8 per channel, compact parameters, zstd 3, the benchmark's most
-# conservative lossy encoding (the closest to fp32 at every split it measured).
+# Past the table's end: int8 per channel, compact parameters, zstd 3, the lossy encoding that stayed closest to fp32
+# at every split the benchmark measured.
 SAFE_ENCODING = EncodeOptions("int8", 3, params="f16")
 
 
