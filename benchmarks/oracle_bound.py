@@ -8,7 +8,7 @@ these ratios are what the sweep's cells there show; where the network dominates,
 transfer and the ratios shrink towards 1. Then, over the default sweep's cells, the latency of our capped rule
 against the same rule at the setting tuned on the test set: a reference that a realizable rule could be held to.
 
-    python benchmarks/oracle_bound.py                       # the shipped models; --models DIR --cache FILE for others
+    python benchmarks/oracle_bound.py              # the shipped models; --models DIR (and --cache FILE) for others
 Writes benchmarks/results/oracle_bound.json and prints markdown tables (~30 s).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from orchestration.cli import build_parser, sim_config, sweep  # noqa: E402
 from orchestration.simulator import load_world  # noqa: E402
+from rapnet.help_format import DefaultsHelpFormatter  # noqa: E402
 from rapnet.exit_rules import CAPPED_GRID, THRESHOLDS, capped_exits, confidence_exits, oracle_exits  # noqa: E402
 
 
@@ -47,16 +48,18 @@ def _capped_ms(world, sweep_args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--models", default=None, help="rapnet-sim's --models (default: the shipped models)")
-    p.add_argument("--cache", default=str(ROOT / "runs" / "sim_traces.npz"), help="rapnet-sim's --cache")
+    p.add_argument("--cache", default=None, help="rapnet-sim's --cache (default: rapnet-sim's own trace cache)")
     p.add_argument("--accuracy-target", default=None, help="rapnet-sim's --accuracy-target (default: the simulator's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "oracle_bound.json"), help="JSON output")
     args = p.parse_args(argv)
     target = [] if args.accuracy_target is None else ["--accuracy-target", args.accuracy_target]
     models = [] if args.models is None else ["--models", args.models]
-    sweep_args = build_parser().parse_args(["sweep", *models, "--cache", args.cache, *target])
-    world, _ = load_world(sim_config(sweep_args), sweep_args.models, sweep_args.data, sweep_args.cache)  # the default sweep's world
+    cache = [] if args.cache is None else ["--cache", args.cache]
+    sweep_args = build_parser().parse_args(["sweep", *models, *cache, *target])
+    world, meta = load_world(sim_config(sweep_args), sweep_args.models, sweep_args.data, sweep_args.cache)  # the default sweep's world
+    cache_path = meta.get("path", args.cache)
     r = world.rapnet
     c, K = r.costs, r.costs.num_exits
     direct = np.array([c.exit_cost(k) for k in range(K)], dtype=float)  # straight to one exit: the oracle
@@ -79,11 +82,11 @@ def main(argv=None) -> int:
         ("capped rule tuned on the test set", *capped),
         ("confidence rule on RAPNet's exits tuned on the test set (no predictor)", *confidence),
     ]
-    result = {"cache": args.cache, "accuracy_target": world.accuracy_target, "ours_test_accuracy": ours_acc,
+    result = {"cache": str(cache_path), "accuracy_target": world.accuracy_target, "ours_test_accuracy": ours_acc,
               "full_network_mflops": float(direct[-1]) / 1e6, "predictor_mflops": c.predictor_flops / 1e6,
               "rows": [{"rule": name, "setting": setting, "test_accuracy": acc, "mflops": cost / 1e6,
                         "over_oracle": cost / 1e6 / oracle_mflops} for name, setting, acc, cost in rows_out]}
-    print(f"RAPNet traces {args.cache}; accuracy held at ours on the test set: {100 * ours_acc:.2f}%\n")
+    print(f"RAPNet traces {cache_path}; accuracy held at ours on the test set: {100 * ours_acc:.2f}%\n")
     print("| rule | setting | test accuracy % | MFLOPs per frame | / oracle |\n|---|---|---:|---:|---:|")
     for row in result["rows"]:
         print(f"| {row['rule']} | {row['setting']} | {100 * row['test_accuracy']:.2f} | {row['mflops']:.2f} | "
