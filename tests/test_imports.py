@@ -107,8 +107,8 @@ def _private(name: str) -> bool:
 
 
 def check(sources: dict[str, str]) -> list[str]:
-    """The rule violations in a tree given as module name -> source (an `__init__` module is named by its
-    package, with `pkg.__init__` also present as a key or not); one line each."""
+    """The rule violations, one line each, in a tree given as module name -> source. A package's `__init__`
+    appears twice: as `pkg.__init__` (which marks `pkg` as a package for relative imports) and as `pkg`."""
     problems = []
     for module, source in sorted(sources.items()):
         if module.endswith(".__init__"):
