@@ -1,13 +1,16 @@
 """rapnet-sim: trace-driven simulation of edge-cloud policies (RAPNet split vs baselines) over the real test set.
 
-  rapnet-sim traces            build (or refresh) the cached traces: runs/sim_traces.npz
+  rapnet-sim traces            build (or refresh) the cached traces and print where they are
   rapnet-sim run  --bandwidth-mbps 10 --rtt-ms 20 --device-gflops 2
                                every policy under one condition, as a table
-  rapnet-sim sweep             bandwidth x device compute x RTT grid: CSV, markdown, JSON, heatmaps
+  rapnet-sim sweep             bandwidth x device compute x RTT grid: CSV, markdown, JSON and heatmaps in runs/sim/
   rapnet-sim live              real edge agent + cloud on loopback at 6 points, shaped network, vs simulation
 
-Traces are rebuilt automatically when a checkpoint changes (keyed by the models' identities), so after a
-new model lands `rapnet-sim sweep` is the one command to rerun.
+The traces (every model's answers on a class-stratified sample of the test set; --full for all of it) are
+cached in the user cache folder, keyed by what they are made of: the checkpoints' identities, the dataset's
+content and the build settings. They are rebuilt automatically when any of these changes, so after a new
+model lands `rapnet-sim sweep` is the one command to rerun. Outputs go only where --out says (default:
+runs/sim/ under the current folder).
 """
 from __future__ import annotations
 
@@ -24,9 +27,14 @@ import numpy as np
 
 from rapnet.codec.menu import DEFAULT_ENCODINGS, ENCODING_NAMES
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sim_sweep"
-DEFAULT_FIGURES = ROOT / "docs"
+from rapnet.help_format import DefaultsHelpFormatter
+
+DEFAULT_OUT = Path("runs") / "sim"  # relative to the current folder, never inside the installed package
+DEFAULT_LIVE_OUT = DEFAULT_OUT / "live.json"
+# The trace sample sizes (orchestration.traces.DEFAULT_TEST_IMAGES and friends), written out because importing
+# orchestration.traces loads torch (slow --help); a test checks they agree.
+DEFAULT_TEST_IMAGES = 2000
+DEFAULT_HELDOUT_IMAGES = 2000
 DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
@@ -60,7 +68,17 @@ def _world(args):
     from .simulator import load_world
 
     return load_world(sim_config(args), args.models, args.data, args.cache, rebuild=getattr(args, "rebuild", False),
-                      log=lambda m: print(m, file=sys.stderr))
+                      log=lambda m: print(m, file=sys.stderr), settings=trace_settings(args),
+                      progress=not args.no_progress)
+
+
+def trace_settings(args):
+    """The traces' sample sizes from rapnet-sim's parsed arguments (--full: every image)."""
+    from .traces import TraceSettings
+
+    if args.full:
+        return TraceSettings.full()
+    return TraceSettings(test_images=args.test_images, heldout_images=args.heldout_images)
 
 
 def _conditions(args, bandwidth, gflops, rtt):
@@ -72,7 +90,8 @@ def _conditions(args, bandwidth, gflops, rtt):
 
 def cmd_traces(args) -> None:
     world, meta = _world(args)
-    print(json.dumps({"cache": meta, **world.describe()}, indent=1, default=str))
+    cache = {k: v for k, v in meta.items() if k != "test_index"}  # the path is what edge-agent --traces takes
+    print(json.dumps({"cache": cache, **world.describe()}, indent=1, default=str))
 
 
 def cmd_run(args) -> None:
@@ -158,13 +177,9 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def output_paths(prefix: str) -> dict[str, Path]:
-    """--out PREFIX -> PREFIX.csv/.json/.md. Appended, not swapped in: a prefix such as runs/sweep-0.84 keeps its
-    dot (Path.with_suffix would write runs/sweep-0.csv); a given .csv/.json/.md ending is dropped first."""
-    out = Path(prefix)
-    if out.suffix in (".csv", ".json", ".md"):
-        out = out.with_suffix("")
-    return {ext: out.with_name(out.name + "." + ext) for ext in ("csv", "json", "md")}
+def output_paths(folder: str | Path) -> dict[str, Path]:
+    """--out FOLDER -> FOLDER/sweep.csv, sweep.json and sweep.md (the heatmaps go beside them)."""
+    return {ext: Path(folder) / f"sweep.{ext}" for ext in ("csv", "json", "md")}
 
 
 def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
@@ -180,13 +195,13 @@ def write_outputs(rows, summary, world, meta, args, wall_s) -> list[Path]:
     from rapnet.machine import machine_info
 
     info = {"summary": {k: v for k, v in summary.items() if k != "losing_cells"}, "losing_cells": summary["losing_cells"],
-            "world": world.describe(), "traces": meta, "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "world": world.describe(), "traces": {k: v for k, v in meta.items() if k != "test_index"}, "args": {k: v for k, v in vars(args).items() if k != "func"},
             "machine": machine_info(), "wall_s": wall_s}
     json_path = paths["json"]
     json_path.write_text(json.dumps(info, indent=1, default=str))
     md_path = paths["md"]
     md_path.write_text(markdown(rows, summary, world))
-    figures = heatmaps(rows, Path(args.figures_dir), args)
+    figures = heatmaps(rows, Path(args.figures_dir or args.out), args)
     return [csv_path, json_path, md_path, *figures]
 
 
@@ -204,7 +219,7 @@ def markdown(rows, summary, world) -> str:
         spread = f" ({100 * low:.2f}-{100 * high:.2f})" if high - low > 5e-5 else ""
         lines.append(f"| {p} | {100 * acc:.2f}{spread} | {s['policy_geomean_ms'][p]:.2f} | {DESCRIPTIONS[p]} |")
     lines += ["", f"- RAPNet split fastest of all policies except the oracle: {s['fastest_overall']}/{s['cells']} cells",
-              f"- ... and at equal or better accuracy than every baseline (issue 7's criterion): {s['wins_strict']}/{s['cells']}"
+              f"- ... and at equal or better accuracy than every baseline (a win): {s['wins_strict']}/{s['cells']}"
               f" ({s['wins_within_tie']}/{s['cells']} with accuracies within {100 * ACCURACY_TIE:g} point counted as equal)",
               f"- not dominated (no baseline at least as accurate and faster): {s['not_dominated']}/{s['cells']}",
               f"- latency / oracle latency: median {s['oracle_ratio_median']:.3f}, max {s['oracle_ratio_max']:.3f}; "
@@ -215,7 +230,7 @@ def markdown(rows, summary, world) -> str:
         lines += [f"- RAPNet capped (price {world.capped_setting[0]:g}, stop confidence {world.capped_setting[1]:g}, "
                   f"{world.capped_jpeg_stop:g} for JPEG images; "
                   f"`edge-agent --price Q --stop-confidence T`), against the baselines with its own edge-only ablation "
-                  f"(rapnet_edge_capped) for RAPNet's: fastest {c['fastest_overall']}/{s['cells']}, issue 7's criterion "
+                  f"(rapnet_edge_capped) for RAPNet's: fastest {c['fastest_overall']}/{s['cells']}, wins "
                   f"{c['wins_strict']}/{s['cells']} ({c['wins_within_tie']}/{s['cells']} within {100 * ACCURACY_TIE:g} point; "
                   f"{c['wins_strict_vs_priced_edge']}/{s['cells']} against the priced rapnet_edge instead), not dominated {c['not_dominated']}/{s['cells']}, oracle ratio median "
                   f"{c['oracle_ratio_median']:.3f}, within 15%: {c['within_15pct_of_oracle']}/{s['cells']}; fastest "
@@ -304,7 +319,7 @@ def cmd_live(args) -> None:
     torch.set_num_threads(1)
     from .live import run_live
 
-    result = run_live(args)
+    result = run_live(args, trace_settings(args))
     if result["median_abs_rel_error"] is None:
         sys.exit("rapnet-sim live: no point produced a measurement; see the errors above")
 
@@ -316,14 +331,26 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rapnet-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{traces,run,sweep,live}")
-    common = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=DefaultsHelpFormatter)
     g = common.add_argument_group("models and traces")
     g.add_argument("--models", default=None,
                    help="folder with rapnet-/sdn-/static-cifar10.pt (default: the shipped models, rapnet.shipped.models_dir(): "
                         "$RAPNET_MODELS, else the installed package's, else the checkout's models/)")
     g.add_argument("--data", help="dataset path (default: rapnet.data's search: $RAPNET_DATA, ../shared/datasets)")
-    g.add_argument("--cache", help="trace cache (default runs/sim_traces.npz)")
+    g.add_argument("--cache", metavar="FILE",
+                   help="trace cache file (default: sim-traces/traces-<key>.npz in $RAPNET_CACHE, else ~/.cache/rapnet; "
+                        "the key is the checkpoints' identities, the dataset's content and the sample sizes)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the traces even if the cache matches")
+    g.add_argument("--test-images", type=int, default=DEFAULT_TEST_IMAGES, metavar="N",
+                   help="test images the traces hold: a seeded sample spread evenly over the classes (0: all 10,000)")
+    g.add_argument("--heldout-images", type=int, default=DEFAULT_HELDOUT_IMAGES, metavar="N",
+                   help="images of each model's held-out validation split the traces hold (they decide whether JPEG "
+                        "goes on the menu and tune its exit stops), sampled like --test-images (0: all 5,000)")
+    g.add_argument("--full", action="store_true",
+                   help="traces on the whole test set and held-out split (slower to build; overrides --test-images "
+                        "and --heldout-images)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown while traces build "
+                   "and a sweep runs)")
     g = common.add_argument_group("world")
     g.add_argument("--cloud-gflops", type=float, default=100.0, help="cloud worker speed")
     g.add_argument("--devices", type=int, default=16, help="edge devices sharing the cloud workers")
@@ -346,28 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encodings", nargs="+", default=list(DEFAULT_ENCODINGS), choices=ENCODING_NAMES, metavar="NAME",
                    help="planner's encoding menu (png, raw+zstd or jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later); "
                         "a lossy one is used only where it passes the accuracy test (orchestration.traces.ModelTraces.menu)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals, jitter and loss")
 
     t = sub.add_parser("traces", parents=[common], help="build or refresh the trace cache and print what it holds",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     t.set_defaults(func=cmd_traces)
     r = sub.add_parser("run", parents=[common], help="all policies under one condition",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--bandwidth-mbps", type=float, default=10.0)
-    r.add_argument("--rtt-ms", type=float, default=20.0)
-    r.add_argument("--device-gflops", type=float, default=2.0)
+                       formatter_class=DefaultsHelpFormatter)
+    r.add_argument("--bandwidth-mbps", type=float, default=10.0, help="uplink bandwidth, Mbit/s")
+    r.add_argument("--rtt-ms", type=float, default=20.0, help="network round-trip time, ms")
+    r.add_argument("--device-gflops", type=float, default=2.0, help="edge device compute, GFLOP/s")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("sweep", parents=[common], help="grid over bandwidth x device compute x RTT",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--bandwidth-mbps", type=_floats, default=list(DEFAULT_BANDWIDTHS), help="list, e.g. '0.5 1 10'")
-    s.add_argument("--device-gflops", type=_floats, default=list(DEFAULT_GFLOPS), help="list")
-    s.add_argument("--rtt-ms", type=_floats, default=list(DEFAULT_RTTS), help="list")
-    s.add_argument("--out", default=str(DEFAULT_OUT), help="prefix for .csv, .md and .json")
-    s.add_argument("--figures-dir", default=str(DEFAULT_FIGURES), help="folder for the heatmap PNGs")
-    s.add_argument("--no-progress", action="store_true")
+                       formatter_class=DefaultsHelpFormatter)
+    s.add_argument("--bandwidth-mbps", type=_floats, default=list(DEFAULT_BANDWIDTHS),
+                   help="uplink bandwidths, Mbit/s, as one list, e.g. '0.5 1 10'")
+    s.add_argument("--device-gflops", type=_floats, default=list(DEFAULT_GFLOPS), help="edge device computes, GFLOP/s (list)")
+    s.add_argument("--rtt-ms", type=_floats, default=list(DEFAULT_RTTS), help="round-trip times, ms (list)")
+    s.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
+                   help="folder for sweep.csv, sweep.md, sweep.json and the heatmap PNGs (relative to the current folder)")
+    s.add_argument("--figures-dir", default=None, metavar="DIR", help="folder for the heatmap PNGs (default: --out)")
     s.set_defaults(func=cmd_sweep)
     live = sub.add_parser("live", parents=[common], help="real edge agent + cloud on loopback, shaped network, vs simulation",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=DefaultsHelpFormatter)
     live.add_argument("--frames", type=int, default=100, help="test frames per point")
     live.add_argument("--points", type=int, default=6, help="how many of the built-in sweep points")
     live.add_argument("--capped", action="store_true",
@@ -378,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training images offloaded first to measure the cloud's fixed per-request overhead")
     live.add_argument("--no-cloud-overhead", dest="cloud_overhead", action="store_false",
                       help="measure the overhead but plan and simulate without it (the model before calibration)")
-    live.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_live.json"))
+    live.add_argument("--out", default=str(DEFAULT_LIVE_OUT), metavar="FILE",
+                      help="JSON result (relative to the current folder)")
     live.set_defaults(func=cmd_live)
     return p
 

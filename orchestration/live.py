@@ -165,7 +165,7 @@ def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: i
 def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, frames: int, tmp: Path,
                            timeout: float, checkpoint: Path, traces: Path) -> dict:
     """The fixed cost per cloud request that the latency model leaves out (gRPC and HTTP/2, the shaping proxy,
-    the front, the Ray hop and the batcher's wait), measured once on calibration frames: the first training
+    the front, the Ray hop and the batcher's wait), measured once on calibration frames: training
     images, never the test frames the points report. A slow emulated device sends every frame through an
     unshaped proxy; overhead = median(measured service time - the planner's expected latency) over them."""
     point = CALIBRATION_POINT
@@ -189,16 +189,17 @@ def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, 
             "point": point.__dict__, "split": "train"}
 
 
-def run_live(args) -> dict:
+def run_live(args, settings=None) -> dict:
     from .planner import REF_GFLOPS, REF_LAYER_US, Conditions
     from .simulator import SimConfig, World
-    from .traces import DEFAULT_CACHE, default_checkpoints, ensure_traces
+    from .traces import TraceSettings, default_checkpoints, ensure_traces, sample_rows
 
     checkpoints = default_checkpoints(args.models)
-    cache = Path(args.cache or DEFAULT_CACHE)
-    traces, _ = ensure_traces(checkpoints, None, cache)
+    traces, meta = ensure_traces(checkpoints, None, args.cache, settings or TraceSettings())
+    cache = Path(meta["path"])
     n = args.frames
-    sub = {name: _subset(t, n) for name, t in traces.items()}
+    rows = sample_rows(meta, n)  # the test frames the agent's --limit n reads
+    sub = {name: _subset(t, rows) for name, t in traces.items()}
     world = World(sub, SimConfig(devices=1, workers=1, fps=args.fps, accuracy_target=args.accuracy_target,
                                  rapnet_rule=args.rapnet_rule))
     # the agent runs the simulator's operating point
@@ -283,9 +284,9 @@ def run_live(args) -> dict:
     return result
 
 
-def _subset(t, n):
-    """The first n test samples of a model's traces (the calibration part stays whole)."""
+def _subset(t, rows):
+    """The test samples at `rows` (an index array) of a model's traces (the calibration part stays whole)."""
     from dataclasses import replace
 
     per_sample = ("correct", "confidence", "scores", "jpeg_correct", "jpeg_confidence", "jpeg_scores")
-    return replace(t, **{f: None if getattr(t, f) is None else getattr(t, f)[:n] for f in per_sample})
+    return replace(t, **{f: None if getattr(t, f) is None else getattr(t, f)[rows] for f in per_sample})

@@ -494,11 +494,11 @@ def test_accuracy_target_can_be_the_static_networks(traces):
             cli._accuracy_target(bad)
 
 
-def test_sweep_output_prefix_keeps_its_dots():
+def test_sweep_outputs_go_into_the_out_folder():
     from orchestration.cli import output_paths
 
-    assert output_paths("runs/sweep-0.84")["md"] == Path("runs/sweep-0.84.md")
-    assert output_paths("runs/sweep.json")["csv"] == Path("runs/sweep.csv")
+    assert output_paths("runs/sim-0.84")["md"] == Path("runs/sim-0.84/sweep.md")
+    assert output_paths("runs/sim")["csv"] == Path("runs/sim/sweep.csv")
 
 
 def test_the_oracle_runs_no_predictor(traces, world):
@@ -669,23 +669,40 @@ def test_cli_help(capsys):
     assert "--frames" in capsys.readouterr().out
 
 
-def test_sweep_outputs(world, tmp_path):
-    from orchestration import cli
+def test_sweep_writes_only_under_out(world, tmp_path, monkeypatch):
+    """Results and heatmaps all go into --out; nothing lands in the current folder or the source tree."""
+    from orchestration import cli, simulator
 
-    args = cli.build_parser().parse_args(["sweep", "--bandwidth-mbps", "1 100", "--device-gflops", "0.5 20", "--rtt-ms", "10",
-                                          "--out", str(tmp_path / "s"), "--figures-dir", str(tmp_path)])
-    rows = cli.sweep(world, args, progress=False)
-    summary = cli.summarize(rows)
-    assert summary["cells"] == 4
-    paths = cli.write_outputs(rows, summary, world, {}, args, 0.0)
-    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    monkeypatch.setattr(simulator, "load_world", lambda *a, **k: (world, {"key": "synthetic"}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tree = Path(cli.__file__).resolve().parents[1]
+    before = {p: p.stat().st_mtime_ns for p in (tree / "benchmarks" / "results").glob("*")}
+    before.update({p: p.stat().st_mtime_ns for p in (tree / "docs").glob("*")})
+    out = tmp_path / "out"
+    cli.main(["sweep", "--bandwidth-mbps", "1 100", "--device-gflops", "0.5 20", "--rtt-ms", "10", "--out", str(out),
+              "--no-progress"])
+    written = sorted(p.name for p in out.iterdir())
+    assert {"sweep.csv", "sweep.json", "sweep.md", "sim_latency_ratio.png"} <= set(written)
+    assert all((out / name).stat().st_size > 0 for name in written)
+    assert list(cwd.iterdir()) == []
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before
 
 
 # --- optional: the real cached traces --------------------------------------------------------------------
-REAL = Path(__file__).resolve().parents[1] / "runs" / "sim_traces.npz"
+def _real_traces() -> Path | None:
+    """A trace cache rapnet-sim built in the default cache folder, if any."""
+    from rapnet.data import default_cache_dir
+
+    return next(iter(sorted((default_cache_dir() / "sim-traces").glob("traces-*.npz"))), None)
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="no cached real traces (run rapnet-sim traces)")
+REAL = _real_traces()
+
+
+@pytest.mark.skipif(REAL is None, reason="no cached real traces (run rapnet-sim traces)")
 def test_real_traces_accuracy_equals_offline_evaluation():
     traces, _ = load_traces(REAL)
     lossless = tuple(e for e in SimConfig.encodings if e != "jpeg")  # frames sent as JPEG answer from the JPEG view
