@@ -10,8 +10,8 @@ from dataclasses import dataclass
 ARCHES = ("mobilenetv2", "resnet")
 KINDS = ("rapnet", "sdn", "static")
 FUSION_STRIDES = (1, 2, 4)
-# Fields added after the first release, with the value a checkpoint written before them implies. They are left
-# out of the identity hash while they hold that value, so earlier checkpoints keep their identity.
+# Fields a checkpoint may lack, with the value such a checkpoint implies. They are left out of the identity hash
+# while they hold that value, so a checkpoint written without them keeps its identity.
 LEGACY_VALUES = {"fusion_stride": 4}
 
 
@@ -25,7 +25,7 @@ class ModelConfig:
     lowres_factor: int = 2  # RAPNet's early stages see the image downsampled by this factor
     # Where RAPNet's two paths meet, as the full-resolution backbone's total stride there: 2 fuses on the 16x16
     # grid of a CIFAR image (the low-res path runs through the 32-channel stage), 4 on the 8x8 grid (through the
-    # 64-channel stage, the first release: 1.9 points under the static network at its last exit).
+    # 64-channel stage, the original layout: 1.9 points under the static network at its last exit).
     # 1 fuses on the full 32x32 grid (the low-res path runs through the 24-channel stage only; an experiment).
     fusion_stride: int = 2
     # Exit placement (ours): cut points nearest these fractions of the full network's measured FLOPs.

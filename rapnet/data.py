@@ -665,7 +665,7 @@ def predictor_calibration_split(val_idx: np.ndarray, fit_count: int, seed: int =
     """Split validation indices into the predictor's fitting part and the calibration part (sorted each).
 
     Drawn at random, not sliced: archives are usually stored class by class, so a slice of the sorted indices
-    would give the two parts different classes (the first release calibrated on ships and trucks only).
+    would give the two parts different classes (on CIFAR-10, the calibration part would hold ships and trucks only).
     """
     if not 0 <= fit_count <= len(val_idx):
         raise ValueError(f"fit_count={fit_count} must be within 0..{len(val_idx)} (the validation size)")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Retrain the shipped models on a lent GPU machine (the `device` tool): the full recipe of models/README.md.
+# Retrain the shipped models on a CUDA GPU machine: the full recipe of models/README.md.
 #
-# Run it from a session that has a GPU drawn (`status` says can_start_another: true), with the data archive
-# copied into the git-ignored .data/ folder first:
+# Run it from the repository root on the GPU machine, with the data archive copied into the git-ignored .data/
+# folder first:
 #     cp ../shared/datasets/cifar10/cifar10-jpeg.tar.gz .data/        # path: see ../shared/datasets/README
-#     device run (carry: [".data"], timeout_s 560):  bash scripts/gpu_train.sh
-# The checkpoints and logs come back under $OUT/gpu-w1 (evaluate them here with rapnet-eval). About 8 minutes of H100 time for RAPNet
+#     bash scripts/gpu_train.sh                                        # MODELS=rapnet,sdn,static for all three
+# The checkpoints and logs go to $OUT/gpu-w1 (evaluate them with rapnet-eval). About 8 minutes of H100 time for RAPNet
 # alone (MODELS=rapnet: SDN and static do not depend on fusion_stride, so the shipped ones stay comparable),
 # about the same for all three with --jobs 3 (one process per model).
 set -euo pipefail

@@ -196,7 +196,7 @@ def test_split_carry_sizes_match_cost_table(models, costs, arch, width, kind):
 
 @pytest.mark.parametrize("arch,width", ARCH_WIDTHS, ids=[a for a, _ in ARCH_WIDTHS])
 def test_other_fusion_points_build_and_split(arch, width):
-    """fusion_stride 4 (the shipped first-release checkpoints) and 1 (an experiment) pass the same structure and
+    """fusion_stride 4 (the original layout, which checkpoints without the field use) and 1 (an experiment) pass the same structure and
     split checks as the default 2, and the paths meet on the grid each names."""
     fused = lambda m: next(s for s in m.stages if s.reads[0] == "image" and len(s.reads) == 2)  # noqa: E731
     grid = {}

@@ -1,4 +1,4 @@
-"""rapnet-train and rapnet-eval end to end on a small generated ImageFolder dataset (issue 3's smoke run)."""
+"""rapnet-train and rapnet-eval end to end on a small generated ImageFolder dataset (a smoke run)."""
 from __future__ import annotations
 
 import json
