@@ -24,6 +24,7 @@ from .exit_traces import Traces, calibration_indices, collect_traces
 from .machine import machine_info
 from .network import MultiExitNetwork
 from .preprocess import to_model_input
+from .help_format import DefaultsHelpFormatter
 from .shipped import default_checkpoint
 
 
@@ -255,7 +256,8 @@ def run(args: argparse.Namespace) -> dict:
         timed["sdn"] = (sdn[0], {"threshold": float(THRESHOLDS[sdn_index]) if sdn_index is not None else 0.9})
     if static:
         timed["static"] = (static[0], {})
-    report["latency_batch1"] = measure_latency(timed, test.images[: args.latency_images], rounds=1)
+    latency_sample = test.images[stratified_sample(test.labels, args.latency_images, seed=args.seed)]
+    report["latency_batch1"] = measure_latency(timed, latency_sample, rounds=1)
     report["latency_batch1"]["operating_settings"] = {k: v[1] for k, v in timed.items()}
 
     # The capped rule's 2,091-point grid would more than double the file: keep its Pareto front only.
@@ -343,23 +345,29 @@ def plot(report: dict, path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rapnet-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=str(default_checkpoint()), help="RAPNet checkpoint")
-    p.add_argument("--sdn", help="SDN checkpoint (default: next to --checkpoint, 'rapnet' replaced by 'sdn')")
-    p.add_argument("--static", help="static-network checkpoint (default: next to --checkpoint)")
-    p.add_argument("--data", help="dataset path; default: $RAPNET_DATA, then ../shared/datasets")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default="runs/eval", help="folder for eval.json, eval.md and eval.png")
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(default_checkpoint()), help="RAPNet checkpoint (the shipped one, rapnet.shipped)")
+    p.add_argument("--sdn", help="SDN checkpoint (default: next to --checkpoint, 'rapnet' in its name replaced by 'sdn'; "
+                                 "left out when absent)")
+    p.add_argument("--static", help="static-network checkpoint (default: next to --checkpoint, 'rapnet' in its name "
+                                    "replaced by 'static'; left out when absent)")
+    p.add_argument("--data", help="dataset archive or folder (default: $RAPNET_DATA, else rapnet.data's search: "
+                                  "../shared/datasets, ~/.cache/rapnet/datasets, ./data)")
+    p.add_argument("--dataset", default="cifar10", help="dataset name the default search looks for")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: $RAPNET_CACHE, else ~/.cache/rapnet)")
+    p.add_argument("--out", default="runs/eval", help="folder for eval.json, eval.md and eval.png (relative to the "
+                                                      "current folder)")
     p.add_argument("--budget", type=float, nargs="*", default=[0.25, 0.3, 0.35, 0.5],
                    help="target mean FLOPs as fractions of the reference network")
-    p.add_argument("--budget-ms", type=float, default=None, help="target mean batch-1 CPU milliseconds")
+    p.add_argument("--budget-ms", type=float, default=None,
+                   help="also a target mean batch-1 CPU milliseconds for RAPNet (default: none)")
     p.add_argument("--limit", type=int, default=0,
                    help="evaluate on N test images only, a seeded sample spread evenly over the classes (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
-    p.add_argument("--latency-images", type=int, default=100, help="images timed for batch-1 latency")
-    p.add_argument("--latency-repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit and --latency-images samples")
+    p.add_argument("--latency-images", type=int, default=100,
+                   help="test images timed for batch-1 latency (a sample spread over the classes)")
+    p.add_argument("--latency-repeats", type=int, default=20, help="timing repeats per exit for the latency model")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
 
 

@@ -30,6 +30,7 @@ from .data import (
     RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file,
     train_val_split,
 )
+from .help_format import DefaultsHelpFormatter
 from .machine import git_state
 from .network import MultiExitNetwork
 from .preprocess import random_crop_flip, to_model_input
@@ -375,34 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rapnet-train",
         description="Train RAPNet (exits + exit predictor), the SDN baseline and the static network with one recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--data", help="dataset path (archive or folder); default: $RAPNET_DATA, then ../shared/datasets")
+    p.add_argument("--data", help="dataset archive or folder (default: $RAPNET_DATA, else rapnet.data's search: "
+                                  "../shared/datasets, ~/.cache/rapnet/datasets, ./data)")
     p.add_argument("--dataset", default="cifar10", help="dataset name used by the default search")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default $RAPNET_CACHE or ~/.cache/rapnet)")
-    p.add_argument("--out", default="runs/cifar10", help="folder for checkpoints, resumable state and logs")
-    p.add_argument("--models", type=lambda s: s.split(","), default=["rapnet", "sdn", "static"],
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: $RAPNET_CACHE, else ~/.cache/rapnet)")
+    p.add_argument("--out", default="runs/cifar10", help="folder for checkpoints, resumable state and logs (relative to the current folder)")
+    p.add_argument("--models", type=lambda s: s.split(","), default="rapnet,sdn,static",
                    help="comma-separated kinds to train: rapnet,sdn,static")
-    p.add_argument("--arch", default="mobilenetv2", choices=["mobilenetv2", "resnet"])
+    p.add_argument("--arch", default="mobilenetv2", choices=["mobilenetv2", "resnet"], help="backbone")
     p.add_argument("--width", type=float, default=0.5, help="channel width multiplier")
     p.add_argument("--fusion-stride", type=int, default=ModelConfig.fusion_stride, choices=FUSION_STRIDES,
                    help="RAPNet: where the low- and high-resolution paths meet, as the backbone's stride there")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs per model")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR at batch 128 (scaled with batch size)")
     p.add_argument("--early-exit-trunk-grad", type=float, default=TrainConfig.early_exit_trunk_grad,
                    help="share of the early exits' gradient that reaches the shared trunk (1.0: plain joint training)")
-    p.add_argument("--predictor-epochs", type=int, default=TrainConfig.predictor_epochs)
-    p.add_argument("--val-size", type=int, default=TrainConfig.val_size)
-    p.add_argument("--limit-train", type=int, default=0, help="smoke runs: train on this many images only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predictor-epochs", type=int, default=TrainConfig.predictor_epochs,
+                   help="epochs fitting RAPNet's exit predictor (on its part of the validation split)")
+    p.add_argument("--val-size", type=int, default=TrainConfig.val_size,
+                   help="training images held out as the validation split (predictor fit and calibration)")
+    p.add_argument("--limit-train", type=int, default=0, help="smoke runs: train on this many images only (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the data order")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     p.add_argument("--jobs", type=int, default=1, help="train the models in this many parallel processes (GPU)")
     p.add_argument("--teacher", metavar="CHECKPOINT",
-                   help="distil every exit from this trained network's last exit (same seed and split as this run)")
+                   help="distil every exit from this trained network's last exit (same seed and split as this run; default: "
+                        "none, the earlier exits distil from the model's own last exit)")
     p.add_argument("--predictor-only", metavar="CHECKPOINT",
-                   help="refit only the exit predictor of this trained RAPNet checkpoint; writes OUT/rapnet.pt")
+                   help="refit only the exit predictor of this trained RAPNet checkpoint; writes OUT/rapnet.pt (default: off, "
+                        "train the models)")
     return p
 
 
