@@ -46,10 +46,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from edge.decide import DecisionSettings, Decider, build_decider  # noqa: E402
+from edge.config import AgentSettings, DecisionSettings  # noqa: E402
+from edge.decide import Decider, build_decider  # noqa: E402
 from edge.frames import Frame, Source, bgr_to_rgb, fit_image  # noqa: E402
 from edge.link import CircuitBreaker, CloudLink, CloudTarget, NetworkEstimate  # noqa: E402
-from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
+from edge.pipeline import EdgeAgent  # noqa: E402
 from orchestration.planner import Plan  # noqa: E402
 from rapnet.checkpoint import load_model  # noqa: E402
 from rapnet.codec import ModelContract, build_request, encode_options  # noqa: E402

@@ -5,8 +5,9 @@ graceful local fallback.
     edge-agent --camera 0 --cloud HEAD:50051 --tls-ca ca.pem --token-file token.txt --output frames.jsonl
     edge-agent --video clip.avi --device-gflops 2 --latency-budget-ms 40 --output -
 
-Without --cloud the agent starts the cloud tier itself on 127.0.0.1 (cloud.server.start_local: local Ray,
-the Serve app and the gRPC front) and stops it on exit. See docs/edge.md.
+Without --cloud the agent starts the cloud tier itself on 127.0.0.1 (edge.embedded_cloud: local Ray, the Serve
+app and the gRPC front) and stops it on exit. The flags build an edge.config.EdgeConfig, which holds every setting
+and its default in one place. See docs/edge.md.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "rapnet-cifar10.pt"
 
 
 class SetupError(Exception):
@@ -30,80 +30,116 @@ class SetupError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The edge-agent flags. Each flag's dest is the name of its field in edge.config (EdgeConfig.from_args maps
+    them), and each default is that field's default, so the help shows the defaults the agent runs with."""
+    from rapnet.help_format import DefaultsHelpFormatter
+
+    from .config import AgentSettings, CloudSettings, DecisionSettings, EdgeConfig, OutputSettings, SourceSettings
+    from .config import default_checkpoint
+
     p = argparse.ArgumentParser(prog="edge-agent", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     src = p.add_argument_group("source (exactly one)")
     g = src.add_mutually_exclusive_group(required=True)
     g.add_argument("--camera", type=int, metavar="N", help="OpenCV camera index (live: the latest frame wins)")
     g.add_argument("--video", metavar="PATH", help="video file (every frame, in order)")
     g.add_argument("--images", metavar="DIR|ARCHIVE", help="folder of images (recursive) or a tar archive of them")
     g.add_argument("--dataset", metavar="NAME|PATH", help="labelled dataset via rapnet.data (the agent reports accuracy)")
-    src.add_argument("--split", default="test", help="dataset split")
-    src.add_argument("--limit", type=int, default=0, help="stop after N frames (0: all)")
-    src.add_argument("--rate", type=float, default=0.0, metavar="FPS",
-                     help="pace a file/dataset source at FPS frames/s, as a camera would deliver it (0: as fast as read)")
+    src.add_argument("--split", default=SourceSettings.split, help="dataset split")
+    src.add_argument("--limit", type=int, default=SourceSettings.limit, metavar="N",
+                     help="stop after N frames (a dataset: a seeded sample spread over the classes; 0: all)")
 
-    m = p.add_argument_group("model and policy")
-    m.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="RAPNet checkpoint (edge and embedded cloud)")
+    m = p.add_argument_group("model and exit rule")
+    m.add_argument("--checkpoint", default=default_checkpoint(),
+                   help="RAPNet checkpoint, run on the edge and in the embedded cloud (default: the shipped CIFAR-10 "
+                        "model, %(default)s)")
     rule = m.add_mutually_exclusive_group()
-    rule.add_argument("--price", type=float, default=None,
-                      help="exit rule (default): the exit maximising predictor score - PRICE x relative cost; default: "
-                           "the checkpoint metadata's \"price\", else 0.03 (calibrated, see docs/edge.md)")
-    rule.add_argument("--threshold", type=float, default=None,
-                      help="use the threshold rule instead: the shallowest exit whose predictor score reaches THRESHOLD")
-    m.add_argument("--stop-confidence", type=float, default=None, metavar="P",
-                   help="capped rule (with the priced rule): the priced rule's exit becomes the deepest the frame may "
-                        "run, and the first exit on the way whose top softmax probability reaches P answers; edge "
-                        "and cloud both check (docs/results.md, ninth session)")
-    m.add_argument("--device-gflops", type=_gflops, default=None, metavar="G|auto",
-                   help="the device's compute for the planner, GFLOP/s; auto (default): measured at start-up by timing "
-                        "the predictor and the whole network on a calibration frame (what the planner's device model "
-                        "needs to predict that time)")
-    m.add_argument("--emulate-device", action="store_true",
-                   help="pad local compute and encoding (sleep) to the planner's modelled time on --device-gflops G, to "
-                        "emulate a device slower than this CPU")
-    m.add_argument("--device-layer-us", type=float, default=None, help="per-layer-call cost on the device (default: scaled reference CPU)")
-    m.add_argument("--cloud-gflops", type=float, default=100.0)
-    m.add_argument("--latency-budget-ms", type=float, default=None, help="per-frame latency budget the planner keeps")
-    m.add_argument("--encoding", default="auto",
-                   help="what the planner may send: auto (png,raw+zstd,jpeg,int8+zstd,fp16+zstd,fp32+zstd) or a "
-                        "comma-separated menu of those; png, raw+zstd and jpeg send the image only (split 0), the others "
-                        "encode features (splits >= 1). Lossy ones are used only where they keep the answers: int8 and "
-                        "fp16 by agreement on the calibration frames, jpeg by the accuracy in a --traces cache")
-    m.add_argument("--bandwidth-mbps", type=float, default=50.0, help="uplink prior, until transfers are measured")
-    m.add_argument("--rtt-ms", type=float, default=5.0, help="round-trip prior, until transfers are measured")
-    m.add_argument("--fixed-network", action="store_true",
-                   help="plan with --bandwidth-mbps/--rtt-ms only (the live estimate is still reported)")
-    m.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
-                   help="always run the exit predictor here; by default, where sending the image at once is faster "
-                        "on average over the rule's exits (on the calibration frames, or the --traces calibration "
-                        "images), the edge skips it and the cloud picks the exit (same rule and price)")
-    m.add_argument("--cloud-overhead-ms", type=float, default=0.0,
-                   help="with --fixed-network: fixed cost per cloud request the planner adds (gRPC, front, Ray hop, "
-                        "batching); rapnet-sim live measures it. Without --fixed-network the live estimate holds it")
-    m.add_argument("--calibration-frames", type=int, default=16,
-                   help="first frames on which real request sizes are measured for the planner")
-    m.add_argument("--traces", default=None, help="rapnet-sim trace cache to take request sizes from instead")
+    rule.add_argument("--price", type=float, default=DecisionSettings.price, metavar="Q",
+                      help="the priced rule: the exit maximising predictor score - Q x relative cost (default: the "
+                           "checkpoint metadata's \"price\", else 0.03; see docs/edge.md)")
+    rule.add_argument("--threshold", type=float, default=DecisionSettings.threshold, metavar="T",
+                      help="use the threshold rule instead: the shallowest exit whose predictor score reaches T "
+                           "(default: the priced rule)")
+    m.add_argument("--stop-confidence", type=float, default=DecisionSettings.stop_confidence, metavar="P",
+                   help="the capped rule (with the priced rule): the priced rule's exit becomes the deepest the frame "
+                        "may run, and the first exit on the way whose top softmax probability reaches P answers; edge "
+                        "and cloud both check (default: none, the priced rule's exit answers)")
+    m.add_argument("--torch-threads", type=int, default=EdgeConfig.torch_threads, metavar="N",
+                   help="intra-op threads of the agent's PyTorch")
+
+    plan = p.add_argument_group("planner: the device, the cloud and the network")
+    plan.add_argument("--device-gflops", type=_gflops, default="auto", metavar="G|auto",
+                      help="the device's compute, GFLOP/s; auto: measured at start-up by timing the predictor and the "
+                           "whole network on a calibration frame")
+    plan.add_argument("--cloud-gflops", type=float, default=DecisionSettings.cloud_gflops, metavar="G",
+                      help="the cloud's compute per request, GFLOP/s")
+    plan.add_argument("--latency-budget-ms", type=float, default=DecisionSettings.latency_budget_ms, metavar="MS",
+                      help="per-frame latency budget the planner keeps (default: none)")
+    plan.add_argument("--encoding", dest="encodings", type=_encodings, default="auto", metavar="auto|LIST",
+                      help="what the planner may send: auto (png,raw+zstd,jpeg,int8+zstd,fp16+zstd,fp32+zstd) or a "
+                           "comma-separated menu of those; png, raw+zstd and jpeg send the image only (split 0), the "
+                           "others encode features (splits >= 1). Lossy ones are used only where they keep the "
+                           "answers: int8 and fp16 by agreement on the calibration frames, jpeg by the accuracy in a "
+                           "--traces cache")
+    plan.add_argument("--bandwidth-mbps", type=float, default=DecisionSettings.bandwidth_mbps, metavar="MBPS",
+                      help="uplink prior, until transfers are measured")
+    plan.add_argument("--rtt-ms", type=float, default=DecisionSettings.rtt_ms, metavar="MS",
+                      help="round-trip prior, until transfers are measured")
+    plan.add_argument("--no-cloud-exit", dest="cloud_exit", action="store_false",
+                      help="always run the exit predictor here (default: where sending the image at once is faster "
+                           "on average over the rule's exits, on the calibration frames or the --traces calibration "
+                           "images, the edge skips it and the cloud picks the exit with the same rule)")
+    plan.add_argument("--calibration-frames", type=int, default=DecisionSettings.calibration_frames, metavar="N",
+                      help="first frames on which real request sizes are measured for the planner")
+    plan.add_argument("--traces", default=DecisionSettings.traces, metavar="CACHE",
+                      help="rapnet-sim trace cache of this checkpoint to take request sizes and JPEG's accuracy from "
+                           "(default: none, sizes measured on the calibration frames and JPEG off the menu)")
 
     c = p.add_argument_group("cloud")
-    c.add_argument("--cloud", metavar="HOST:PORT", default=None,
-                   help="the cloud front; default: start the cloud tier locally on 127.0.0.1")
-    c.add_argument("--deadline-ms", type=float, default=1000.0, help="per-request deadline; past it the edge answers")
-    c.add_argument("--tls-ca", default=None, help="CA certificate that signed the cloud's certificate (TLS)")
-    c.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
-    c.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
-    c.add_argument("--token-file", default=None, help="bearer token file (else $RAPNET_TOKEN); never printed")
-    c.add_argument("--in-flight", type=int, default=4, help="requests queued or on the wire at once")
-    c.add_argument("--breaker-failures", type=int, default=3, help="consecutive failures that open the circuit")
-    c.add_argument("--breaker-cooldown-s", type=float, default=2.0, help="open time before a half-open probe")
-    c.add_argument("--max-message-bytes", type=int, default=1 << 20)
+    c.add_argument("--cloud", dest="address", metavar="HOST:PORT", default=CloudSettings.address,
+                   help="the cloud front (default: start the cloud tier on 127.0.0.1 for this run)")
+    c.add_argument("--deadline-ms", type=float, default=AgentSettings.deadline_ms, metavar="MS",
+                   help="per-request deadline; past it the edge answers the frame itself")
+    c.add_argument("--tls-ca", default=CloudSettings.tls_ca, metavar="PEM",
+                   help="CA certificate that signed the cloud's certificate (default: none, plaintext)")
+    c.add_argument("--tls-cert", default=CloudSettings.tls_cert, metavar="PEM",
+                   help="client certificate, for mutual TLS with --tls-key (default: none)")
+    c.add_argument("--tls-key", default=CloudSettings.tls_key, metavar="PEM",
+                   help="client key, for mutual TLS (default: none)")
+    c.add_argument("--token-file", default=CloudSettings.token_file, metavar="FILE",
+                   help="bearer token file, never printed (default: $RAPNET_TOKEN)")
+    c.add_argument("--in-flight", type=int, default=AgentSettings.in_flight, metavar="N",
+                   help="requests queued or on the wire at once")
+    c.add_argument("--breaker-failures", type=int, default=CloudSettings.breaker_failures, metavar="N",
+                   help="consecutive failures that open the circuit (frames are then answered here)")
+    c.add_argument("--breaker-cooldown-s", type=float, default=CloudSettings.breaker_cooldown_s, metavar="S",
+                   help="open time before a half-open probe")
+    c.add_argument("--max-message-bytes", type=int, default=CloudSettings.max_message_bytes, metavar="N",
+                   help="gRPC send and receive limit")
 
     o = p.add_argument_group("output")
-    o.add_argument("--output", default=None, metavar="FILE|-", help="JSON lines, one per frame")
-    o.add_argument("--summary-json", default=None, metavar="FILE", help="also write the summary as JSON")
+    o.add_argument("--output", default=OutputSettings.output, metavar="FILE|-",
+                   help="JSON lines, one per frame; -: stdout (default: none)")
+    o.add_argument("--summary-json", default=OutputSettings.summary_json, metavar="FILE",
+                   help="also write the summary as JSON (default: none; the summary is always printed to stderr)")
     o.add_argument("--display", action="store_true", help="draw the label in an OpenCV window (needs a screen)")
     o.add_argument("--quiet", action="store_true", help="no live status line")
-    o.add_argument("--torch-threads", type=int, default=1)
+
+    v = p.add_argument_group("emulation, for live validation (rapnet-sim live) and reproducible runs")
+    v.add_argument("--rate", type=float, default=SourceSettings.rate, metavar="FPS",
+                   help="pace a file or dataset source at FPS frames/s, as a camera would deliver it (0: as fast as "
+                        "read)")
+    v.add_argument("--emulate-device", action="store_true",
+                   help="pad local compute and encoding (sleep) to the planner's modelled time on --device-gflops G, "
+                        "to emulate a device slower than this CPU")
+    v.add_argument("--device-layer-us", type=float, default=DecisionSettings.device_layer_us, metavar="US",
+                   help="per-layer-call cost on the device, microseconds (default: the reference CPU's, scaled to "
+                        "the device's speed)")
+    v.add_argument("--fixed-network", action="store_true",
+                   help="plan with --bandwidth-mbps and --rtt-ms only (the live estimate is still reported)")
+    v.add_argument("--cloud-overhead-ms", type=float, default=DecisionSettings.cloud_overhead_ms, metavar="MS",
+                   help="with --fixed-network: fixed cost per cloud request the planner adds (gRPC, front, Ray hop, "
+                        "batching), which rapnet-sim live measures; without it the live estimate holds this cost")
     return p
 
 
@@ -119,13 +155,28 @@ def _gflops(value: str) -> float | None:
     return gflops
 
 
-def _encodings(value: str) -> tuple[str, ...]:
+def _encodings(value: str) -> tuple[str, ...] | None:
+    """--encoding: None for auto (the default menu), else the menu asked for."""
     from rapnet.codec.menu import parse_encodings
 
+    if value.strip() == "auto":
+        return None
     try:
         return parse_encodings(value)
     except ValueError as err:
-        raise SetupError(f"--encoding: {err}") from None
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_config(argv: list[str] | None = None):
+    """The edge.config.EdgeConfig the flags ask for. argparse exits on malformed flags; SetupError for values that
+    cannot work together."""
+    from .config import ConfigError, EdgeConfig
+
+    args = build_parser().parse_args(argv)
+    try:
+        return EdgeConfig.from_args(args)
+    except ConfigError as err:
+        raise SetupError(str(err)) from None
 
 
 class Display:
@@ -194,15 +245,15 @@ class _Peeked:
 
 @dataclass
 class EdgeApp:
-    """Everything one agent run holds (built by `build_app`, run by `run`). Tests use it in-process."""
+    """Everything one agent run holds (built by `build_app`, run by `run_app`). Tests use it in-process."""
 
-    args: argparse.Namespace
+    config: object  # edge.config.EdgeConfig
     model: object
     metadata: dict
     source: object
     decider: object = None
     link: object = None
-    cloud: object = None  # the embedded CloudServer when this process started one
+    cloud: object = None  # the embedded local cloud when this process started one (edge.embedded_cloud)
     stop: threading.Event = field(default_factory=threading.Event)
     log: object = None
     json_stream: object = None  # where --output - writes (main() keeps the real stdout for it)
@@ -215,80 +266,61 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
-    """Parse flags, load the model, open the source, connect to (or start) the cloud, build the planner.
-    Raises SetupError for anything the user must fix."""
-    args = build_parser().parse_args(argv)
+def build_app(argv_or_config=None, log=_log) -> EdgeApp:
+    """Load the model, open the source, connect to (or start) the cloud, build the planner, from flags (a list,
+    None: sys.argv) or an edge.config.EdgeConfig. Raises SetupError for anything the user must fix."""
+    from .config import EdgeConfig
+
+    config = argv_or_config if isinstance(argv_or_config, EdgeConfig) else parse_config(argv_or_config)
     import torch
 
-    torch.set_num_threads(max(1, args.torch_threads))
+    torch.set_num_threads(config.torch_threads)
     from rapnet.checkpoint import CheckpointError, load_model
-    from rapnet.exit_rules import check_rule
 
     from orchestration.planner import MAX_JPEG_ACCURACY_DROP
 
-    from .decide import DecisionSettings, build_decider
-    from .frames import SourceError, SourceSpec, open_source
+    from .decide import build_decider
+    from .frames import SourceError, open_source
     from .link import CircuitBreaker, CloudLink, NetworkEstimate
 
-    encodings = _encodings(args.encoding)
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise SetupError("--tls-cert and --tls-key go together (mutual TLS); pass both or neither")
-    if args.tls_cert and not args.tls_ca:
-        raise SetupError("mutual TLS needs --tls-ca as well (the CA that signed the cloud's certificate)")
-    if args.deadline_ms <= 0:
-        raise SetupError("--deadline-ms must be > 0")
+    decision = config.decision
     try:
-        check_rule(args.price, args.threshold, args.stop_confidence, names=("--price", "--threshold", "--stop-confidence"))
-    except ValueError as err:
-        raise SetupError(str(err)) from None
-    if args.emulate_device and args.device_gflops is None:
-        raise SetupError("--emulate-device pads this CPU's compute to a slower device's: give that device's speed "
-                         "with --device-gflops G")
-    if not 0.0 <= args.cloud_overhead_ms < float("inf"):
-        raise SetupError("--cloud-overhead-ms must be a finite number >= 0")
-    try:
-        model, metadata = load_model(args.checkpoint)
+        model, metadata = load_model(config.checkpoint)
     except CheckpointError as err:
         raise SetupError(str(err)) from None
-    spec = SourceSpec(args.camera, args.video, args.images, args.dataset, args.split, args.limit)
     try:
-        source = _Peeked(open_source(spec, model.config.image_size), max(1, args.calibration_frames), args.rate)
+        source = _Peeked(open_source(config.source, model.config.image_size), decision.calibration_frames,
+                         config.source.rate)
     except SourceError as err:
         raise SetupError(str(err)) from None
     if not source.head:
         source.close()
-        raise SetupError(f"{spec.describe()} yielded no frame")
-    app = EdgeApp(args, model, metadata, source, log=log)
+        raise SetupError(f"{config.source.describe()} yielded no frame")
+    app = EdgeApp(config, model, metadata, source, log=log)
     try:
         target = _cloud_target(app)
         import numpy as np
 
-        settings = DecisionSettings(price=args.price, threshold=args.threshold, stop_confidence=args.stop_confidence,
-                                    device_gflops=args.device_gflops,
-                                    device_layer_us=args.device_layer_us, cloud_gflops=args.cloud_gflops,
-                                    latency_budget_ms=args.latency_budget_ms, encodings=encodings,
-                                    bandwidth_mbps=args.bandwidth_mbps, rtt_ms=args.rtt_ms,
-                                    cloud_overhead_ms=args.cloud_overhead_ms, cloud_exit=args.cloud_exit,
-                                    fixed_network=args.fixed_network)
         t0 = time.perf_counter()
         try:
-            app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), settings, metadata,
-                                        args.traces)
+            app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), decision, metadata)
         except ValueError as err:  # settings that cannot work together, e.g. a per-layer cost above the measured time
             raise SetupError(str(err)) from None
-        measured = " (measured)" if args.device_gflops is None else ""
+        measured = " (measured)" if decision.device_gflops is None else ""
         log(f"planner ready in {time.perf_counter() - t0:.1f} s ({app.decider.rule} {app.decider.knob}, "
             f"{len(source.head)} calibration frames, device {app.decider.settings.device_gflops:.1f} GFLOP/s{measured})")
         if app.decider.stop_confidence_for("jpeg") != app.decider.stop_confidence:
             log(f"frames sent as JPEG stop at confidence {app.decider.stop_confidence_for('jpeg'):g}, tuned on the trace "
                 f"cache's held-out split so that JPEG costs the exits no accuracy")
-        if args.encoding != "auto" and "jpeg" in encodings and (0, "jpeg") not in app.decider.planner.menu:
-            log(f"--encoding {args.encoding}: JPEG stays off the menu, since whether it costs this model accuracy "
-                f"needs labelled held-out frames: pass --traces with a rapnet-sim trace cache of this checkpoint "
-                f"(JPEG is used when its exits lose at most {MAX_JPEG_ACCURACY_DROP:.1%} accuracy there on average)")
-        app.link = CloudLink(target, args.deadline_ms, CircuitBreaker(args.breaker_failures, args.breaker_cooldown_s),
-                             NetworkEstimate(args.bandwidth_mbps, args.rtt_ms))
+        if decision.encodings is not None and "jpeg" in decision.encodings and (0, "jpeg") not in app.decider.planner.menu:
+            log(f"--encoding {','.join(decision.encodings)}: JPEG stays off the menu, since whether it costs this "
+                f"model accuracy needs labelled held-out frames: pass --traces with a rapnet-sim trace cache of this "
+                f"checkpoint (JPEG is used when its exits lose at most {MAX_JPEG_ACCURACY_DROP:.1%} accuracy there "
+                f"on average)")
+        cloud = config.cloud
+        app.link = CloudLink(target, config.agent.deadline_ms,
+                             CircuitBreaker(cloud.breaker_failures, cloud.breaker_cooldown_s),
+                             NetworkEstimate(decision.bandwidth_mbps, decision.rtt_ms))
     except BaseException:
         close_app(app)
         raise
@@ -299,31 +331,32 @@ def build_app(argv: list[str] | None = None, log=_log) -> EdgeApp:
 
 
 def _cloud_target(app: EdgeApp):
+    """Where the agent sends frames: the remote cloud of --cloud (with its token), or the embedded local cloud this
+    process starts."""
     from rapnet.transport import load_token
 
     from .link import CloudTarget
 
-    args = app.args
-    if args.cloud is not None:
+    settings = app.config.cloud
+    if not settings.embedded:
         try:
-            token = load_token(args.token_file)
+            token = load_token(settings.token_file)
         except ValueError as err:
             raise SetupError(str(err)) from None
         if token is None:
             app.log("no token (--token-file or $RAPNET_TOKEN): the cloud will refuse requests (UNAUTHENTICATED); "
                     "frames that would be offloaded are answered locally, flagged degraded")
-        return CloudTarget(args.cloud, token.value if token else None, args.tls_ca, args.tls_cert, args.tls_key,
-                           args.max_message_bytes)
-    from cloud.server import StartError, start_local
+        return CloudTarget.from_settings(settings, token.value if token else None)
+    from .embedded_cloud import EmbeddedCloudError, start_embedded_cloud
 
     app.log("starting the cloud tier on 127.0.0.1 (local Ray + Serve + gRPC front; use --cloud HOST:PORT for a remote one)")
     t0 = time.perf_counter()
     try:
-        app.cloud = start_local(args.checkpoint, port=0)
-    except StartError as err:
-        raise SetupError(f"the local cloud tier did not start: {err}") from None
+        app.cloud = start_embedded_cloud(app.config.checkpoint)
+    except EmbeddedCloudError as err:
+        raise SetupError(str(err)) from None
     app.log(f"local cloud serving on {app.cloud.address} after {time.perf_counter() - t0:.1f} s")
-    return CloudTarget(app.cloud.address, app.cloud.token, max_message_bytes=args.max_message_bytes)
+    return CloudTarget.from_settings(settings, app.cloud.token, address=app.cloud.address)
 
 
 def close_app(app: EdgeApp) -> None:
@@ -340,19 +373,17 @@ def close_app(app: EdgeApp) -> None:
 
 def run_app(app: EdgeApp, status_stream=None) -> dict:
     """Run the source to its end (or until app.stop is set); returns the summary dict."""
-    from .pipeline import AgentSettings, EdgeAgent
+    from .pipeline import EdgeAgent
     from .report import JsonLines, Stats, StatusLine, summary_table
 
-    args = app.args
-    agent = app.agent = EdgeAgent(app.model, app.metadata["identity"], app.decider, app.link,
-                                  AgentSettings(deadline_ms=args.deadline_ms, in_flight=args.in_flight,
-                                                network_threads=max(1, args.in_flight),
-                                                emulate_device=args.emulate_device), app.stop)
+    output = app.config.output
+    agent = app.agent = EdgeAgent(app.model, app.metadata["identity"], app.decider, app.link, app.config.agent,
+                                  app.stop)
     classes = app.source.classes or app.metadata.get("classes")
-    out = JsonLines(args.output, classes, app.json_stream)
+    out = JsonLines(output.output, classes, app.json_stream)
     stats = Stats(app.model.num_exits)
-    status = StatusLine(status_stream, enabled=not args.quiet)
-    display = Display(args.display, classes, app.log)
+    status = StatusLine(status_stream, enabled=not output.quiet)
+    display = Display(output.display, classes, app.log)
 
     def refresh(force=False):
         status.show(stats.status_line(app.link.estimate.snapshot() if app.link else None,
@@ -375,21 +406,22 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
                  "threshold": app.decider.threshold, "stop_confidence": app.decider.stop_confidence or None,
                  "jpeg_stop_confidence": app.decider.stop_confidence_for("jpeg") or None,
                  "device_gflops": round(app.decider.settings.device_gflops, 2),
-                 "device_gflops_measured": args.device_gflops is None,
+                 "device_gflops_measured": app.config.decision.device_gflops is None,
                  "source": app.source.source.__class__.__name__}
         if app.link is not None:
             extra.update(network_estimate=app.link.estimate.snapshot(), circuit_trips=app.link.breaker.trips,
                          circuit_state=app.link.breaker.state)
         app.summary = stats.summary(extra)
         (status_stream or sys.stderr).write(summary_table(app.summary) + "\n")
-        if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(app.summary, indent=2) + "\n")
+        if output.summary_json:
+            Path(output.summary_json).write_text(json.dumps(app.summary, indent=2) + "\n")
     return app.summary
 
 
 def _install_signals(app: EdgeApp):
     """First Ctrl-C / SIGTERM: stop reading frames, answer those in hand, print the summary, stop the cloud.
-    A second Ctrl-C aborts at once. Installed after start_local (ray.init replaces SIGTERM handling)."""
+    A second Ctrl-C aborts at once. Installed after the embedded cloud started (ray.init replaces SIGTERM
+    handling)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -415,13 +447,10 @@ def _reserve_stdout():
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    json_stream = None
-    if "-" in argv and any(a == "--output" and i + 1 < len(argv) and argv[i + 1] == "-" for i, a in enumerate(argv)) \
-            or "--output=-" in argv:
-        json_stream = _reserve_stdout()
     try:
-        app = build_app(argv)
+        config = parse_config(argv)
+        json_stream = _reserve_stdout() if config.output.output == "-" else None
+        app = build_app(config)
         app.json_stream = json_stream
     except SetupError as err:
         _log(f"error: {err}")

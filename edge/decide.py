@@ -5,62 +5,35 @@ orchestration.calibration.planner_for_model): this module only turns the agent's
 estimate into the planner's `Conditions`, and keeps those conditions on a coarse grid so the planner's
 per-Conditions option cache stays small and a noisy estimate does not flip decisions on every frame.
 
-    decider = build_decider(model, sample_pixels, DecisionSettings(device_gflops=5))   # price=... / threshold=...
+    decider = build_decider(model, sample_pixels, DecisionSettings(device_gflops=5))   # edge.config
     plan = decider.plan(scores, decider.conditions(estimate))        # scores: model.exit_scores(x)[0]
     plan.exit_index, plan.split, plan.encoding, plan.offload
 
-`plan_offline(model, decider, pixels)` applies the same decision to frames offline (tests, docs).
+The exit rule is RAPNet's priced rule by default (rapnet.exit_rules.priced_exits: argmax score - price x cost) at
+the settings' price, else the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner, calibrated
+on the calibration split, see docs/edge.md); a threshold switches to the threshold rule, a stop confidence to the
+capped rule.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 
 from orchestration.planner import DEFAULT_PRICE, Conditions, Plan, Planner
-from rapnet.codec.menu import DEFAULT_ENCODINGS
-from rapnet.exit_rules import check_price, check_rule
+from rapnet.exit_rules import check_price
 
-# The exit rule: by default RAPNet's priced rule (rapnet.exit_rules.priced_exits: argmax score - price x cost)
-# at the checkpoint metadata's "price", else DEFAULT_PRICE (orchestration.planner: 0.03, calibrated on the
-# calibration split, see docs/edge.md). A threshold (flag only) switches to the threshold rule.
-PRICE_KEYS = ("price",)
-
-
-@dataclass(frozen=True)
-class DecisionSettings:
-    """What the device and the objective are; the network part is a prior until the agent measures it."""
-
-    price: float | None = None  # priced rule; None: the checkpoint's "price", else DEFAULT_PRICE
-    threshold: float | None = None  # given: the threshold rule at it instead (not with price)
-    # given: the capped rule (rapnet.exit_rules.capped_exits): the priced rule's exit is the deepest the frame may
-    # run; the first exit on the way whose top softmax probability reaches it answers (heads on the way run)
-    stop_confidence: float | None = None
-    device_gflops: float | None = 5.0  # None: measured at start-up (measure_device_gflops)
-    device_layer_us: float | None = None
-    cloud_gflops: float = 100.0
-    latency_budget_ms: float | None = None
-    encodings: tuple[str, ...] = DEFAULT_ENCODINGS  # the menu the planner picks from
-    bandwidth_mbps: float = 50.0  # prior (or fixed, with fixed_network)
-    rtt_ms: float = 5.0
-    cloud_queue_ms: float = 0.0
-    cloud_overhead_ms: float = 0.0  # fixed per-request cost of the serving path; with fixed_network only (the live
-    # estimate already holds it: its RTT is the round trip minus the server's own time)
-    cloud_exit: bool = True  # when the image goes to the cloud anyway, skip the predictor here (the cloud picks)
-    fixed_network: bool = False  # True: plan with the prior, ignore the live estimate (reproducible runs)
+from .config import DecisionSettings
 
 
 def checkpoint_price(metadata: dict | None) -> float | None:
-    for key in PRICE_KEYS:
-        value = (metadata or {}).get(key)
-        try:
-            return check_price(value)
-        except ValueError:
-            continue
-    return None
+    """The price the checkpoint's metadata recommends for the priced rule, if it holds a valid one."""
+    try:
+        return check_price((metadata or {}).get("price"))
+    except ValueError:
+        return None
 
 
 def _grid(value: float, steps_per_decade: int = 20) -> float:
@@ -157,13 +130,14 @@ class Decider:
         return fits[-1] if fits else first_exit
 
 
-def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSettings, metadata: dict | None = None,
-                  traces: str | Path | None = None) -> Decider:
+def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSettings,
+                  metadata: dict | None = None) -> Decider:
     """The planner for `model` (orchestration.calibration: measured costs, layer counts, real request sizes on
-    `sample_pixels`, or a trace cache holding this model) behind the agent's settings."""
+    `sample_pixels`, or the trace cache `settings.traces` holding this model) behind the agent's settings
+    (validated when they were built)."""
     from orchestration.calibration import jpeg_stop_confidence, planner_for_model
 
-    check_rule(settings.price, settings.threshold, settings.stop_confidence)
+    traces = settings.traces
     price = None
     if settings.threshold is None:
         price = settings.price if settings.price is not None else checkpoint_price(metadata)
@@ -172,7 +146,7 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
     if not (isinstance(accuracy, Sequence) and len(accuracy) == model.num_exits):
         accuracy = None
     planner = planner_for_model(model, sample_pixels, threshold=settings.threshold, price=price,
-                                exit_accuracy=accuracy, encodings=tuple(settings.encodings), traces=traces,
+                                exit_accuracy=accuracy, encodings=settings.menu, traces=traces,
                                 sequential=True if settings.stop_confidence else None,
                                 stop_confidence=settings.stop_confidence)
     if settings.device_gflops is None:
@@ -223,22 +197,3 @@ def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: 
                          f"{ms:.2f} ms measured for the whole network; give a smaller per-layer cost or the speed")
     return flops / 1e6 / compute_ms, ms
 
-
-def plan_offline(model, decider: Decider, pixels: np.ndarray, conditions: Conditions | None = None):
-    """The policy applied offline, frame by frame at batch 1 (exit_scores -> plan -> run_to_exit).
-
-    Returns (plans, predicted classes). Offloaded frames are answered by the monolithic run_to_exit, which
-    equals the split execution for lossless encodings (the model's split invariant)."""
-    import torch
-
-    from rapnet.preprocess import to_model_input
-
-    conditions = conditions or decider.conditions()
-    plans, classes = [], []
-    with torch.no_grad():
-        for i in range(len(pixels)):
-            x = to_model_input(pixels[i])
-            plan = decider.plan(model.exit_scores(x).numpy()[0], conditions)
-            plans.append(plan)
-            classes.append(int(model.run_to_exit(x, plan.exit_index).argmax(1)[0]))
-    return plans, np.asarray(classes)

@@ -3,7 +3,7 @@
 Every source yields `Frame`s holding uint8 RGB pixels already fitted to the model's input size with
 `rapnet.data.fit_image`, the same resize-shorter-side + centre-crop that the dataset loaders apply.
 
-    source = open_source(SourceSpec(video="clip.avi"), image_size=32)
+    source = open_source(SourceSettings(video="clip.avi"), image_size=32)   # edge.config.SourceSettings
     for frame in source: ...
     source.close()
 
@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 
 from rapnet.data import IMAGE_EXTS, fit_image, is_image_name
+
+from .config import SourceSettings
 
 ARCHIVE_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
@@ -48,25 +50,6 @@ class Frame:
     label: int | None = None
     name: str | None = None  # file name for image sources
     fit_ms: float = 0.0  # colour conversion + resize/crop time at capture
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    camera: int | None = None
-    video: str | None = None
-    images: str | None = None
-    dataset: str | None = None
-    split: str = "test"
-    limit: int = 0  # 0: all frames
-
-    def describe(self) -> str:
-        if self.camera is not None:
-            return f"camera {self.camera}"
-        if self.video is not None:
-            return f"video {self.video}"
-        if self.images is not None:
-            return f"images {self.images}"
-        return f"dataset {self.dataset} ({self.split})"
 
 
 class Source:
@@ -193,11 +176,8 @@ class DatasetSource(Source):
             yield Frame(index, pixels, t0, int(self.labels[index]), None, (time.perf_counter() - t0) * 1e3)
 
 
-def open_source(spec: SourceSpec, image_size: int) -> Source:
-    """The one source `spec` names (exactly one of camera, video, images, dataset)."""
-    given = [x for x in (spec.camera, spec.video, spec.images, spec.dataset) if x is not None]
-    if len(given) != 1:
-        raise SourceError("name exactly one source: --camera N, --video PATH, --images DIR|ARCHIVE or --dataset NAME")
+def open_source(spec: SourceSettings, image_size: int) -> Source:
+    """The one source `spec` names (SourceSettings holds exactly one of camera, video, images, dataset)."""
     if spec.camera is not None:
         return CaptureSource(int(spec.camera), image_size, spec.limit, live=True)
     if spec.video is not None:
@@ -212,5 +192,5 @@ def read_all(source: Source) -> list[Frame]:
     return list(iter(source))
 
 
-__all__ = ["Frame", "Source", "SourceSpec", "SourceError", "CaptureSource", "ImageFilesSource", "DatasetSource",
+__all__ = ["Frame", "Source", "SourceError", "CaptureSource", "ImageFilesSource", "DatasetSource",
            "open_source", "fit_image", "bgr_to_rgb", "read_all"]

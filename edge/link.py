@@ -35,6 +35,13 @@ class CloudTarget:
     client_key: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
+    @classmethod
+    def from_settings(cls, settings, token: str | None, address: str | None = None) -> "CloudTarget":
+        """The target edge.config.CloudSettings describe, with the token read at start-up; `address` replaces
+        the settings' (the embedded local cloud's)."""
+        return cls(address or settings.address, token, settings.tls_ca, settings.tls_cert, settings.tls_key,
+                   settings.max_message_bytes)
+
     def __repr__(self) -> str:
         return (f"CloudTarget(address={self.address!r}, token={'<redacted>' if self.token else None}, "
                 f"tls={self.ca is not None}, mutual_tls={self.client_cert is not None})")

@@ -25,6 +25,7 @@ import torch
 from rapnet.codec import ModelContract, build_request, encode_options
 from rapnet.preprocess import to_model_input
 
+from .config import AgentSettings
 from .decide import Decider
 from .frames import Frame, Source
 from .link import CloudCallError, CloudLink
@@ -98,16 +99,6 @@ class _Job:
     data: bytes
     lat: dict
     t_start: float
-
-
-@dataclass
-class AgentSettings:
-    deadline_ms: float = 1000.0
-    frame_queue: int = 4  # captured frames waiting for the compute thread (live sources: 1, latest wins)
-    in_flight: int = 4  # requests queued or on the wire at once
-    network_threads: int = 4
-    use_predictor: bool = True  # False: baselines that do not run the exit predictor (scores = None)
-    emulate_device: bool = False  # pad predictor, local compute and encoding to the planner's modelled device time
 
 
 @dataclass
@@ -375,7 +366,7 @@ class EdgeAgent:
         already taken are still answered)."""
         live = source.live
         frames: queue.Queue = queue.Queue(maxsize=1 if live else self.settings.frame_queue)
-        self._net_threads = self.settings.network_threads if self.link is not None else 0
+        self._net_threads = self.settings.in_flight if self.link is not None else 0  # one per request in flight
         jobs: queue.Queue = queue.Queue(maxsize=max(1, self.settings.in_flight))
         results: queue.Queue = queue.Queue()
         threads = [threading.Thread(target=self._capture, args=(source, frames), name="edge-capture", daemon=True),

@@ -28,10 +28,11 @@ from cloud.security import make_dev_cert  # noqa: E402
 from cloud.security import TLSFiles  # noqa: E402
 from cloud.server import start_local  # noqa: E402
 from edge import agent as edge_agent  # noqa: E402
-from edge.decide import DecisionSettings, build_decider  # noqa: E402
+from edge.config import AgentSettings, DecisionSettings  # noqa: E402
+from edge.decide import build_decider  # noqa: E402
 from edge.frames import CaptureSource, DatasetSource, Frame, Source, fit_image  # noqa: E402
 from edge.link import CircuitBreaker, CloudTarget, NetworkEstimate  # noqa: E402
-from edge.pipeline import AgentSettings, EdgeAgent  # noqa: E402
+from edge.pipeline import EdgeAgent  # noqa: E402
 from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import load_model, save_checkpoint  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402

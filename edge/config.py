@@ -1,0 +1,342 @@
+"""Typed configuration of the edge agent, in one place: where frames come from, the exit rule and what the
+planner knows about the device and the network, how the agent talks to the cloud, and what it writes.
+
+The edge-agent flags build it (`EdgeConfig.from_args`, each flag's dest is the name of its field); a mapping
+builds it too (`EdgeConfig.from_mapping`, e.g. a parsed YAML file). Every value is checked on construction and
+unknown keys are refused, so a typo never silently falls back to a default.
+
+    config = EdgeConfig.from_mapping({
+        "source": {"dataset": "cifar10", "limit": 500},
+        "decision": {"price": 0.03, "device_gflops": 2.0, "encodings": ["png", "fp16+zstd"]},
+        "cloud": {"address": "10.0.0.5:50051", "tls_ca": "ca.pem", "token_file": "token.txt"},
+        "output": {"output": "frames.jsonl"},
+    })
+
+Sections: `source` (SourceSettings), `decision` (DecisionSettings, what edge.decide builds the planner from),
+`agent` (AgentSettings, the agent's threads and requests), `cloud` (CloudSettings, where the cloud is and how to
+reach it; edge.link.CloudTarget.from_settings), `output` (OutputSettings); `checkpoint` and `torch_threads` at
+the top level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from rapnet.codec.menu import DEFAULT_ENCODINGS, ENCODING_NAMES
+from rapnet.exit_rules import check_rule
+from rapnet.shipped import default_checkpoint as shipped_checkpoint
+from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
+
+SOURCE_KINDS = ("camera", "video", "images", "dataset")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the value, its flag and what to give instead."""
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, key: str, flag: str | None, value, what: str) -> None:
+    if not ok:
+        named = f"{key} ({flag})" if flag else key
+        raise ConfigError(f"{named} = {value!r}: {what}")
+
+
+def default_checkpoint() -> str:
+    """The shipped CIFAR-10 RAPNet checkpoint (rapnet.shipped)."""
+    return str(shipped_checkpoint("rapnet", "cifar10"))
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where frames come from: exactly one of camera, video, images, dataset."""
+
+    camera: int | None = None  # OpenCV camera index; live: the latest frame wins
+    video: str | None = None  # video file, every frame in order
+    images: str | None = None  # folder of images (recursive) or a tar archive of them
+    dataset: str | None = None  # labelled dataset (rapnet.data): the agent reports accuracy
+    split: str = "test"  # the dataset's split
+    limit: int = 0  # stop after this many frames; 0: all
+    rate: float = 0.0  # pace a file or dataset source at this many frames/s, as a camera would; 0: as fast as read
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"source: give exactly one of --camera, --video, --images, --dataset "
+                              f"(got {', '.join(given) if given else 'none'})")
+        _require(self.camera is None or self.camera >= 0, "source.camera", "--camera", self.camera,
+                 "a camera index is >= 0")
+        _require(self.limit >= 0, "source.limit", "--limit", self.limit, "give a number of frames >= 0 (0: all)")
+        _require(_finite(self.rate) and self.rate >= 0, "source.rate", "--rate", self.rate,
+                 "give frames/s >= 0 (0: as fast as the source reads)")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in SOURCE_KINDS if getattr(self, kind) is not None)
+
+    def describe(self) -> str:
+        if self.dataset is not None:
+            return f"dataset {self.dataset} ({self.split})"
+        return f"{self.kind} {getattr(self, self.kind)}"
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """The exit rule, and what the planner knows about the device, the cloud and the network (the network part is
+    a prior until the agent measures its transfers)."""
+
+    # The priced rule (the default): the exit maximising predictor score - price x relative cost. None: the
+    # checkpoint metadata's "price", else orchestration.planner.DEFAULT_PRICE. Rules: rapnet.exit_rules.
+    price: float | None = None
+    threshold: float | None = None  # given: the threshold rule at it instead (not with price)
+    # Given: the capped rule: the priced rule's exit is the deepest the frame may run, and the first exit on the way
+    # whose top softmax probability reaches it answers (edge and cloud both check).
+    stop_confidence: float | None = None
+    device_gflops: float | None = None  # the device's speed; None: auto, measured at start-up
+    device_layer_us: float | None = None  # cost of one layer call on the device; None: the reference CPU's, scaled
+    cloud_gflops: float = 100.0  # the cloud's speed as the planner models it
+    latency_budget_ms: float | None = None  # per-frame budget the planner keeps; None: none
+    encodings: tuple[str, ...] | None = None  # the menu the planner picks from; None: auto (the default menu)
+    bandwidth_mbps: float = 50.0  # uplink prior (or the fixed uplink, with fixed_network)
+    rtt_ms: float = 5.0  # round-trip prior (or the fixed one)
+    cloud_queue_ms: float = 0.0  # cloud queueing prior
+    # Fixed cost per cloud request (gRPC, front, Ray hop, batching), with fixed_network only: a live estimate
+    # already holds it (its RTT is the round trip minus the server's own time).
+    cloud_overhead_ms: float = 0.0
+    cloud_exit: bool = True  # when the image goes to the cloud anyway, skip the predictor here (the cloud picks)
+    fixed_network: bool = False  # plan with the priors only, ignoring the live estimate (reproducible runs)
+    calibration_frames: int = 16  # first frames on which real request sizes are measured for the planner
+    traces: str | None = None  # a rapnet-sim trace cache of the checkpoint to take request sizes from instead
+
+    def __post_init__(self) -> None:
+        try:
+            check_rule(self.price, self.threshold, self.stop_confidence,
+                       names=("decision.price (--price)", "decision.threshold (--threshold)",
+                              "decision.stop_confidence (--stop-confidence)"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        _require(self.device_gflops is None or (_finite(self.device_gflops) and self.device_gflops > 0),
+                 "decision.device_gflops", "--device-gflops", self.device_gflops,
+                 "the device's speed is a finite number of GFLOP/s > 0, or auto")
+        _require(self.device_layer_us is None or (_finite(self.device_layer_us) and self.device_layer_us >= 0),
+                 "decision.device_layer_us", "--device-layer-us", self.device_layer_us,
+                 "a per-layer cost is a finite number of microseconds >= 0")
+        _require(_finite(self.cloud_gflops) and self.cloud_gflops > 0, "decision.cloud_gflops", "--cloud-gflops",
+                 self.cloud_gflops, "the cloud's speed is a finite number of GFLOP/s > 0")
+        _require(self.latency_budget_ms is None or (_finite(self.latency_budget_ms) and self.latency_budget_ms > 0),
+                 "decision.latency_budget_ms", "--latency-budget-ms", self.latency_budget_ms,
+                 "a latency budget is a finite number of ms > 0")
+        _require(_finite(self.bandwidth_mbps) and self.bandwidth_mbps > 0, "decision.bandwidth_mbps",
+                 "--bandwidth-mbps", self.bandwidth_mbps, "the uplink is a finite number of Mbit/s > 0")
+        for name, flag in (("rtt_ms", "--rtt-ms"), ("cloud_queue_ms", None),
+                           ("cloud_overhead_ms", "--cloud-overhead-ms")):
+            value = getattr(self, name)
+            _require(_finite(value) and value >= 0, f"decision.{name}", flag, value, "give a finite number of ms >= 0")
+        _require(self.calibration_frames >= 1, "decision.calibration_frames", "--calibration-frames",
+                 self.calibration_frames, "the planner needs at least one calibration frame")
+        if self.encodings is not None:
+            chosen = tuple(dict.fromkeys(self.encodings))
+            unknown = [e for e in chosen if e not in ENCODING_NAMES]
+            _require(bool(chosen) and not unknown, "decision.encodings", "--encoding", ",".join(self.encodings),
+                     f"choose auto or a menu from {', '.join(ENCODING_NAMES)}")
+            object.__setattr__(self, "encodings", chosen)
+
+    @property
+    def menu(self) -> tuple[str, ...]:
+        """The encodings the planner may pick from (auto: rapnet.codec.menu.DEFAULT_ENCODINGS)."""
+        return self.encodings if self.encodings is not None else DEFAULT_ENCODINGS
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How the agent's threads work: the per-request deadline, the requests in flight, the frame queue."""
+
+    deadline_ms: float = 1000.0  # per cloud request; past it the edge answers the frame itself
+    in_flight: int = 4  # cloud requests queued or on the wire at once (one network thread each)
+    frame_queue: int = 4  # captured frames waiting for the compute thread (live sources: 1, the latest wins)
+    emulate_device: bool = False  # pad predictor, local compute and encoding to the planner's modelled device time
+    use_predictor: bool = True  # False: baselines that do not run the exit predictor (scores = None)
+
+    def __post_init__(self) -> None:
+        _require(_finite(self.deadline_ms) and self.deadline_ms > 0, "agent.deadline_ms", "--deadline-ms",
+                 self.deadline_ms, "a deadline is a finite number of ms > 0")
+        _require(self.in_flight >= 1, "agent.in_flight", "--in-flight", self.in_flight,
+                 "at least one request must be allowed in flight")
+        _require(self.frame_queue >= 1, "agent.frame_queue", None, self.frame_queue, "the frame queue holds >= 1")
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """Where the cloud front is and how to reach it. No address: the agent starts the cloud tier itself on
+    127.0.0.1 (edge.embedded_cloud), which makes its own token and runs plaintext on loopback."""
+
+    address: str | None = None  # HOST:PORT of the cloud front; None: the embedded local cloud
+    tls_ca: str | None = None  # CA certificate that signed the cloud's certificate; None: plaintext
+    tls_cert: str | None = None  # client certificate (mutual TLS)
+    tls_key: str | None = None  # client key (mutual TLS)
+    token_file: str | None = None  # bearer token file; None: $RAPNET_TOKEN. The token itself is never printed.
+    breaker_failures: int = 3  # consecutive failures that open the circuit (frames are then answered here)
+    breaker_cooldown_s: float = 2.0  # open time before a half-open probe
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit (the front's default)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("cloud: --tls-cert and --tls-key go together (mutual TLS); give both or neither")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ConfigError("cloud: mutual TLS needs --tls-ca as well (the CA that signed the cloud's certificate)")
+        remote_only = [flag for flag, value in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert),
+                                                ("--token-file", self.token_file)) if value is not None]
+        if self.address is None and remote_only:
+            raise ConfigError(f"cloud: {', '.join(remote_only)} describe a remote cloud: give its address with "
+                              f"--cloud HOST:PORT (the embedded local cloud makes its own token and runs plaintext)")
+        _require(self.breaker_failures >= 1, "cloud.breaker_failures", "--breaker-failures", self.breaker_failures,
+                 "the circuit opens after >= 1 failures")
+        _require(_finite(self.breaker_cooldown_s) and self.breaker_cooldown_s > 0, "cloud.breaker_cooldown_s",
+                 "--breaker-cooldown-s", self.breaker_cooldown_s, "a cooldown is a finite number of seconds > 0")
+        _require(self.max_message_bytes >= 1024, "cloud.max_message_bytes", "--max-message-bytes",
+                 self.max_message_bytes, "give at least 1024 bytes")
+
+    @property
+    def embedded(self) -> bool:
+        return self.address is None
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What the agent writes besides the summary it always prints to stderr."""
+
+    output: str | None = None  # JSON lines, one per frame; "-": stdout; None: none
+    summary_json: str | None = None  # also write the summary as JSON here
+    display: bool = False  # draw the label in an OpenCV window (needs a screen)
+    quiet: bool = False  # no live status line
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything one edge-agent run is configured with."""
+
+    source: SourceSettings
+    checkpoint: str = field(default_factory=default_checkpoint)  # RAPNet checkpoint (edge and embedded cloud)
+    torch_threads: int = 1  # intra-op threads of the agent's PyTorch
+    decision: DecisionSettings = field(default_factory=DecisionSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    cloud: CloudSettings = field(default_factory=CloudSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+    def __post_init__(self) -> None:
+        _require(self.torch_threads >= 1, "torch_threads", "--torch-threads", self.torch_threads,
+                 "give at least one thread")
+        if self.agent.emulate_device and self.decision.device_gflops is None:
+            raise ConfigError("--emulate-device pads this CPU's compute to a slower device's: give that device's "
+                              "speed with --device-gflops G")
+
+    # ---- building ------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> "EdgeConfig":
+        """From nested mappings (sections as sub-mappings). Unknown keys and values of the wrong type are refused."""
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"the edge configuration must be a mapping, got {type(data).__name__}")
+        return _build(cls, dict(data or {}), "")
+
+    @classmethod
+    def from_args(cls, args) -> "EdgeConfig":
+        """From parsed edge-agent flags: every flag's dest is the name of a field of one section (or of the top
+        level); a flag left at its default gives the field's default."""
+        given = vars(args)
+        sections = _sections(cls)
+        data: dict[str, Any] = {f.name: given[f.name] for f in dataclasses.fields(cls)
+                                if f.name not in sections and f.name in given}
+        for name, section in sections.items():
+            values = {f.name: given[f.name] for f in dataclasses.fields(section) if f.name in given}
+            if values:
+                data[name] = values
+        return cls.from_mapping(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sections(cls) -> dict[str, type]:
+    """The settings sections of `cls`: field name -> settings class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def field_default(cls, name: str):
+    """The default of field `name` of the settings class `cls` (what a flag left out gives)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _convert(value, hint):
+    """`value` as `hint` (an int where a float goes, a list where a tuple goes); raises TypeError if it is not one."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(value, option)
+            except TypeError:
+                pass
+        raise TypeError
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_convert(v, typing.get_args(hint)[0]) for v in value)
+    raise TypeError
+
+
+def _build(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} in {where.rstrip('.') or 'the top level'}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{name} must be a mapping of its settings, got {value!r}")
+            values[name] = _build(hint, dict(value), f"{where}{name}.")
+            continue
+        try:
+            values[name] = _convert(value, hint)
+        except TypeError:
+            raise ConfigError(f"{where}{name} must be {_describe(hint)}, got {value!r}") from None
+    missing = [name for name, f in fields.items() if name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}{missing[0]} is required" + (
+            f" (a mapping with exactly one of {', '.join(SOURCE_KINDS)})" if missing == ["source"] else ""))
+    return cls(**values)
