@@ -236,14 +236,15 @@ class CloudServer:
 
     # ---- internals ------------------------------------------------------------------------------------
     def _shutdown_ray(self) -> None:
+        """Shut down the Ray instance this server started, and with it Serve's controller and replicas (stop()
+        deleted the app gracefully before). serve.shutdown() is not called first: it has the controller kill
+        itself while this process still has calls open on it (the shutdown call itself, the handle's long poll),
+        which Serve submits with unlimited retries, so Ray reports each as a failed task on stdout ("Task
+        ServeController.graceful_shutdown failed. There are infinite retries remaining ...") on every exit."""
         if self._owns_ray:
             import ray
-            from ray import serve
 
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            ray.shutdown()
             self._owns_ray = False
 
     def _run_loop(self, contract) -> None:
