@@ -18,36 +18,68 @@ from .config import CloudConfig
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rapnet-cloud", description=__doc__.split("\n")[0])
+    from rapnet.help_format import DefaultsHelpFormatter
+    from rapnet.shipped import default_checkpoint
+
+    from .config import AutoscalingSettings, BatchSettings, FrontSettings, MetricsSettings
+
+    def default(value) -> str:
+        """How a flag that overrides one --config field says its default."""
+        return f"default: the --config value, else {value}"
+
+    parser = argparse.ArgumentParser(prog="rapnet-cloud", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the cloud stages of a checkpoint over gRPC (Ctrl-C stops)")
-    serve.add_argument("--checkpoint", required=True, help="checkpoint written by rapnet-train")
-    serve.add_argument("--config", help="YAML CloudConfig (batching, autoscaling, limits); flags override it")
-    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks one)")
+    serve = sub.add_parser("serve", help="serve the cloud stages of a checkpoint over gRPC (Ctrl-C stops)",
+                           formatter_class=DefaultsHelpFormatter)
+    serve.add_argument("--checkpoint", default=str(default_checkpoint()),
+                       help="checkpoint written by rapnet-train (default: the shipped CIFAR-10 model, %(default)s)")
+    serve.add_argument("--config", metavar="YAML",
+                       help="CloudConfig file (batching, autoscaling, limits; cloud/config.py), which the flags below "
+                            "override (default: none, CloudConfig's defaults)")
+    serve.add_argument("--host", default=None, help=f"address to bind ({default(FrontSettings.host)})")
+    serve.add_argument("--port", type=int, default=None,
+                       help=f"gRPC port, 0 picks a free one ({default(FrontSettings.port)})")
     serve.add_argument("--address", default=None,
-                       help="Ray cluster to attach to ('auto' on a cluster node); default: start Ray on 127.0.0.1")
-    serve.add_argument("--tls-cert", help="server certificate chain (PEM)")
-    serve.add_argument("--tls-key", help="server private key (PEM)")
-    serve.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
+                       help="Ray cluster to attach to ('auto' on a cluster node) (default: the --config value, else "
+                            "start Ray on 127.0.0.1)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (default: none, plaintext, which "
+                                                         "only a loopback address or --insecure allows)")
+    serve.add_argument("--tls-key", metavar="PEM", help="server private key, with --tls-cert (default: none)")
+    serve.add_argument("--client-ca", metavar="PEM",
+                       help="require client certificates signed by this CA, mutual TLS (default: none)")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
-    serve.add_argument("--token-file", help="file holding the bearer token (default: $RAPNET_TOKEN)")
-    serve.add_argument("--max-batch-size", type=int, default=None)
-    serve.add_argument("--batch-wait-ms", type=float, default=None)
-    serve.add_argument("--replicas", type=int, default=None, help="fixed replica count (min = max)")
-    serve.add_argument("--max-in-flight", type=int, default=None)
-    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port (0 picks one)")
-    serve.add_argument("--metrics-host", default=None, help="Prometheus exporter address (default 127.0.0.1)")
-    serve.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray instance")
+    serve.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (default: $RAPNET_TOKEN)")
+    serve.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                       help=f"samples per forward pass in a replica ({default(BatchSettings.max_batch_size)})")
+    serve.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
+                       help=f"how long a replica batch waits for company ({default(BatchSettings.batch_wait_ms)})")
+    serve.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help=f"fixed replica count, min = max ({default(AutoscalingSettings.min_replicas)})")
+    serve.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                       help=f"samples the front admits at once; beyond, RESOURCE_EXHAUSTED "
+                            f"({default(FrontSettings.max_in_flight)})")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help=f"Prometheus exporter port, 0 picks one ({default('none, no exporter')})")
+    serve.add_argument("--metrics-host", default=None,
+                       help=f"Prometheus exporter address ({default(MetricsSettings.host)})")
+    serve.add_argument("--ray-temp-dir", default=None, metavar="DIR",
+                       help="temp dir of the local Ray instance (default: the --config value, else Ray's own, "
+                            "/tmp/ray)")
 
-    cert = sub.add_parser("make-dev-cert", help="self-signed CA + server and client certs for 127.0.0.1/localhost")
-    cert.add_argument("--out", required=True, help="directory to write ca.pem, server.pem/.key, client.pem/.key")
-    cert.add_argument("--days", type=int, default=30)
-    cert.add_argument("--name", action="append", default=[], help="extra DNS name or IP for the server cert")
+    cert = sub.add_parser("make-dev-cert", help="self-signed CA + server and client certs for 127.0.0.1/localhost",
+                          formatter_class=DefaultsHelpFormatter)
+    cert.add_argument("--out", required=True, metavar="DIR",
+                      help="directory to write ca.pem, server.pem/.key, client.pem/.key")
+    cert.add_argument("--days", type=int, default=30, help="validity of the certificates")
+    cert.add_argument("--name", action="append", default=None,
+                      help="extra DNS name or IP for the server cert, repeatable (default: none, 127.0.0.1 and "
+                           "localhost only)")
 
-    token = sub.add_parser("make-token", help="write a random bearer token (mode 600)")
-    token.add_argument("--out", required=True)
+    token = sub.add_parser("make-token", help="write a random bearer token (mode 600)",
+                           formatter_class=DefaultsHelpFormatter)
+    token.add_argument("--out", required=True, metavar="FILE", help="file to write the token to")
     return parser
 
 
@@ -56,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-dev-cert":
         from .security import make_dev_cert
 
-        paths = make_dev_cert(args.out, days=args.days, extra_names=tuple(args.name))
+        paths = make_dev_cert(args.out, days=args.days, extra_names=tuple(args.name or ()))
         print(f"CA (give to clients): {paths.ca}\nserver: {paths.cert} {paths.key}\nclient: {paths.client_cert} {paths.client_key}")
         return 0
     if args.command == "make-token":
