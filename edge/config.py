@@ -268,16 +268,6 @@ def _sections(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
-def field_default(cls, name: str):
-    """The default of field `name` of the settings class `cls` (what a flag left out gives)."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    raise KeyError(f"{cls.__name__}.{name} has no default")
-
-
 def _describe(hint) -> str:
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         return " or ".join(_describe(a) for a in typing.get_args(hint))

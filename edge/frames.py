@@ -187,10 +187,5 @@ def open_source(spec: SourceSettings, image_size: int) -> Source:
     return DatasetSource(spec.dataset, image_size, spec.split, spec.limit)
 
 
-def read_all(source: Source) -> list[Frame]:
-    """Every frame of a finite source (tests, offline evaluation)."""
-    return list(iter(source))
-
-
 __all__ = ["Frame", "Source", "SourceError", "CaptureSource", "ImageFilesSource", "DatasetSource",
-           "open_source", "fit_image", "bgr_to_rgb", "read_all"]
+           "open_source", "fit_image", "bgr_to_rgb"]
