@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import CloudConfig
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from rapnet.help_format import DefaultsHelpFormatter
     from rapnet.shipped import default_checkpoint
 
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "make-dev-cert":
         from .security import make_dev_cert
 

@@ -67,8 +67,8 @@ def workdir():
 @pytest.fixture(scope="module")
 def checkpoint(workdir):
     torch.manual_seed(0)
-    # The shipped checkpoint's layout (first release): this untrained model's predictor scores straddle the
-    # offload boundary on the test frames, which the mixed-policy fixtures below need.
+    # A small layout with four early exits: this untrained model's predictor scores straddle the offload boundary
+    # on the test frames, which the mixed-policy fixtures below need.
     model = build_model(ModelConfig(width=0.35, fusion_stride=4, rapnet_exit_fractions=(0.05, 0.1, 0.45, 0.7))).eval()
     path = workdir / "rapnet-small.pt"
     save_checkpoint(path, model, {"classes": [f"c{i}" for i in range(10)]})
@@ -238,7 +238,7 @@ class _FastLive(Source):
     def __iter__(self):
         rng = np.random.default_rng(0)
         for i in range(self.n):
-            time.sleep(0.0001)  # a 10 000 fps camera: always faster than the agent (1 ms was not, once)
+            time.sleep(0.0001)  # a 10 000 fps camera: always faster than the agent (a 1 ms period may not be)
             yield Frame(i, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), time.perf_counter())
 
 

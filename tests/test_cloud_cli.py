@@ -1,0 +1,38 @@
+"""rapnet-cloud's command line: every option has help and shows its true default. Nothing here starts Ray."""
+from __future__ import annotations
+
+import argparse
+
+from cloud import cli
+from cloud.config import BatchSettings, FrontSettings
+from rapnet.shipped import default_checkpoint
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_has_help_and_its_true_default():
+    commands = subparsers(cli.build_parser())
+    assert set(commands) == {"serve", "make-dev-cert", "make-token"}
+    for name, parser in commands.items():
+        text = " ".join(parser.format_help().split())
+        assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
+        for action in parser._actions:
+            if action.option_strings[0] == "-h":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.nargs != 0 and not action.required:
+                assert "default" in action.help or action.default is not None, \
+                    f"{name} {action.option_strings[0]} does not say its default"
+    serve = " ".join(commands["serve"].format_help().split())
+    assert "the shipped CIFAR-10 model" in serve
+    assert str(default_checkpoint()).replace(" ", "") in commands["serve"].format_help().replace("\n", "").replace(" ", "")
+    assert f"else {BatchSettings.max_batch_size})" in serve and f"else {FrontSettings.port})" in serve
+
+
+def test_serve_defaults_to_the_shipped_model():
+    args = cli.build_parser().parse_args(["serve"])
+    assert args.checkpoint == str(default_checkpoint()) and args.port is None  # None: the --config value
+    assert cli.build_parser().parse_args(["make-dev-cert", "--out", "d"]).name is None
