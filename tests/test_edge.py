@@ -410,7 +410,7 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
     model = app.model
     costs = app.decider.planner.relative_costs
     with torch.no_grad():
-        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size))[:12]]
+        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=12))]
         exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, costs)[0]) for x in xs]
         classes = [int(model.run_to_exit(x, k).argmax(1)[0]) for x, k in zip(xs, exits)]
     assert [r["exit"] for r in lines] == exits and [r["class"] for r in lines] == classes
@@ -430,7 +430,7 @@ def test_capped_rule_on_the_edge_and_in_the_cloud_equals_the_offline_rule(cloud,
 
     model, _ = load_model(checkpoint)
     with torch.no_grad():
-        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size))[:12]]
+        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=12))]
         scores = np.concatenate([model.exit_scores(x).numpy() for x in xs])
         confidence = np.stack([[float(torch.softmax(z, 1).max()) for z in model(x)] for x in xs])
     caps = priced_exits(scores, 0.0, relative_exit_costs(measure_costs(model)))  # price 0: the untrained
@@ -502,7 +502,7 @@ def test_jpeg_goes_out_only_with_labelled_accuracy_and_is_answered_from_the_deco
     from orchestration.traces import jpeg_round_trip
 
     model, _ = load_model(checkpoint)
-    frames = list(DatasetSource(dataset, model.config.image_size))[:6]
+    frames = list(DatasetSource(dataset, model.config.image_size, limit=6))
     pixels = np.stack([f.pixels for f in frames])
     flags = ["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, "--fixed-network",
              "--bandwidth-mbps", "1", "--rtt-ms", "1", "--device-gflops", "0.01", "--calibration-frames", "6",
@@ -535,7 +535,7 @@ def test_capped_frames_sent_as_jpeg_stop_at_the_stricter_confidence_tuned_for_jp
     from rapnet.exit_rules import capped_exits
 
     model, _ = load_model(checkpoint)
-    frames = list(DatasetSource(dataset, model.config.image_size))[:6]
+    frames = list(DatasetSource(dataset, model.config.image_size, limit=6))
     pixels = np.stack([f.pixels for f in frames])
     views = vars(jpeg_heldout_views(k=model.num_exits))
     cache = _trace_cache_admitting_jpeg(model, pixels, workdir / "traces-jpeg-stop.npz", **views)
@@ -592,7 +592,7 @@ def test_cloud_down_when_the_cloud_was_to_pick_the_exit(checkpoint, dataset, wor
     assert any(r["where"] == "edge-fallback" for r in lines)  # sent without the predictor, then fell back
     model = app.model
     with torch.no_grad():
-        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size))[:10]]
+        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=10))]
         exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, app.decider.planner.relative_costs)[0])
                  for x in xs]
     assert [r["exit"] for r in lines] == exits
