@@ -1,7 +1,7 @@
 """Pool `cloud_bench.py` results over several runs: served / bare per repeat, for one setting, by traffic.
 
-Runs of the same command minutes apart differ by up to 0.2 in their median ratio on a shared 2-vCPU host, so the
-figures in docs/cloud.md are pooled over every run with the shipped settings. Only results whose limit is the best
+Runs of the same command minutes apart differ by up to 0.2 in their median ratio on a shared 2-vCPU host, so a
+claim about a setting should pool every run made with it. Only results whose limit is the best
 of several batch sizes (they record `bare_limit`) are read. Runs are pooled apart by the settings that change the
 ratio: whether replicas and the bare limit keep freed memory (`rapnet.runtime.keep_freed_memory`, or glibc's
 default malloc), how the front reaches replicas (`front.replica_transport`: grpc or ray), and the scheduling

@@ -31,8 +31,8 @@ class BatchSettings:
     """Dynamic batching inside each replica (@serve.batch)."""
 
     # Samples per forward pass, and per chunk the front sends. 16: two chunks of 16 keep one queued behind the one
-    # computing, and at 32 clients 16 served 19 % more than 32 (5 of 5 interleaved pairs; one thread runs the
-    # stages as fast per sample at either size once replicas keep freed memory; docs/cloud.md). GPUs want more.
+    # computing, and at 32 clients 16 served 19 % more than 32 (5 of 5 interleaved pairs of benchmarks/cloud_bench.py
+    # on a 2-core host; one thread runs the stages as fast per sample at either size). GPUs want more.
     max_batch_size: int = 16
     # How long the first sample of a replica batch waits for company. 0: the front already coalesces samples into
     # chunks, and waiting again in the replica measured slower (0.68 -> 0.72 of bare torch at 32 clients at 0).
@@ -128,7 +128,7 @@ class FrontSettings:
     stream_window: int = 64  # outstanding messages per InferStream before the server stops reading
     # How chunks reach replicas: "grpc" (Serve's direct gRPC channel to each replica, pickled both ways) or "ray"
     # (Ray actor calls with object references, Serve's default). grpc costs the front half the CPU per call and
-    # served 19 % more at 32 clients here (docs/cloud.md).
+    # served 19 % more at 32 clients on a 2-core host (benchmarks/cloud_bench.py).
     replica_transport: str = "grpc"
     # Run the front's threads under Linux SCHED_BATCH once started: on a machine it shares with replicas, its
     # wake-ups for every request do not preempt their compute threads. stop() restores the policy it found.
@@ -175,7 +175,8 @@ class RaySettings:
     temp_dir: str | None = None  # default: Ray's own (/tmp/ray)
     namespace: str = "rapnet"
     # Nice value of the worker processes (replicas). Ray's default, 15, lets the front and the load outrank the
-    # replicas on a shared machine: 0 measured 0.64 -> 0.69 of bare torch at 32 clients (docs/cloud.md).
+    # replicas on a shared machine: 0 measured 0.64 -> 0.69 of bare torch at 32 clients
+    # (benchmarks/cloud_bench.py, 2-core host).
     worker_niceness: int = 0
     # Call arguments up to this size travel inside the call. Ray's default (100 KB) sends a chunk of 16 samples
     # at split 4 (~400 KB) through the object store instead: a put, raylet work and a fetch per call.
