@@ -65,6 +65,9 @@ def _world(args):
     import torch
 
     torch.set_num_threads(1)
+    from rapnet.runtime import keep_freed_memory
+
+    keep_freed_memory()  # trace building: activations reuse freed memory instead of faulting in fresh pages
     from .simulator import load_world
 
     return load_world(sim_config(args), args.models, args.data, args.cache, rebuild=getattr(args, "rebuild", False),

@@ -112,7 +112,7 @@ def heldout_indices(meta: dict, train, n: int = 0, seed: int = SAMPLE_SEED) -> n
     return held if n <= 0 else held[stratified_sample(train.labels[held], n, seed)]
 
 
-def _collect(model, images: np.ndarray, labels: np.ndarray, bar, chunk: int = 500):
+def _collect(model, images: np.ndarray, labels: np.ndarray, bar, chunk: int = 256):
     """collect_traces in chunks, advancing the progress bar as images go through."""
     from rapnet.exit_traces import Traces, collect_traces
 
@@ -123,6 +123,23 @@ def _collect(model, images: np.ndarray, labels: np.ndarray, bar, chunk: int = 50
     scores = [p.scores for p in parts if p.scores is not None]
     return Traces(np.concatenate([p.correct for p in parts]), np.concatenate([p.confidence for p in parts]),
                   np.concatenate(scores) if scores else None)
+
+
+def _payloads(model, pixels: np.ndarray, bar, chunk: int = 50) -> tuple[dict, dict, dict, dict]:
+    """orchestration.calibration.measure_payloads in chunks of `chunk` frames, merged: request sizes concatenated,
+    agreement averaged over the frames, encode and decode times the median of the chunks' medians. Whole-batch
+    activations of a few hundred CIFAR images are large enough that faulting their memory in cost more time
+    than the measurement itself."""
+    parts, counts = [], []
+    for i in range(0, len(pixels), chunk):
+        parts.append(measure_payloads(model, pixels[i : i + chunk]))
+        counts.append(len(pixels[i : i + chunk]))
+        bar.update(counts[-1])
+    keys = parts[0][0].keys()
+    return ({k: np.concatenate([p[0][k] for p in parts]) for k in keys},
+            {k: float(np.median([p[1][k] for p in parts])) for k in keys},
+            {k: float(np.median([p[2][k] for p in parts])) for k in keys},
+            {k: float(np.average([p[3][k] for p in parts], weights=counts)) for k in keys})
 
 
 def heldout_jpeg_test(model, meta: dict, train, n: int = 0, seed: int = SAMPLE_SEED, bar=None):
@@ -173,8 +190,7 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings
         bar.set_postfix_str(name)
         t = _collect(model, test_images, test_labels, bar)
         c = _collect(model, train.images[cal[name]], train.labels[cal[name]], bar)
-        payload, enc_ms, dec_ms, agreement = measure_payloads(model, test.images[payload_index], None, name)
-        bar.update(len(payload_index))
+        payload, enc_ms, dec_ms, agreement = _payloads(model, test.images[payload_index], bar)
         jt = _collect(model, jpeg_round_trip(test_images), test_labels, bar)
         held, held_jpeg = heldout_jpeg_test(model, meta, train, settings.heldout_images, settings.seed, bar)
         traces[name] = ModelTraces(
