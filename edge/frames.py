@@ -156,7 +156,7 @@ class DatasetSource(Source):
     """A labelled split loaded through rapnet.data (any layout it knows; decoded once into its cache)."""
 
     def __init__(self, name_or_path: str, size: int, split: str = "test", limit: int = 0):
-        from rapnet.data import DatasetError, load_dataset, locate_dataset
+        from rapnet.data import DatasetError, load_dataset, locate_dataset, stratified_sample
 
         try:
             path = Path(name_or_path).expanduser()
@@ -164,8 +164,9 @@ class DatasetSource(Source):
             data = load_dataset(located, split)
         except DatasetError as err:
             raise SourceError(str(err)) from None
-        n = len(data) if limit <= 0 else min(limit, len(data))
-        self.images, self.labels = data.images[:n], data.labels[:n]
+        if limit > 0:  # a seeded sample spread over the classes: splits are often stored class by class
+            data = data.subset(stratified_sample(data.labels, limit))
+        self.images, self.labels = data.images, data.labels
         self.classes = list(data.classes)
         self.where, self.size = str(data.source), size
 
