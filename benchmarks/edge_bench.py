@@ -54,7 +54,7 @@ from edge.pipeline import EdgeAgent  # noqa: E402
 from orchestration.planner import Plan  # noqa: E402
 from rapnet.checkpoint import load_model  # noqa: E402
 from rapnet.codec import ModelContract, build_request, encode_options  # noqa: E402
-from rapnet.data import load_dataset  # noqa: E402
+from rapnet.data import load_dataset, stratified_sample  # noqa: E402
 from rapnet.preprocess import to_model_input  # noqa: E402
 from rapnet.machine import machine_info  # noqa: E402
 
@@ -236,7 +236,7 @@ def predictor_encode_check(cpu: dict, runs: dict, decider: Decider) -> dict | No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--frames", type=int, default=200, help="CIFAR-10 test frames per policy run")
+    p.add_argument("--frames", type=int, default=200, help="CIFAR-10 test frames per policy run (a seeded sample spread over the classes)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three policies")
     p.add_argument("--rate", type=float, default=20.0, help="paced runs: frames/s delivered, like a camera")
     p.add_argument("--cpu-rounds", type=int, default=200, help="rounds for the CPU breakdown")
@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     model, metadata = load_model(args.checkpoint)
     identity = metadata["identity"]
     data = load_dataset(None, "test")
-    pixels, labels = data.images[: args.frames], data.labels[: args.frames]
+    sample = stratified_sample(data.labels, args.frames)  # the test split is stored class by class
+    pixels, labels = data.images[sample], data.labels[sample]
 
     from cloud.server import start_local
 
