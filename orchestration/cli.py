@@ -33,8 +33,8 @@ DEFAULT_OUT = Path("runs") / "sim"  # relative to the current folder, never insi
 DEFAULT_LIVE_OUT = DEFAULT_OUT / "live.json"
 # The trace sample sizes (orchestration.traces.DEFAULT_TEST_IMAGES and friends), written out because importing
 # orchestration.traces loads torch (slow --help); a test checks they agree.
-DEFAULT_TEST_IMAGES = 2000
-DEFAULT_HELDOUT_IMAGES = 2000
+DEFAULT_TEST_IMAGES = 5000
+DEFAULT_HELDOUT_IMAGES = 0
 DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
@@ -345,13 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the key is the checkpoints' identities, the dataset's content and the sample sizes)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the traces even if the cache matches")
     g.add_argument("--test-images", type=int, default=DEFAULT_TEST_IMAGES, metavar="N",
-                   help="test images the traces hold: a seeded sample spread evenly over the classes (0: all 10,000)")
+                   help="test images the traces hold: a seeded sample spread evenly over the classes (0: all of them)")
     g.add_argument("--heldout-images", type=int, default=DEFAULT_HELDOUT_IMAGES, metavar="N",
                    help="images of each model's held-out validation split the traces hold (they decide whether JPEG "
-                        "goes on the menu and tune its exit stops), sampled like --test-images (0: all 5,000)")
+                        "goes on the menu and tune its exit stops), sampled like --test-images (0: all of them)")
     g.add_argument("--full", action="store_true",
-                   help="traces on the whole test set and held-out split (slower to build; overrides --test-images "
-                        "and --heldout-images)")
+                   help="traces on the whole test set and held-out split (about twice as long to build; overrides "
+                        "--test-images and --heldout-images)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown while traces build "
                    "and a sweep runs)")
     g = common.add_argument_group("world")
