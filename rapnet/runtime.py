@@ -22,7 +22,7 @@ def freeze_startup_heap() -> None:
 
     Importing torch, Ray and grpc leaves ~400,000 tracked objects that live as long as the process. Every full
     collection walks all of them: 0.1-0.3 s with the GIL held, during which the front's event loop answers
-    nothing (docs/cloud.md). Frozen, they are skipped; objects allocated later are collected as before.
+    nothing. Frozen, they are skipped; objects allocated later are collected as before.
     Call it once, when startup is done.
     """
     gc.collect()
@@ -35,7 +35,7 @@ def keep_freed_memory() -> bool:
     torch allocates every activation of a forward pass afresh. By default glibc serves large blocks with mmap
     and trims the heap's free top, so a batch's activations are new pages that the kernel must fault in and
     zero: ~240 minor page faults per sample for the cloud stages at split 4, batch 16, which one thread then
-    ran 1.4x faster without them (benchmarks/allocator_bench.py, docs/cloud.md). Batch-1 edge calls fault
+    ran 1.4x faster without them (benchmarks/allocator_bench.py). Batch-1 edge calls fault
     nothing either way. The process keeps its peak heap (tens of MB for these models). Returns False,
     changing nothing, where the C library is not glibc.
     """
@@ -59,7 +59,7 @@ def prefer_throughput_scheduling() -> bool:
     may preempt the thread running a forward pass. In a 32-client run the replica's compute thread was switched out
     300-800 times a second and spent ~1.2x the CPU per sample of bare torch alone. SCHED_BATCH threads do not
     preempt on wake-up: they take an idle CPU or wait for the next scheduler tick. Replicas and the front served
-    8-13 % more with it (interleaved runs, docs/cloud.md). It needs no privileges and leaves nice values alone.
+    8-13 % more with it (interleaved runs of benchmarks/cloud_bench.py). It needs no privileges and leaves nice values alone.
     Returns False, changing nothing, where the platform has no SCHED_BATCH.
     """
     if not hasattr(os, "SCHED_BATCH"):
