@@ -98,7 +98,7 @@ def capped_exits(scores: np.ndarray, confidence: np.ndarray, price: float, thres
 
 def predictor_exits(scores: np.ndarray, threshold: float) -> np.ndarray:
     """Threshold rule: jump to the shallowest exit the predictor trusts at `threshold`, else the last.
-    (`priced_exits` is the better rule, see docs/results.md.)"""
+    (`priced_exits` is more accurate at equal FLOPs: docs/results.md compares them.)"""
     trusted = scores >= threshold
     return np.where(trusted.any(1), trusted.argmax(1), scores.shape[1] - 1)
 
