@@ -653,7 +653,7 @@ def test_killing_a_replica_loses_no_request_silently(server, stub, model_file, c
 # Configuration, cluster files, CLI (no Ray)
 # ------------------------------------------------------------------------------------------------------
 
-CLUSTER_DIR = os.path.join(os.path.dirname(__file__), "..", "cloud", "cluster")
+CLUSTER_DIR = Path(__file__).resolve().parents[2] / "cloud" / "cluster"
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "onprem.yaml"])

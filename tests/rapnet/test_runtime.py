@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Minor page faults per forward pass of a small RAPNet at batch 16, in a worker thread (as a replica computes).
 _FAULTS_PER_FORWARD = """

@@ -14,7 +14,7 @@ from protos import generate
 from protos.rapnet.v1 import inference_pb2 as pb
 from protos.rapnet.v1 import inference_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_regenerating_gives_byte_identical_files(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from rapnet import shipped
 from rapnet.machine import machine_info
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_checkpoint_in_a_checkout(monkeypatch):

@@ -19,7 +19,7 @@ from rapnet.data import (
 )
 
 CLASSES = ["cat", "dog", "frog"]  # deliberately sorted = label order
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"  # next to the checkout
 
 
 def _img(seed: int, size: int = 8) -> np.ndarray:

@@ -43,7 +43,7 @@ from rapnet.preprocess import to_model_input  # noqa: E402
 
 TOKEN = "edge-test-token-" + "y" * 24
 N_FRAMES = 48
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from rapnet.codec import images as codec_images
 from rapnet.codec import tensors as codec_tensors
 from rapnet.codec import CodecError, ContractMismatch, DecodeLimits, EncodeOptions, LimitExceeded, MalformedMessage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = ROOT / "models" / "rapnet-cifar10.pt"  # the shipped model; without it the tests use an untrained one
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
