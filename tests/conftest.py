@@ -14,6 +14,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray is marked slow, so `pytest -m "not slow"` never starts it; a missing mark fails."""
+    unmarked = [item.nodeid for item in items
+                if "ray_instance" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start Ray must be marked @pytest.mark.slow:\n  " + "\n  ".join(unmarked))
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     """One small Ray instance per test module (starting Ray costs seconds), torn down with Serve."""

@@ -347,10 +347,11 @@ def test_decider_learns_the_rules_exits_and_early_stops_from_its_calibration_fra
 
 
 # ------------------------------------------------------------------------------------------------------
-# End to end over the real cloud on loopback
+# End to end over the real cloud on loopback (the tests that start it, Ray included, are marked slow)
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_price, workdir, token_env, capsys):
     out = workdir / "e2e.jsonl"
     app = run_agent(["--dataset", dataset, "--checkpoint", checkpoint, "--cloud", cloud.address, *POLICY,
@@ -396,6 +397,7 @@ def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_pric
     assert TOKEN not in captured.err + captured.out + out.read_text()
 
 
+@pytest.mark.slow
 def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, workdir, token_env):
     """A device so slow that every exit goes to the cloud as the image: the agent skips its predictor, the
     cloud runs it with the same rule and price, and the answers equal the offline policy's."""
@@ -421,6 +423,7 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
     assert [r["exit"] for r in lines] == exits
 
 
+@pytest.mark.slow
 def test_capped_rule_on_the_edge_and_in_the_cloud_equals_the_offline_rule(cloud, checkpoint, dataset, workdir,
                                                                          token_env):
     """--stop-confidence: on a fast device every frame runs here, on a very slow one the image goes to the cloud,
@@ -455,6 +458,7 @@ def test_capped_rule_on_the_edge_and_in_the_cloud_equals_the_offline_rule(cloud,
     assert (expected < caps).any() and (expected == caps).any()  # some stopped early, some ran to their cap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_encoding", ["png", "raw+zstd"])
 def test_emulated_device_pays_the_modelled_encoding_time(cloud, checkpoint, dataset, workdir, token_env, image_encoding):
     """--emulate-device pads encoding like compute: the planner scales codec time with the device speed, so a
@@ -494,6 +498,7 @@ def _trace_cache_admitting_jpeg(model, pixels: np.ndarray, path: Path, **heldout
     return path
 
 
+@pytest.mark.slow
 def test_jpeg_goes_out_only_with_labelled_accuracy_and_is_answered_from_the_decoded_jpeg(cloud, checkpoint, dataset,
                                                                                           workdir, token_env, capsys):
     """--encoding jpeg without a trace cache: the agent keeps JPEG off its menu (and says why). With a cache whose
@@ -525,6 +530,7 @@ def test_jpeg_goes_out_only_with_labelled_accuracy_and_is_answered_from_the_deco
     assert [r["exit"] for r in lines] == exits.tolist() and [r["class"] for r in lines] == classes
 
 
+@pytest.mark.slow
 def test_capped_frames_sent_as_jpeg_stop_at_the_stricter_confidence_tuned_for_jpeg(cloud, checkpoint, dataset,
                                                                                       workdir, token_env,
                                                                                       jpeg_heldout_views):
@@ -643,6 +649,7 @@ def test_cloud_that_never_answers_is_cut_at_the_deadline(checkpoint, dataset, mi
     assert elapsed < 5 * deadline / 1e3 + 10
 
 
+@pytest.mark.slow
 def test_cloud_killed_in_the_middle(cloud, checkpoint, dataset, mixed_threshold, workdir, token_env):
     """A second front on the shared app; it is stopped once some frames went through it."""
     front = start_local(checkpoint, port=0, token=TOKEN, deploy=False)
@@ -674,6 +681,7 @@ def test_cloud_killed_in_the_middle(cloud, checkpoint, dataset, mixed_threshold,
     assert all(r["latency_ms"].get("network", 0) <= deadline + 300 for r in lines)
 
 
+@pytest.mark.slow
 def test_video_file_through_opencv_over_tls(ray_instance, cloud, checkpoint, workdir, token_env):
     """The camera path (OpenCV VideoCapture) on an MJPG .avi written here, to a TLS front."""
     video = workdir / "clip.avi"
@@ -719,6 +727,7 @@ def test_unreadable_inputs_are_clear_errors(checkpoint, workdir, capsys):
     assert "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_embedded_cloud_and_ctrl_c(checkpoint, dataset, workdir):
     """The README's main job in a fresh process: no --cloud, so the agent starts the cloud tier itself on
     127.0.0.1; SIGINT mid-run stops it gracefully (frames in hand answered, summary, cloud stopped)."""

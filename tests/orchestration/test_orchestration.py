@@ -403,7 +403,7 @@ def test_jpeg_images_get_the_cheapest_no_looser_setting_that_loses_nothing_on_th
     assert calibrate_for_jpeg(t, 0.2, [0.2, 0.5, 0.6, 0.9], confidence_rule, cost) == 0.6
     # none reaches the lossless accuracy: the most accurate one
     assert calibrate_for_jpeg(t, 0.2, [0.2, 0.4], confidence_rule, cost) == 0.2
-    # traces without the held-out views (an older cache): the lossless setting
+    # traces without the held-out views (a cache built without them): the lossless setting
     bare = jpeg_heldout_views()
     bare.heldout_jpeg_confidence = None
     assert capped_jpeg_stop(bare, (0.0, 0.3), relative, cost) == 0.3
@@ -411,7 +411,7 @@ def test_jpeg_images_get_the_cheapest_no_looser_setting_that_loses_nothing_on_th
 
 def test_the_cloud_picks_the_exit_when_that_is_faster_on_average_over_the_rules_exits(world):
     """With an exit prior, cloud-side picking needs to win in expectation, not for every exit: a device that would
-    answer a rare shallow exit itself no longer runs the predictor on every frame for it."""
+    answer a rare shallow exit itself does not, for that alone, run the predictor on every frame."""
     base = world.planners["rapnet"]
     K = base.costs.num_exits
     strict, deep = base.with_exit_prior(None), base.with_exit_prior(np.eye(K)[K - 1])
@@ -566,7 +566,7 @@ def test_cloud_picks_the_exit_when_every_exit_sends_the_image(traces):
     planner = remote.planners["rapnet"]
     slow = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05)
     parts = planner.cloud_exit_parts(slow)
-    assert parts is not None and all(p["edge_ms"] == 0 for p in parts)  # the predictor moved to the cloud
+    assert parts is not None and all(p["edge_ms"] == 0 for p in parts)  # the predictor runs in the cloud
     table = planner.option_table(slow)
     assert all(p["total_ms"] < lat for p, lat in zip(parts, table.latency))
     a, b = edge_pred.run_policy("rapnet_split", slow), remote.run_policy("rapnet_split", slow)

@@ -360,6 +360,7 @@ def test_subset_and_sha256(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow
 def test_shared_cifar10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = SHARED / "cifar10" / "cifar10-jpeg.tar.gz"
     if not archive.is_file():

@@ -196,8 +196,8 @@ def test_split_carry_sizes_match_cost_table(models, costs, arch, width, kind):
 
 @pytest.mark.parametrize("arch,width", ARCH_WIDTHS, ids=[a for a, _ in ARCH_WIDTHS])
 def test_other_fusion_points_build_and_split(arch, width):
-    """fusion_stride 4 (the original layout, which checkpoints without the field use) and 1 (an experiment) pass the same structure and
-    split checks as the default 2, and the paths meet on the grid each names."""
+    """fusion_stride 4 (what a checkpoint without the field loads as) and 1 pass the same structure and split checks
+    as the default 2, and the paths meet on the grid each names."""
     fused = lambda m: next(s for s in m.stages if s.reads[0] == "image" and len(s.reads) == 2)  # noqa: E731
     grid = {}
     for fusion_stride in (4, 2, 1):
@@ -542,18 +542,18 @@ def test_checkpoint_from_other_architecture_refused(tmp_path, ckpt_model, change
         load_model(forged)
 
 
-def test_checkpoint_from_before_fusion_stride_keeps_its_identity(tmp_path):
-    """Checkpoints written before ModelConfig.fusion_stride existed (no such key) load as fusion stride 4, and the
-    identity hash leaves the field out at that value, so their identity (edge and cloud compare it) is unchanged."""
+def test_checkpoint_without_fusion_stride_loads_as_stride_4_with_its_identity(tmp_path):
+    """A checkpoint whose config has no fusion_stride key loads as fusion stride 4, and the identity hash leaves the
+    field out at that value, so its identity (edge and cloud compare it) is the one it was saved with."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(width=0.35, fusion_stride=4)).eval()
     path = tmp_path / "m.pt"
     identity = save_checkpoint(path, model)
     payload = torch.load(path, weights_only=True)
     assert payload["config"].pop("fusion_stride") == 4
-    old = tmp_path / "old.pt"
-    torch.save(payload, old)
-    loaded, meta = load_model(old)
+    bare = tmp_path / "bare.pt"
+    torch.save(payload, bare)
+    loaded, meta = load_model(bare)
     assert loaded.config.fusion_stride == 4 and meta["identity"] == identity
     assert "fusion_stride" not in model.config.identity_dict()
     assert ModelConfig(width=0.35).identity_dict()["fusion_stride"] == 2

@@ -43,6 +43,7 @@ def _faults_per_forward(setting: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc mallopt")
 def test_keeping_freed_memory_stops_the_page_faults_of_repeated_forward_passes():
     default, kept = _faults_per_forward("default"), _faults_per_forward("keep")

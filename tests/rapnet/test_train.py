@@ -29,6 +29,7 @@ def _write_split(root: Path, split: str, per_class: int, rng: np.random.Generato
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> dict:
+    """One smoke training of all three kinds (seconds of CPU): the tests that use it are marked slow."""
     root = tmp_path_factory.mktemp("smoke")
     rng = np.random.default_rng(0)
     data = root / "data"
@@ -51,6 +52,7 @@ def smoke_run(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "run": root / "run", "argv": argv, "seconds": seconds, "fitted": fitted}
 
 
+@pytest.mark.slow
 def test_smoke_training_is_quick_and_loads(smoke_run) -> None:
     assert smoke_run["seconds"] < 60, f"smoke training took {smoke_run['seconds']:.0f} s"
     for kind in ("rapnet", "sdn", "static"):
@@ -60,6 +62,7 @@ def test_smoke_training_is_quick_and_loads(smoke_run) -> None:
         assert (model.predictor is not None) == (kind == "rapnet")
 
 
+@pytest.mark.slow
 def test_predictor_fitted_on_validation_images_only(smoke_run) -> None:
     dataset = load_dataset(smoke_run["data"], "train", cache_dir=smoke_run["root"] / "cache")
     train_idx, val_idx = train_val_split(len(dataset), 90, seed=0)
@@ -74,6 +77,7 @@ def test_predictor_fitted_on_validation_images_only(smoke_run) -> None:
     assert len(set(dataset.labels[cal_idx])) == len(CLASSES)  # calibration sees every class
 
 
+@pytest.mark.slow
 def test_smoke_checkpoint_evaluates(smoke_run, tmp_path: Path) -> None:
     evaluate.main(["--checkpoint", str(smoke_run["run"] / "rapnet.pt"), "--data", str(smoke_run["data"]),
                    "--cache-dir", str(smoke_run["root"] / "cache"), "--out", str(tmp_path), "--latency-images", "2",
@@ -86,6 +90,7 @@ def test_smoke_checkpoint_evaluates(smoke_run, tmp_path: Path) -> None:
     assert (tmp_path / "eval.png").stat().st_size > 0 and (tmp_path / "eval.md").exists()
 
 
+@pytest.mark.slow
 def test_predictor_refit_keeps_the_backbone(smoke_run, tmp_path: Path) -> None:
     before, old_meta = load_model(smoke_run["run"] / "rapnet.pt")
     train.main(["--predictor-only", str(smoke_run["run"] / "rapnet.pt"), "--out", str(tmp_path), "--data",
@@ -101,12 +106,14 @@ def test_predictor_refit_keeps_the_backbone(smoke_run, tmp_path: Path) -> None:
     assert any(not torch.equal(old_state[k], new_state[k]) for k in old_state if k.startswith("predictor."))
 
 
+@pytest.mark.slow
 def test_refit_refuses_a_network_without_predictor(smoke_run, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="only a RAPNet checkpoint"):
         train.main(["--predictor-only", str(smoke_run["run"] / "sdn.pt"), "--out", str(tmp_path),
                     "--data", str(smoke_run["data"]), "--cache-dir", str(smoke_run["root"] / "cache")])
 
 
+@pytest.mark.slow
 def test_teacher_distils_every_exit_and_is_recorded(smoke_run, tmp_path: Path) -> None:
     teacher = smoke_run["run"] / "static.pt"
     argv = list(smoke_run["argv"])
@@ -117,6 +124,7 @@ def test_teacher_distils_every_exit_and_is_recorded(smoke_run, tmp_path: Path) -
     assert meta["train_config"]["teacher"] == str(teacher)
 
 
+@pytest.mark.slow
 def test_a_teacher_from_another_split_is_refused(smoke_run, tmp_path: Path) -> None:
     argv = list(smoke_run["argv"])
     argv[argv.index("--out") + 1] = str(tmp_path)
@@ -141,11 +149,11 @@ def test_teacher_loss_pulls_the_last_exit_towards_the_teacher() -> None:
     assert disagreeing > agreeing and last.grad[0, 1] < 0  # the last exit is pushed towards the teacher's class
 
 
-def test_legacy_predictor_split_is_refused() -> None:
-    legacy = {"seed": 0, "split": {"val": 90, "predictor_fit": 72}}  # before the parts were drawn at random
+def test_a_predictor_fitted_on_a_class_sorted_slice_is_refused() -> None:
+    sliced = {"seed": 0, "split": {"val": 90, "predictor_fit": 72}}  # no "predictor_split": "random" in the metadata
     with pytest.raises(CheckpointError, match="--predictor-only"):
-        evaluate.calibration_indices(300, legacy, has_predictor=True)
-    assert len(evaluate.calibration_indices(300, legacy, has_predictor=False)) == 18  # SDN / static: any part is unseen
+        evaluate.calibration_indices(300, sliced, has_predictor=True)
+    assert len(evaluate.calibration_indices(300, sliced, has_predictor=False)) == 18  # SDN / static: any part is unseen
 
 
 def test_early_exit_trunk_gradient_is_scaled_and_the_forward_pass_is_not() -> None:
