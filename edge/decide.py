@@ -67,7 +67,7 @@ class Decider:
 
     def stop_confidence_for(self, encoding: str | None) -> float:
         """The stop confidence for a frame sent with `encoding`: a JPEG image stops at the stricter one tuned so
-        its exits lose nothing to the compression (orchestration.simulator.calibrate_for_jpeg)."""
+        its exits lose nothing to the compression (orchestration.calibration.calibrate_for_jpeg)."""
         if encoding == "jpeg" and self.stop_confidence and self.jpeg_stop_confidence is not None:
             return self.jpeg_stop_confidence
         return self.stop_confidence

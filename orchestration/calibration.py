@@ -6,7 +6,7 @@
 
 Cost table and layer counts come from the model itself; payload sizes are the real serialized InferRequest
 sizes on the sample frames (measure_payloads, the same measurement the simulator's traces hold), or, with
-`traces`, the cached ones for the same model identity (runs/sim_traces.npz, orchestration.model_traces).
+`traces`, the cached ones for the same model identity (a rapnet-sim trace cache, orchestration.model_traces).
 Here too: how an exit rule's setting is tuned on calibration data (calibrate_setting) and, for frames that
 travel as JPEG, on the held-out split's JPEG view (calibrate_for_jpeg, capped_jpeg_stop); the simulator
 tunes its policies with the same functions.

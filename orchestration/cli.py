@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "image anyway, the edge skips it and the cloud picks the exit)")
     g.add_argument("--encodings", nargs="+", default=list(DEFAULT_ENCODINGS), choices=ENCODING_NAMES, metavar="NAME",
                    help="planner's encoding menu (png, raw+zstd or jpeg at split 0; fp32+zstd, fp16+zstd, int8+zstd later); "
-                        "a lossy one is used only where it passes the accuracy test (orchestration.traces.ModelTraces.menu)")
+                        "a lossy one is used only where it passes the accuracy test (orchestration.model_traces.ModelTraces.menu)")
     g.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals, jitter and loss")
 
     t = sub.add_parser("traces", parents=[common], help="build or refresh the trace cache and print what it holds",

@@ -484,8 +484,8 @@ def load_world(config: SimConfig, models: str | Path | None = None, data: str | 
     return World(traces, config), meta
 
 
-# A second, looser count of the win criterion (compare): accuracies within 0.1 point (10 of 10,000 test images)
-# count as equal.
+# A second, looser count of the win criterion (compare): accuracies within 0.1 point (5 of the default 5,000 test
+# images) count as equal.
 ACCURACY_TIE = 0.001
 
 

@@ -7,7 +7,7 @@ A menu entry is a name that `encode_options(name)` turns into the `EncodeOptions
   * feature encodings, at later splits, for the live feature tensors (the image, where a later stage still reads it,
     goes as PNG): "fp32+zstd", "fp16+zstd", "int8+zstd" (int8 per channel, float32 parameters).
 PNG, raw pixels and fp32 are exactly lossless (LOSSLESS). fp16, int8 and JPEG can change answers, so the planner
-admits them only where they pass its accuracy test (orchestration.traces.ModelTraces.menu).
+admits them only where they pass its accuracy test (orchestration.model_traces.ModelTraces.menu).
 
 Besides the menu, RECOMMENDED_ENCODINGS holds a default per split point with the finer knobs (int4, one scale per
 tensor, compact parameters): the smallest encoding benchmarks/codec_bench.py found within its accuracy budget.
