@@ -85,13 +85,14 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"))
+    from rapnet.help_format import DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"), help="model checkpoint")
     parser.add_argument("--repeats", type=int, default=6, help="pairs of child processes")
     parser.add_argument("--seconds", type=float, default=1.5, help="measured per workload and process")
     parser.add_argument("--cloud", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
                         default=[(4, 16), (4, 32), (0, 16)], metavar="SPLITxBATCH")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "allocator.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "allocator.json"), help="JSON output")
     parser.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -29,14 +29,15 @@ from rapnet.runtime import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"))
-    parser.add_argument("--split", type=int, nargs="+", default=[4, 0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--repeats", type=int, default=12)
+    from rapnet.help_format import DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"), help="model checkpoint")
+    parser.add_argument("--split", type=int, nargs="+", default=[4, 0], help="split points to measure")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32], help="batch sizes to measure")
+    parser.add_argument("--repeats", type=int, default=12, help="interleaved repeats per batch size")
     parser.add_argument("--seconds", type=float, default=0.6, help="measured per batch size and repeat")
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc at its defaults")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bare_batch_sizes.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bare_batch_sizes.json"), help="JSON output")
     args = parser.parse_args()
     torch.set_num_threads(1)
     kept = not args.default_malloc and keep_freed_memory()

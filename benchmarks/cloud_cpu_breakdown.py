@@ -33,7 +33,8 @@ def cpu_seconds() -> dict[int, tuple[str, float, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from rapnet.help_format import DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--chunk-hold-ms", default="50", help="the front's chunk hold for the run")
     parser.add_argument("--window", type=float, default=8.0, help="seconds measured, inside the 10 s served phase")
     args = parser.parse_args()

@@ -234,8 +234,9 @@ def predictor_encode_check(cpu: dict, runs: dict, decider: Decider) -> dict | No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    from rapnet.help_format import DefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="RAPNet checkpoint")
     p.add_argument("--frames", type=int, default=200, help="CIFAR-10 test frames per policy run (a seeded sample spread over the classes)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three policies")
     p.add_argument("--rate", type=float, default=20.0, help="paced runs: frames/s delivered, like a camera")
@@ -243,8 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", default="33.3,5",
                    help="device GFLOP/s to plan for and emulate (compute and encoding padded to the modelled time); "
                         "33.3 is the planner's reference CPU, i.e. about this machine")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "edge.json"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the agent")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "edge.json"), help="JSON output")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -42,11 +42,12 @@ async def _calls(call, chunk: list, n: int, outstanding: int) -> tuple[float, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"))
+    from rapnet.help_format import DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "rapnet-cifar10.pt"), help="model checkpoint")
     parser.add_argument("--calls", type=int, default=300, help="calls per measurement")
-    parser.add_argument("--split", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "handle_cost.json"))
+    parser.add_argument("--split", type=int, default=4, help="split point of the requests")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "handle_cost.json"), help="JSON output")
     args = parser.parse_args()
 
     import ray
