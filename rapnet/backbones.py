@@ -65,7 +65,7 @@ def mobilenetv2_layout(width: float, fusion_stride: int) -> Layout:
         # resolution and its first block halves it: more accurate at the deep exits than a stride-2
         # conv first, for 1.6% more FLOPs.
         return Layout(stem, tuple(blocks), head, 6, 1, (BlockSpec(ch(16), ch(24), 2, 6), BlockSpec(ch(24), ch(32), 1, 6)))
-    # fusion_stride 4 (the original layout, which checkpoints without the field use): low-res path through the 64-channel stage, fuse on the 8x8 grid
+    # fusion_stride 4 (what checkpoints without the field use): low-res path through the 64-channel stage, fuse on the 8x8 grid
     return Layout(stem, tuple(blocks), head, 10, 2, (BlockSpec(ch(16), ch(24), 1, 6), BlockSpec(ch(24), ch(32), 2, 6)))
 
 

@@ -25,8 +25,8 @@ class ModelConfig:
     lowres_factor: int = 2  # RAPNet's early stages see the image downsampled by this factor
     # Where RAPNet's two paths meet, as the full-resolution backbone's total stride there: 2 fuses on the 16x16
     # grid of a CIFAR image (the low-res path runs through the 32-channel stage), 4 on the 8x8 grid (through the
-    # 64-channel stage, the original layout: 1.9 points under the static network at its last exit).
-    # 1 fuses on the full 32x32 grid (the low-res path runs through the 24-channel stage only; an experiment).
+    # 64-channel stage; checkpoints without the field use it: its last exit ends under the static network's).
+    # 1 fuses on the full 32x32 grid (the low-res path runs through the 24-channel stage only).
     fusion_stride: int = 2
     # Exit placement (ours): cut points nearest these fractions of the full network's measured FLOPs.
     # RAPNet additionally always exits at the end of the low-resolution path and at the end of the network.
