@@ -28,11 +28,10 @@ def traffic(result: dict, transport: str, sched: str) -> str:
 
 
 def main() -> None:
-    from rapnet.help_format import DefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", help="cloud_bench.py result files")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients to pool")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="the setting to pool (default: shipped)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients to pool (default: 32)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="the setting to pool (default: 16, the shipped one)")
     args = parser.parse_args()
     shipped = {"max_batch_size": args.max_batch_size, "pin": "off", "replica_env": "default", "gc_freeze": "on"}
     pooled: dict[str, list[tuple[str, list[float]]]] = {}

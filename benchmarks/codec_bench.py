@@ -157,8 +157,7 @@ def train_dictionaries(model, contract, pixels: np.ndarray, splits: list[int], s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rapnet.help_format import DefaultsHelpFormatter
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="trained model (e.g. models/rapnet-cifar10.pt); default: an untrained model, "
                                          "whose accuracy column means nothing")
     ap.add_argument("--data", help="CIFAR-10 location (default: rapnet.data's search path)")
