@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rapnet import evaluate, train
+from rapnet import evaluate, exit_rules, exit_traces, train
 from rapnet.checkpoint import CheckpointError, load_model
 from rapnet.data import load_dataset, train_val_split
 
@@ -72,7 +72,7 @@ def test_predictor_fitted_on_validation_images_only(smoke_run) -> None:
     assert len(fit) == 72  # 80% of the validation split
     assert fit <= as_bytes(dataset.images[val_idx])
     assert not fit & as_bytes(dataset.images[train_idx])
-    cal_idx = evaluate.calibration_indices(len(dataset), load_model(smoke_run["run"] / "rapnet.pt")[1], has_predictor=True)
+    cal_idx = exit_traces.calibration_indices(len(dataset), load_model(smoke_run["run"] / "rapnet.pt")[1], has_predictor=True)
     assert len(cal_idx) == 18 and not as_bytes(dataset.images[cal_idx]) & fit
     assert len(set(dataset.labels[cal_idx])) == len(CLASSES)  # calibration sees every class
 
@@ -152,8 +152,8 @@ def test_teacher_loss_pulls_the_last_exit_towards_the_teacher() -> None:
 def test_a_predictor_fitted_on_a_class_sorted_slice_is_refused() -> None:
     sliced = {"seed": 0, "split": {"val": 90, "predictor_fit": 72}}  # no "predictor_split": "random" in the metadata
     with pytest.raises(CheckpointError, match="--predictor-only"):
-        evaluate.calibration_indices(300, sliced, has_predictor=True)
-    assert len(evaluate.calibration_indices(300, sliced, has_predictor=False)) == 18  # SDN / static: any part is unseen
+        exit_traces.calibration_indices(300, sliced, has_predictor=True)
+    assert len(exit_traces.calibration_indices(300, sliced, has_predictor=False)) == 18  # SDN / static: any part is unseen
 
 
 def test_early_exit_trunk_gradient_is_scaled_and_the_forward_pass_is_not() -> None:
@@ -187,9 +187,9 @@ def test_capped_rule_stops_early_only_up_to_the_priced_exit() -> None:
     scores = np.array([[0.9, 0.9, 0.95], [0.1, 0.2, 0.9], [0.1, 0.2, 0.9]])
     confidence = np.array([[0.2, 0.99, 0.99], [0.2, 0.99, 0.99], [0.2, 0.3, 0.4]])
     relative = np.array([0.1, 0.5, 1.0])
-    caps = evaluate.priced_exits(scores, 0.5, relative)
+    caps = exit_rules.priced_exits(scores, 0.5, relative)
     assert caps.tolist() == [0, 2, 2]
-    exits = evaluate.capped_exits(scores, confidence, 0.5, 0.95, relative)
+    exits = exit_rules.capped_exits(scores, confidence, 0.5, 0.95, relative)
     # sample 0: capped at exit 0 though exit 1 would be confident; 1: stops early at 1; 2: nothing confident
     assert exits.tolist() == [0, 1, 2]
-    assert (evaluate.capped_exits(scores, confidence, 0.5, 1.01, relative) == caps).all()
+    assert (exit_rules.capped_exits(scores, confidence, 0.5, 1.01, relative) == caps).all()
