@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbones import Layout, layout_for, make_block, make_stem
+from .backbones import Backbone, backbone_for, make_block, make_stem
 from .blocks import ClassifierHead, ExitHead, Fusion
 from .config import ModelConfig
 from .costs import count_flops
@@ -33,8 +33,8 @@ class _FusionUnit(nn.Module):
 
 
 def build_model(config: ModelConfig) -> MultiExitNetwork:
-    layout = layout_for(config.arch, config.width, config.fusion_stride)
-    units = _rapnet_units(config, layout) if config.kind == "rapnet" else _full_res_units(layout)
+    backbone = backbone_for(config)
+    units = _rapnet_units(config, backbone) if config.kind == "rapnet" else _full_res_units(backbone)
     _measure_units(units, config)
     fractions = config.rapnet_exit_fractions if config.kind == "rapnet" else config.sdn_exit_fractions
     forced = [i for i in range(len(units) - 1) if units[i].path == "lr" and units[i + 1].path == "fuse"]
@@ -43,30 +43,31 @@ def build_model(config: ModelConfig) -> MultiExitNetwork:
     out_channels = [units[c].out_ch for c in cuts]
     if config.kind == "static":
         exit_stages = [len(stages) - 1]
-        exits: list[nn.Module] = [ClassifierHead(out_channels[-1], layout.head_ch, config.num_classes)]
+        exits: list[nn.Module] = [ClassifierHead(out_channels[-1], backbone.head_ch, config.num_classes)]
     else:
         exit_stages = list(range(len(stages)))
         exits = [ExitHead(ch, config.ic_channels, config.num_classes) for ch in out_channels[:-1]]
-        exits.append(ClassifierHead(out_channels[-1], layout.head_ch, config.num_classes))
+        exits.append(ClassifierHead(out_channels[-1], backbone.head_ch, config.num_classes))
     predictor = ExitPredictor(config, len(exits)) if config.kind == "rapnet" else None
     return MultiExitNetwork(config, stages, exits, exit_stages, predictor)
 
 
-def _full_res_units(layout: Layout) -> list[_Unit]:
-    units = [_Unit(make_stem(layout.stem_ch), "x", layout.stem_ch)]
-    units += [_Unit(make_block(spec), "x", spec.out_ch) for spec in layout.blocks]
+def _full_res_units(backbone: Backbone) -> list[_Unit]:
+    units = [_Unit(make_stem(backbone.stem), "x", backbone.stem.out_ch)]
+    units += [_Unit(make_block(spec), "x", spec.out_ch) for spec in backbone.blocks]
     return units
 
 
-def _rapnet_units(config: ModelConfig, layout: Layout) -> list[_Unit]:
-    lr_blocks = layout.blocks[: layout.lowres_blocks]
-    units = [_Unit(make_stem(layout.stem_ch), "lr", layout.stem_ch)]
+def _rapnet_units(config: ModelConfig, backbone: Backbone) -> list[_Unit]:
+    lr_blocks = backbone.blocks[: backbone.lowres_blocks]
+    units = [_Unit(make_stem(backbone.stem), "lr", backbone.stem.out_ch)]
     units += [_Unit(make_block(spec), "lr", spec.out_ch) for spec in lr_blocks]
-    hr_stem = nn.Sequential(make_stem(layout.hr_stem[0].in_ch, layout.hr_stem_stride), *map(make_block, layout.hr_stem))
-    fused_ch = layout.blocks[layout.lowres_blocks].in_ch
-    fusion = Fusion(layout.hr_stem[-1].out_ch, lr_blocks[-1].out_ch, fused_ch)
+    hr_stem = nn.Sequential(make_stem(backbone.hr_stem), *map(make_block, backbone.hr_blocks))
+    fused_ch = backbone.blocks[backbone.lowres_blocks].in_ch
+    hr_ch = backbone.hr_blocks[-1].out_ch if backbone.hr_blocks else backbone.hr_stem.out_ch
+    fusion = Fusion(hr_ch, lr_blocks[-1].out_ch, fused_ch)
     units.append(_Unit(_FusionUnit(hr_stem, fusion), "fuse", fused_ch))
-    units += [_Unit(make_block(spec), "hr", spec.out_ch) for spec in layout.blocks[layout.lowres_blocks :]]
+    units += [_Unit(make_block(spec), "hr", spec.out_ch) for spec in backbone.blocks[backbone.lowres_blocks :]]
     return units
 
 
