@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .build import build_model
 from .checkpoint import CheckpointError, load_model, save_checkpoint
-from .config import FUSION_STRIDES, ModelConfig
+from .config import FUSION_STRIDES, LAYOUTS, ModelConfig
 from .data import (
     RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file,
     train_val_split,
@@ -289,9 +289,11 @@ def run(args: argparse.Namespace) -> dict:
         val_size=args.val_size, seed=args.seed, limit_train=args.limit_train,
         early_exit_trunk_grad=args.early_exit_trunk_grad, teacher=args.teacher or "",
     )
+    if args.image_size is not None:
+        _model_config(args, "static", 10, args.image_size)  # refuse a size the layout cannot take before loading data
     teacher, teacher_identity = _load_teacher(args.teacher, cfg) if args.teacher else (None, None)
     data_path = locate_dataset(args.data, args.dataset)
-    dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
+    dataset = load_dataset(data_path, "train", image_size=args.image_size, cache_dir=args.cache_dir, progress=True)
     dataset, train_idx, val_idx, fit_idx = dataset_parts(dataset, cfg)
     n_fit = len(fit_idx)
     train = _to_split(dataset.images[train_idx], dataset.labels[train_idx], device)
@@ -299,7 +301,10 @@ def run(args: argparse.Namespace) -> dict:
     fit = _to_split(dataset.images[fit_idx], dataset.labels[fit_idx], device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    image_size = dataset.images.shape[1]
+    image_size = int(dataset.images.shape[1])
+    if teacher is not None and teacher.config.image_size != image_size:
+        raise SystemExit(f"rapnet-train: teacher {args.teacher} takes {teacher.config.image_size} px images, this run "
+                         f"trains at {image_size} px: pass --image-size {teacher.config.image_size} or another teacher")
     metadata_common = {
         "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": git_state().get("git_commit", "unknown"), "seed": args.seed,
         "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
@@ -309,8 +314,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     results = {}
     for kind in args.models:
-        config = ModelConfig(arch=args.arch, kind=kind, width=args.width, num_classes=len(dataset.classes),
-                             image_size=image_size, fusion_stride=args.fusion_stride)
+        config = _model_config(args, kind, len(dataset.classes), image_size)
         torch.manual_seed(args.seed)
         model = build_model(config)
         log: list = []
@@ -326,6 +330,14 @@ def run(args: argparse.Namespace) -> dict:
         results[kind] = {"checkpoint": str(out / f"{kind}.pt"), "identity": identity, "val_acc_per_exit": metadata["val_acc_per_exit"]}
         print(json.dumps({"done": kind, **results[kind]}), flush=True)
     return results
+
+
+def _model_config(args: argparse.Namespace, kind: str, num_classes: int, image_size: int) -> ModelConfig:
+    try:
+        return ModelConfig(arch=args.arch, kind=kind, width=args.width, num_classes=num_classes, image_size=image_size,
+                           fusion_stride=args.fusion_stride, layout=args.layout)
+    except ValueError as err:
+        raise SystemExit(f"rapnet-train: {err}") from None
 
 
 def refit_predictor(args: argparse.Namespace) -> dict:
@@ -348,7 +360,10 @@ def refit_predictor(args: argparse.Namespace) -> dict:
     if meta.get("data_sha256") not in (None, digest):
         raise DatasetError(f"{data_path} is not the archive {path} was trained on (sha256 {digest[:12]}, the checkpoint "
                            f"says {meta['data_sha256'][:12]}): pass --data with the training archive")
-    dataset = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
+    dataset = load_dataset(data_path, "train", image_size=args.image_size, cache_dir=args.cache_dir, progress=True)
+    if dataset.images.shape[1] != model.config.image_size:
+        raise DatasetError(f"{path} takes {model.config.image_size} px images, {data_path} holds "
+                           f"{dataset.images.shape[1]} px ones: pass --image-size {model.config.image_size}")
     dataset, _, val_idx, fit_idx = dataset_parts(dataset, cfg)
     n_fit = len(fit_idx)
     torch.manual_seed(cfg.seed)
@@ -388,7 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="mobilenetv2", choices=["mobilenetv2", "resnet"], help="backbone")
     p.add_argument("--width", type=float, default=0.5, help="channel width multiplier")
     p.add_argument("--fusion-stride", type=int, default=ModelConfig.fusion_stride, choices=FUSION_STRIDES,
-                   help="RAPNet: where the low- and high-resolution paths meet, as the backbone's stride there")
+                   help="RAPNet: where the low- and high-resolution paths meet, as the backbone's stride there in the "
+                        "cifar layout (the imagenet layout meets after the same stage, on a 4x coarser grid)")
+    p.add_argument("--layout", default=ModelConfig.layout, choices=LAYOUTS,
+                   help="backbone stride schedule: cifar (stride-1 stem and 24-channel stage, for 32-64 px images) or "
+                        "imagenet (the standard MobileNetV2 / ResNet-18 schedule, for 128-320 px camera frames)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize (shorter side, then centre crop) the training images to N x N px (default: the dataset's "
+                        "own size)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs per model")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR at batch 128 (scaled with batch size)")
