@@ -75,11 +75,12 @@ def _check_split_equals_monolithic(model, size: int) -> None:
 
 def _split_cases():
     """MobileNetV2 (width 0.35) for every kind at 32-224 px in both layouts, ResNet (width 0.25) at 64 px in both.
-    The CIFAR layout keeps the full grid through its 24-channel stage, so from 128 px on it is the slow case."""
+    The CIFAR layout keeps the full grid through its 24-channel stage, so from 128 px on it is the slow case; at
+    32 px it is test_model.py's quick check."""
     cases = []
     for layout in LAYOUTS:
         for size in (32, 64, 128, 224):
-            slow = layout == "cifar" and size >= 128
+            slow = layout == "cifar" and size != 64
             for kind in ("rapnet", "sdn", "static"):
                 marks = [pytest.mark.slow] if slow else []
                 cases.append(pytest.param(layout, size, "mobilenetv2", 0.35, kind, marks=marks,
@@ -158,7 +159,8 @@ def _predictor_cases():
     for layout in LAYOUTS:
         for size in SIZES:
             for width in (1.0, 0.5):
-                slow = layout == "cifar" and size >= 128 or size == 224 and width == 1.0
+                # quick: width 0.5 up to 64 px (CIFAR layout) or 224 px (ImageNet layout)
+                slow = width == 1.0 or layout == "cifar" and size > 64
                 cases.append(pytest.param(layout, size, width, marks=[pytest.mark.slow] if slow else [],
                                           id=f"{layout}-{size}-w{width}"))
     return cases
