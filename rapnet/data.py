@@ -1,7 +1,12 @@
 """Dataset discovery, loading and caching.
 
-Every supported layout is decoded once into a uint8 (N, H, W, 3) RGB array and cached as .npy files,
-so training and evaluation runs start in well under a second after the first one.
+Every supported layout is decoded once into a uint8 (N, H, W, 3) RGB array at the requested size and cached as
+an .npy file, written row by row while decoding and memory-mapped when loaded, so memory use does not grow with
+the split's size and later runs start in well under a second. What is decoded is bounded first: an archive
+member's or file's size, and an image's pixel count read from its header.
+
+A dataset with train and val splits only (Imagenette) uses val as its test split; the validation split for
+calibration is carved from train, as for every dataset.
 
 Supported layouts (auto-detected):
   * tar / tar.gz / tgz archive of an ImageFolder tree: ``[top/]split/class/image``
@@ -20,12 +25,15 @@ import json
 import os
 import pickle
 import re
+import struct
+import sys
 import tarfile
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -38,6 +46,11 @@ CACHE_ENV = "RAPNET_CACHE"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 SPLITS = ("train", "test", "val")
+MAX_IMAGE_PIXELS_ENV = "RAPNET_MAX_IMAGE_PIXELS"
+MAX_IMAGE_BYTES_ENV = "RAPNET_MAX_IMAGE_BYTES"
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # a 100-megapixel photograph decodes to 300 MB
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # one encoded image file or archive member
+WRITE_WINDOW_BYTES = 64 << 20  # decoded rows mapped at once while a cache file is written
 
 # Folder/file names each dataset name is known under, in order of preference.
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -54,6 +67,20 @@ _FIX_HINT = (
 
 class DatasetError(Exception):
     """A dataset could not be found or read; the message says what was wrong and how to fix it."""
+
+
+class MixedSizesError(DatasetError):
+    """A split's images differ in size and no common size was asked for. The message names the API's
+    `image_size=N`; a command-line tool says `hint(flag)` instead, with its own flag."""
+
+    def __init__(self, where: str, first: tuple[str, tuple[int, ...]], other: tuple[str, tuple[int, ...]]):
+        (self.first_name, a), (self.other_name, b) = first, other
+        self.detail = (f"Images in {where} have different sizes ({self.first_name} is {a[1]}x{a[0]}, {self.other_name} "
+                       f"is {b[1]}x{b[0]}).")
+        super().__init__(self.hint("image_size=N"))
+
+    def hint(self, option: str) -> str:
+        return f"{self.detail} Pass {option} to load them at N x N (shorter side resized to N, then centre-cropped)."
 
 
 @dataclass
@@ -223,14 +250,126 @@ def is_image_name(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTS)
 
 
+def _positive_limit(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise DatasetError(f"${env}={raw!r} is not a positive integer; unset it or give a number.")
+    return value
+
+
+def max_image_pixels() -> int:
+    """The most pixels one image may have to be decoded ($RAPNET_MAX_IMAGE_PIXELS, default 100 million)."""
+    return _positive_limit(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def max_image_bytes() -> int:
+    """The largest encoded image file or archive member read ($RAPNET_MAX_IMAGE_BYTES, default 64 MiB)."""
+    return _positive_limit(MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def _check_file_size(size: int, what: str) -> None:
+    limit = max_image_bytes()
+    if size > limit:
+        raise DatasetError(
+            f"Image {what} is {size / 2**20:.1f} MiB, above the {limit / 2**20:.0f} MiB limit on one image file. "
+            f"Remove it from the dataset, or raise ${MAX_IMAGE_BYTES_ENV} (bytes) if it is a genuine image."
+        )
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame: precision, height, width
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    offset = struct.unpack(order + "I", data[4:8])[0]
+    count = struct.unpack(order + "H", data[offset:offset + 2])[0]
+    found: dict[int, int] = {}
+    for k in range(count):
+        entry = data[offset + 2 + 12 * k:offset + 14 + 12 * k]
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT or LONG
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), entry[8:10] if kind == 3 else entry[8:12])[0]
+    return (found[256], found[257]) if 256 in found and 257 in found else None
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from an encoded image's header without decoding it (PNG, JPEG, BMP, WebP, TIFF), or
+    None where the header is none of those or cannot be read."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return width, height
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:2] == b"BM":
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 core header: 16-bit sizes
+                width, height = struct.unpack("<HH", data[18:22])
+            else:
+                width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8 ":
+                width, height = struct.unpack("<HH", data[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+            if chunk == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _too_many_pixels(what: str, width: int, height: int, limit: int) -> DatasetError:
+    return DatasetError(
+        f"Image {what} is {width}x{height} px ({width * height / 1e6:.1f} megapixels), above the "
+        f"{limit / 1e6:.0f}-megapixel limit on what is decoded. Remove it from the dataset, or raise "
+        f"${MAX_IMAGE_PIXELS_ENV} if it is a genuine image."
+    )
+
+
 def _decode(data: bytes, what: str) -> np.ndarray:
-    """Decode image bytes into an RGB uint8 array."""
+    """Decode image bytes into an RGB uint8 array, refusing images above max_image_pixels() from their header."""
+    limit = max_image_pixels()
+    size = image_header_size(data)
+    if size is not None and size[0] * size[1] > limit:
+        raise _too_many_pixels(what, size[0], size[1], limit)
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(
             f"Could not decode image {what}: it is not a valid JPEG/PNG/BMP (corrupt, truncated or "
             "mislabelled). Delete or replace that file, or re-download the dataset."
         )
+    if img.shape[0] * img.shape[1] > limit:  # a header this module does not read
+        raise _too_many_pixels(what, img.shape[1], img.shape[0], limit)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -247,7 +386,7 @@ def fit_image(img: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[top:top + size, left:left + size])
 
 
-def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+def _progress(it: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
     try:
@@ -257,30 +396,73 @@ def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     return tqdm(it, total=total, desc=desc, unit="img")
 
 
-def _stack(arrays: list[np.ndarray], names: list[str], image_size: int | None, where: str) -> np.ndarray:
-    """Resize (if asked) and stack decoded images, insisting on one common size."""
-    if image_size is not None:
-        arrays = [fit_image(a, image_size) for a in arrays]
-    first = arrays[0].shape
-    for a, n in zip(arrays, names):
-        if a.shape != first:
-            raise DatasetError(
-                f"Images in {where} have different sizes ({names[0]} is {first[1]}x{first[0]}, {n} is "
-                f"{a.shape[1]}x{a.shape[0]}). Pass image_size=N (--image-size N) to resize them to NxN."
-            )
-    return np.ascontiguousarray(np.stack(arrays).astype(np.uint8, copy=False))
+@dataclass
+class _Plan:
+    """What one split holds, before anything is decoded."""
+
+    split: str  # the split the rows come from: val where test was asked for and the dataset has no test split
+    classes: list[str]
+    labels: np.ndarray  # (N,) int64, row order
+    names: list[str]  # each row's file, for messages
+    rows: Callable[[], Iterator[tuple[int, bytes | np.ndarray]]]  # (row, encoded bytes or RGB pixels), any order
+    where: str
+    decoded_by_rows: bool = True  # False where the plan decoded while reading names (a tar archive): no second bar
 
 
-def _decode_items(
-    items: list[tuple[str, Callable[[], bytes], int]],
-    image_size: int | None,
-    where: str,
-    progress: bool,
-    desc: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    arrays = [_decode(read(), what) for what, read, _ in _progress(items, len(items), desc, progress)]
-    labels = np.array([lab for _, _, lab in items], dtype=np.int64)
-    return _stack(arrays, [w for w, _, _ in items], image_size, where), labels
+def _open_rows(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file of uint8 `shape`, its disk space reserved up front (a full disk fails here with an
+    OSError, not later with a bus error while writing through the mapping)."""
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        raise DatasetError(
+            f"Could not create the decoded-image cache {path} ({err}): it needs {np.prod(shape) / 2**20:.0f} MiB. "
+            f"Free some space there, or set {CACHE_ENV} (or --cache-dir) to a folder with room."
+        ) from err
+    return out
+
+
+def _materialise(plan: _Plan, image_size: int | None, target: Path | None, progress: bool) -> np.ndarray:
+    """Decode (and resize) every row of `plan` into the .npy file `target`, written through a window of at most
+    WRITE_WINDOW_BYTES mapped at once, and return it memory-mapped read-only. `target=None` decodes into memory."""
+    n = len(plan.labels)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}") if target is not None else None
+    out: np.ndarray | None = None
+    first: tuple[str, tuple[int, ...]] = ("", ())
+    window, written = 1, 0
+    try:
+        for row, payload in _progress(plan.rows(), n, f"decoding {plan.split}", progress and plan.decoded_by_rows):
+            img = payload if isinstance(payload, np.ndarray) else _decode(payload, plan.names[row])
+            if image_size is not None:
+                img = fit_image(img, image_size)
+            if out is None:
+                first = (plan.names[row], img.shape)
+                out = _open_rows(tmp, (n, *img.shape)) if tmp is not None else np.empty((n, *img.shape), np.uint8)
+                window = max(1, WRITE_WINDOW_BYTES // max(1, img.nbytes))
+            elif img.shape != first[1]:
+                raise MixedSizesError(plan.where, first, (plan.names[row], img.shape))
+            out[row] = img
+            written += 1
+            if tmp is not None and written % window == 0:  # unmap the written pages: they leave this process
+                out.flush()
+                del out
+                out = np.load(tmp, mmap_mode="r+")
+        if written != n or out is None:
+            raise DatasetError(f"{plan.where}: read {written} of {n} images; the dataset changed while it was read. Run again.")
+        if tmp is None:
+            return out
+        out.flush()
+        del out
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+    return np.load(target, mmap_mode="r", allow_pickle=False)
 
 
 def _empty_split(split: str, where: str) -> DatasetError:
@@ -291,13 +473,25 @@ def _empty_split(split: str, where: str) -> DatasetError:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loaders, one per layout. Each returns (images, labels, classes) without caching.
+# Plans, one per layout: what a split holds and how to read it, decoded later by _materialise.
 # --------------------------------------------------------------------------------------------------
 
-Loaded = tuple[np.ndarray, np.ndarray, list[str]]
+
+def _test_served_by_val(has: Callable[[str], bool], split: str) -> str:
+    """The split to read: val where test was asked for and the dataset has only train and val."""
+    return "val" if split == "test" and not has("test") and has("val") else split
 
 
-def _load_imagefolder(root: Path, split: str, image_size: int | None, progress: bool) -> Loaded:
+def _file_rows(items: list[tuple[Path, int]]) -> Callable[[], Iterator[tuple[int, bytes]]]:
+    def rows() -> Iterator[tuple[int, bytes]]:
+        for row, (f, _) in enumerate(items):
+            _check_file_size(f.stat().st_size, str(f))
+            yield row, f.read_bytes()
+    return rows
+
+
+def _plan_imagefolder(root: Path, split: str) -> _Plan:
+    split = _test_served_by_val(lambda s: (root / s).is_dir(), split)
     split_dir = root / split
     if not split_dir.is_dir():
         have = [s for s in SPLITS if (root / s).is_dir()]
@@ -306,16 +500,16 @@ def _load_imagefolder(root: Path, split: str, image_size: int | None, progress: 
             f"Use one of those splits, or lay the dataset out as {root}/<split>/<class>/<image>."
         )
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items: list[tuple[str, Callable[[], bytes], int]] = []
+    items: list[tuple[Path, int]] = []
     for label, cls in enumerate(classes):
         # Recurse, like torchvision's ImageFolder, so class/images/x.jpg also works.
         for f in sorted((split_dir / cls).rglob("*")):
             if f.is_file() and is_image_name(f.name):
-                items.append((str(f), f.read_bytes, label))
+                items.append((f, label))
     if not items:
         raise _empty_split(split, str(split_dir))
-    images, labels = _decode_items(items, image_size, str(split_dir), progress, f"decoding {split}")
-    return images, labels, classes
+    return _Plan(split, classes, np.array([lab for _, lab in items], dtype=np.int64), [str(f) for f, _ in items],
+                 _file_rows(items), str(split_dir))
 
 
 def _tar_error(path: Path, err: BaseException) -> DatasetError:
@@ -326,35 +520,84 @@ def _tar_error(path: Path, err: BaseException) -> DatasetError:
     )
 
 
-def _load_tar(path: Path, split: str, image_size: int | None, progress: bool) -> Loaded:
-    # One sequential pass (cheap for .gz); keep only this split's bytes, since whether there is a
-    # single top folder is only known once all names have been seen.
+def _tar_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
+    return tuple(p for p in PurePosixPath(member.name).parts if p not in (".", ""))
+
+
+class _Spill:
+    """Decoded images appended to an anonymous temporary file in archive order and read back one at a time
+    (os.pread, never mapped), so a single pass over a compressed archive decodes a split in bounded memory."""
+
+    def __init__(self, folder: Path | None):
+        try:
+            self.file = tempfile.TemporaryFile(dir=folder)
+        except OSError:
+            self.file = tempfile.TemporaryFile()
+        self.where: dict[int, tuple[int, tuple[int, ...]]] = {}  # member ordinal -> (offset, shape)
+        self.size = 0
+
+    def add(self, ordinal: int, img: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(img).data)
+        self.where[ordinal] = (self.size, img.shape)
+        self.size += img.nbytes
+
+    def get(self, ordinal: int) -> np.ndarray:
+        offset, shape = self.where[ordinal]
+        self.file.flush()
+        data = os.pread(self.file.fileno(), int(np.prod(shape)), offset)
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _tar_pass(path: Path, decode: Callable[[int, tuple[str, ...]], bool], spill: _Spill, image_size: int | None,
+              progress: bool, desc: str) -> tuple[set[str], dict, dict]:
+    """One sequential pass over the archive (cheap for .gz): every member's name, and the members `decode` picks
+    decoded (and resized) into `spill` as they stream past."""
     tops: set[str] = set()
-    cand: dict[int, list[tuple[tuple[str, ...], bytes]]] = {0: [], 1: []}  # keyed by prefix depth
-    class_dirs: dict[int, set[str]] = {0: set(), 1: set()}
+    cand: dict[int, list[tuple[int, tuple[str, ...], int]]] = {0: [], 1: []}  # keyed by prefix depth
+    class_dirs: dict[int, set[tuple[str, str]]] = {0: set(), 1: set()}
+    bar = _progress(iter(()), None, desc, progress)
     try:
         with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                parts = PurePosixPath(m.name).parts
-                parts = tuple(p for p in parts if p not in (".", ""))
+            for ordinal, m in enumerate(tf):
+                parts = _tar_parts(m)
                 if not parts or parts[0] == "__MACOSX":
                     continue
                 tops.add(parts[0])
                 for depth in (0, 1):
                     rest = parts[depth:]
-                    if len(rest) < 2 or rest[0] != split:
+                    if len(rest) < 2:
                         continue
                     if m.isdir() and len(rest) == 2:
-                        class_dirs[depth].add(rest[1])
+                        class_dirs[depth].add((rest[0], rest[1]))
                     elif m.isfile() and len(rest) >= 3 and is_image_name(parts[-1]):
-                        f = tf.extractfile(m)
-                        cand[depth].append((rest, f.read() if f else b""))
+                        cand[depth].append((ordinal, rest, m.size))
+                        if ordinal not in spill.where and decode(ordinal, rest):
+                            what = "/".join(parts) + f" in {path}"
+                            _check_file_size(m.size, what)
+                            f = tf.extractfile(m)
+                            img = _decode(f.read() if f else b"", what)
+                            spill.add(ordinal, fit_image(img, image_size) if image_size is not None else img)
+                            if hasattr(bar, "update"):
+                                bar.update(1)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise _tar_error(path, err) from err
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    return tops, cand, class_dirs
 
+
+def _plan_tar(path: Path, split: str, image_size: int | None, spill_dir: Path | None, progress: bool) -> _Plan:
+    # Whether there is a single wrapper folder, and so which members belong to the split, is only known once every
+    # name has been seen: members that may belong to it are decoded as they stream past, into a spill file.
+    spill = _Spill(spill_dir)
+    tops, cand, class_dirs = _tar_pass(path, lambda _, rest: rest[0] == split, spill, image_size, progress,
+                                       f"decoding {split}")
     # A single top-level folder that is not itself a split is a wrapper folder (e.g. cifar10/train/...).
     depth = 1 if len(tops) == 1 and next(iter(tops)) not in SPLITS else 0
-    members = cand[depth]
+    present = {rest[0] for _, rest, _ in cand[depth]}
+    split = _test_served_by_val(lambda s: s in present, split)
+    members = [c for c in cand[depth] if c[1][0] == split]
     if not members:
         if tops & {"cifar-10-batches-py", "cifar-100-python"}:
             raise DatasetError(
@@ -366,12 +609,19 @@ def _load_tar(path: Path, split: str, image_size: int | None, progress: bool) ->
             f"No images for split '{split}' in {where} (top-level entries: {', '.join(sorted(tops)[:10]) or 'none'}). "
             f"Expected members like [top/]{split}/<class>/<image>.jpg; check the split name or re-create the archive."
         )
-    classes = sorted(class_dirs[depth] | {rest[1] for rest, _ in members})
+    classes = sorted({c for s, c in class_dirs[depth] if s == split} | {rest[1] for _, rest, _ in members})
     index = {c: i for i, c in enumerate(classes)}
-    members.sort(key=lambda x: x[0])  # deterministic order regardless of archive order
-    items = [("/".join(rest) + f" in {path}", (lambda d=data: d), index[rest[1]]) for rest, data in members]
-    images, labels = _decode_items(items, image_size, f"{path}:{split}", progress, f"decoding {split}")
-    return images, labels, classes
+    members.sort(key=lambda x: x[1])  # deterministic order regardless of archive order
+
+    def rows() -> Iterator[tuple[int, np.ndarray]]:
+        wanted = {ordinal for ordinal, _, _ in members}
+        if not wanted <= spill.where.keys():  # a split served by another one: read the archive again for it
+            _tar_pass(path, lambda ordinal, _: ordinal in wanted, spill, image_size, progress, f"decoding {split}")
+        for row, (ordinal, _, _) in enumerate(members):
+            yield row, spill.get(ordinal)
+
+    return _Plan(split, classes, np.array([index[rest[1]] for _, rest, _ in members], dtype=np.int64),
+                 ["/".join(rest) + f" in {path}" for _, rest, _ in members], rows, f"{path}:{split}", decoded_by_rows=False)
 
 
 # Globals a CIFAR pickle legitimately needs; everything else (os.system, eval, ...) is refused.
@@ -435,7 +685,7 @@ def _names(values: object) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]  # type: ignore[union-attr]
 
 
-def _load_cifar_pickles(root: Path, fmt: str, split: str, image_size: int | None) -> Loaded:
+def _plan_cifar_pickles(root: Path, fmt: str, split: str) -> _Plan:
     if fmt == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         meta, label_key, names_key = "batches.meta", "labels", "label_names"
@@ -462,22 +712,21 @@ def _load_cifar_pickles(root: Path, fmt: str, split: str, image_size: int | None
         raise _empty_split(split, str(root))
     if y.min() < 0 or y.max() >= len(classes):
         raise DatasetError(f"Labels in {root} are outside 0..{len(classes) - 1}; the files are corrupt. Re-download them.")
-    if image_size is not None and image_size != 32:
-        images = np.stack([fit_image(im, image_size) for im in images])
-    return np.ascontiguousarray(images), y, classes
+    return _Plan(split, classes, y, [f"{root}:{split}[{i}]" for i in range(len(y))],
+                 lambda: ((i, np.ascontiguousarray(im)) for i, im in enumerate(images)), f"{root}:{split}")
 
 
-def _load_tinyimagenet(root: Path, split: str, image_size: int | None, progress: bool) -> Loaded:
+def _plan_tinyimagenet(root: Path, split: str) -> _Plan:
     classes = [w.strip() for w in (root / "wnids.txt").read_text().splitlines() if w.strip()]
     index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[str, Callable[[], bytes], int]] = []
+    items: list[tuple[Path, int]] = []
     if split == "train":
         if not (root / "train").is_dir():
             raise DatasetError(f"{root / 'train'} does not exist; the Tiny ImageNet folder is incomplete. Re-extract it.")
         for wnid in classes:
             for f in sorted((root / "train" / wnid / "images").glob("*")):
                 if f.is_file() and is_image_name(f.name):
-                    items.append((str(f), f.read_bytes, index[wnid]))
+                    items.append((f, index[wnid]))
     else:  # "val" (the official test split has no labels)
         ann = root / "val" / "val_annotations.txt"
         if not ann.is_file():
@@ -490,27 +739,31 @@ def _load_tinyimagenet(root: Path, split: str, image_size: int | None, progress:
                 raise DatasetError(
                     f"{ann} line {line_no} is malformed or names a class not in wnids.txt: {line!r}. Re-extract the dataset."
                 )
-            f = root / "val" / "images" / cols[0]
-            items.append((str(f), f.read_bytes, index[cols[1]]))
-        items.sort(key=lambda it: it[0])
+            items.append((root / "val" / "images" / cols[0], index[cols[1]]))
+        items.sort(key=lambda it: str(it[0]))
     if not items:
         raise _empty_split(split, str(root))
-    try:
-        images, labels = _decode_items(items, image_size, f"{root}:{split}", progress, f"decoding {split}")
-    except FileNotFoundError as err:
-        raise DatasetError(f"{err.filename} is listed but missing; the Tiny ImageNet folder is incomplete. Re-extract it.") from err
-    return images, labels, classes
+    read = _file_rows(items)
+
+    def rows() -> Iterator[tuple[int, bytes]]:
+        try:
+            yield from read()
+        except FileNotFoundError as err:
+            raise DatasetError(f"{err.filename} is listed but missing; the Tiny ImageNet folder is incomplete. Re-extract it.") from err
+
+    return _Plan(split, classes, np.array([lab for _, lab in items], dtype=np.int64), [str(f) for f, _ in items],
+                 rows, f"{root}:{split}")
 
 
-def _load_uncached(path: Path, fmt: str, split: str, image_size: int | None, progress: bool) -> Loaded:
+def _plan(path: Path, fmt: str, split: str, image_size: int | None, spill_dir: Path | None, progress: bool) -> _Plan:
     if fmt == "tar":
-        return _load_tar(path, split, image_size, progress)
+        return _plan_tar(path, split, image_size, spill_dir, progress)
     if fmt == "imagefolder":
-        return _load_imagefolder(path, split, image_size, progress)
+        return _plan_imagefolder(path, split)
     if fmt in ("cifar10", "cifar100"):
-        return _load_cifar_pickles(path, fmt, split, image_size)
+        return _plan_cifar_pickles(path, fmt, split)
     if fmt == "tinyimagenet":
-        return _load_tinyimagenet(path, split, image_size, progress)
+        return _plan_tinyimagenet(path, split)
     raise AssertionError(fmt)
 
 
@@ -536,8 +789,8 @@ def _fingerprint(path: Path) -> list:
     return [count, size, newest]
 
 
-def _cache_key(path: Path, fmt: str, split: str, image_size: int | None) -> str:
-    ident = [str(path), fmt, _fingerprint(path), split, image_size, LOADER_VERSION]
+def _cache_key(path: Path, fmt: str, split: str, image_size: int | None, fingerprint: list) -> str:
+    ident = [str(path), fmt, fingerprint, split, image_size, LOADER_VERSION]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
 
 
@@ -560,37 +813,120 @@ def _atomic_write(target: Path, write: Callable) -> None:
             tmp.unlink()
 
 
-def _read_cache(paths: tuple[Path, Path, Path], key: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    img_p, lab_p, meta_p = paths
+Cached = tuple[np.ndarray, np.ndarray, list[str], str]  # images (memory-mapped), labels, classes, split read
+
+
+def _read_meta(meta_p: Path, key: str) -> dict | None:
     if not meta_p.is_file():  # the .json is written last, so its presence marks a complete cache
         return None
     try:
         meta = json.loads(meta_p.read_text())
-        images = np.load(img_p, mmap_mode=None, allow_pickle=False)
-        labels = np.load(lab_p, mmap_mode=None, allow_pickle=False)
     except (OSError, ValueError) as err:
         warnings.warn(f"Ignoring unreadable dataset cache {meta_p} ({err}); decoding again.")
         return None
-    ok = (
-        meta.get("key") == key
-        and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3
-        and labels.dtype == np.int64 and labels.shape == (images.shape[0],) and images.shape[0] == meta.get("n")
-    )
-    return (images, labels, list(meta["classes"])) if ok else None
+    return meta if isinstance(meta, dict) and meta.get("key") == key else None
 
 
-def _write_cache(paths: tuple[Path, Path, Path], key: str, data: Loaded, source: Path, split: str) -> None:
-    images, labels, classes = data
+def _read_cache(paths: tuple[Path, Path, Path], meta: dict, size: int | None) -> Cached | None:
+    """The cached split, its images memory-mapped read-only; None unless complete (and `size` x `size` if given)."""
     img_p, lab_p, meta_p = paths
     try:
-        img_p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(img_p, lambda f: np.save(f, images, allow_pickle=False))
-        _atomic_write(lab_p, lambda f: np.save(f, labels, allow_pickle=False))
-        meta = {"key": key, "n": int(len(labels)), "classes": classes, "source": str(source),
-                "split": split, "loader_version": LOADER_VERSION}
-        _atomic_write(meta_p, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    except OSError as err:  # a read-only cache must not stop training; it is only slower next time
-        warnings.warn(f"Could not write dataset cache in {img_p.parent} ({err}); set {CACHE_ENV} to a writable folder.")
+        images = np.load(img_p, mmap_mode="r", allow_pickle=False)
+        labels = np.load(lab_p, allow_pickle=False)
+        ok = (
+            images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3
+            and labels.dtype == np.int64 and labels.shape == (images.shape[0],) and images.shape[0] == meta.get("n")
+        )
+        if not ok or (size is not None and images.shape[1:3] != (size, size)):
+            return None
+        return images, labels, list(meta["classes"]), str(meta["split"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"Ignoring unreadable dataset cache {meta_p} ({err}); decoding again.")
+        return None
+
+
+@dataclass
+class _Cache:
+    root: Path
+    source: Path
+    fmt: str
+    fingerprint: list
+
+    def paths(self, split: str, image_size: int | None) -> tuple[str, tuple[Path, Path, Path]]:
+        key = _cache_key(self.source, self.fmt, split, image_size, self.fingerprint)
+        return key, cache_paths(self.root, self.source, key, split)
+
+    def folder(self) -> Path | None:
+        """The cache folder, created if need be; None where it cannot be."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        return self.root if self.root.is_dir() else None
+
+    def lookup(self, split: str, image_size: int | None, follow: bool = True) -> Cached | None:
+        """The split at `image_size` from the cache: decoded at that size, or decoded at its own size where that is
+        `image_size` already (so CIFAR-10 at 32 px is one cache entry), following a test split served by val."""
+        tries = [(image_size, None)] + ([(None, image_size)] if image_size is not None else [])
+        for size, want in tries:
+            key, paths = self.paths(split, size)
+            meta = _read_meta(paths[2], key)
+            if meta is None:
+                continue
+            if meta.get("served_by"):
+                if follow:
+                    return self.lookup(str(meta["served_by"]), image_size, follow=False)
+                continue
+            cached = _read_cache(paths, meta, want)
+            if cached is not None:
+                return cached
+        return None
+
+    def write_alias(self, split: str, served_by: str, image_size: int | None) -> None:
+        """Remember that `split` is served by another split, so a later load skips reading the archive."""
+        key, (_, _, meta_p) = self.paths(split, image_size)
+        meta = {"key": key, "split": split, "served_by": served_by, "source": str(self.source),
+                "loader_version": LOADER_VERSION}
+        try:
+            meta_p.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(meta_p, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        except OSError:
+            pass  # only the archive is read again next time
+
+    def decode(self, plan: _Plan, image_size: int | None, progress: bool) -> Cached:
+        """Decode `plan` into the cache (images first, then labels, then the .json that marks it complete) and
+        return it memory-mapped; with an unwritable cache folder, decode into memory and warn."""
+        key, (img_p, lab_p, meta_p) = self.paths(plan.split, image_size)
+        try:
+            img_p.parent.mkdir(parents=True, exist_ok=True)
+            writable = os.access(img_p.parent, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            warnings.warn(f"Dataset cache folder {img_p.parent} is not writable; decoding into memory. Set {CACHE_ENV} "
+                          "to a writable folder so later runs skip decoding and map the images from disk.")
+        images = _materialise(plan, image_size, img_p if writable else None, progress)
+        if writable:
+            meta = {"key": key, "n": int(len(plan.labels)), "classes": plan.classes, "source": str(self.source),
+                    "split": plan.split, "loader_version": LOADER_VERSION}
+            try:
+                _atomic_write(lab_p, lambda f: np.save(f, plan.labels, allow_pickle=False))
+                _atomic_write(meta_p, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            except OSError as err:  # a full cache folder must not stop training; it is only slower next time
+                warnings.warn(f"Could not write dataset cache in {img_p.parent} ({err}); set {CACHE_ENV} to a writable folder.")
+        return images, plan.labels, plan.classes, plan.split
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def _note_served_by(source: Path, split: str, served_by: str) -> None:
+    """Say once per process and dataset that a split is read from another one."""
+    if (str(source), split) in _NOTED:
+        return
+    _NOTED.add((str(source), split))
+    print(f"{source.name} has no {split} split: its {served_by} split is the {split} split here (the validation "
+          "split for calibration is carved from train, as for every dataset)", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,7 +943,10 @@ def load_dataset(
 ) -> ImageDataset:
     """Load one split of a dataset (any supported layout) as uint8 RGB arrays, via the decode cache.
 
-    `path=None` uses :func:`locate_dataset` (CIFAR-10 by default search).
+    `path=None` uses :func:`locate_dataset` (CIFAR-10 by default search). `image_size=N` resizes every image (shorter
+    side to N, then a centre crop, as :func:`fit_image`); None keeps the images' own size, which must then be one
+    size. The images come memory-mapped read-only from the cache (in memory where the cache folder is not
+    writable). A dataset without a test split serves split="test" from its val split, and says so once.
     """
     src = locate_dataset(None) if path is None else Path(path).expanduser()
     if not src.exists():
@@ -622,20 +961,25 @@ def load_dataset(
         )
     if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
         raise DatasetError(f"image_size must be a positive integer, got {image_size!r}.")
-    split = split.lower()
+    asked = split = split.lower()
     if fmt == "tinyimagenet" and split == "test":
         split = "val"  # Tiny ImageNet's test images are unlabelled; val is the usual held-out set.
     allowed = ("train", "val") if fmt == "tinyimagenet" else ("train", "test") if fmt in ("cifar10", "cifar100") else SPLITS
     if split not in allowed:
         raise DatasetError(f"Unknown split {split!r} for {src}; use one of: {', '.join(allowed)}.")
 
-    key = _cache_key(src, fmt, split, image_size)
-    paths = cache_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(), src, key, split)
-    cached = _read_cache(paths, key)
+    cache = _Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), src, fmt, _fingerprint(src))
+    cached = cache.lookup(split, image_size)
     if cached is None:
-        cached = _load_uncached(src, fmt, split, image_size, progress)
-        _write_cache(paths, key, cached, src, split)
-    images, labels, classes = cached
+        plan = _plan(src, fmt, split, image_size, cache.folder(), progress)
+        if plan.split != split:
+            cache.write_alias(split, plan.split, image_size)
+            cached = cache.lookup(plan.split, image_size)
+        if cached is None:
+            cached = cache.decode(plan, image_size, progress)
+    images, labels, classes, served = cached
+    if served != asked:
+        _note_served_by(src, asked, served)
     return ImageDataset(images=images, labels=labels, classes=classes, source=str(src))
 
 

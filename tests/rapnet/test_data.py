@@ -191,24 +191,50 @@ def test_mixed_sizes_need_image_size(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- cache
 
 
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    decoded: list[str] = []
+    real = data._decode
+
+    def counting(payload: bytes, what: str) -> np.ndarray:
+        decoded.append(what)
+        return real(payload, what)
+
+    monkeypatch.setattr(data, "_decode", counting)
+    return decoded
+
+
 def test_cache_hit_does_not_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _make_imagefolder(tmp_path / "ds")
     cache = tmp_path / "cache"
+    decoded = _count_decodes(monkeypatch)
     first = load_dataset(tmp_path / "ds", "train", cache_dir=cache)
+    assert len(decoded) == 6
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 3 and not any(".tmp" in f for f in files)
+    assert isinstance(first.images, np.memmap) and not first.images.flags.writeable  # mapped from the cache file
 
-    def boom(*a, **k):
-        raise AssertionError("decoded again instead of using the cache")
-
-    monkeypatch.setattr(data, "_load_uncached", boom)
     second = load_dataset(tmp_path / "ds", "train", cache_dir=cache)
+    assert len(decoded) == 6  # nothing decoded again
+    assert isinstance(second.images, np.memmap)
     np.testing.assert_array_equal(first.images, second.images)
     np.testing.assert_array_equal(first.labels, second.labels)
     assert first.classes == second.classes
-    # A different image_size is a different cache entry, so it must decode.
-    with pytest.raises(AssertionError, match="decoded again"):
-        load_dataset(tmp_path / "ds", "train", image_size=4, cache_dir=cache)
+    # The images' own size asked for explicitly is the same cache entry ...
+    assert load_dataset(tmp_path / "ds", "train", image_size=8, cache_dir=cache).images.shape == (6, 8, 8, 3)
+    assert len(decoded) == 6
+    # ... another image_size is a different one, so it decodes, once.
+    assert load_dataset(tmp_path / "ds", "train", image_size=4, cache_dir=cache).images.shape == (6, 4, 4, 3)
+    assert load_dataset(tmp_path / "ds", "train", image_size=4, cache_dir=cache).images.shape == (6, 4, 4, 3)
+    assert len(decoded) == 12
+
+
+def test_unwritable_cache_decodes_into_memory(tmp_path: Path) -> None:
+    exp = _make_imagefolder(tmp_path / "ds")
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="not writable"):
+        ds = load_dataset(tmp_path / "ds", "test", cache_dir=blocker)
+    _check(ds, exp["test"])
 
 
 def test_cache_invalidated_when_source_changes(tmp_path: Path) -> None:
