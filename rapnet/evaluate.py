@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, InputContract, check_classes, load_model
 from .costs import CostTable, measure_costs
 from .data import DatasetError, load_dataset, locate_dataset, stratified_sample
 from .exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
@@ -166,12 +166,25 @@ def run(args: argparse.Namespace) -> dict:
     if loaded is None:
         raise CheckpointError(f"RAPNet checkpoint {args.checkpoint} not found: train one with rapnet-train")
     rapnet, meta = loaded
-    sdn = _load(Path(args.sdn) if args.sdn else _sibling(args.checkpoint, "sdn"), "sdn")
-    static = _load(Path(args.static) if args.static else _sibling(args.checkpoint, "static"), "static")
+    sdn_path = Path(args.sdn) if args.sdn else _sibling(args.checkpoint, "sdn")
+    static_path = Path(args.static) if args.static else _sibling(args.checkpoint, "static")
+    sdn, static = _load(sdn_path, "sdn"), _load(static_path, "static")
+    contract = InputContract.of(rapnet.config, meta, str(args.checkpoint))
+    for baseline, path in ((sdn, sdn_path), (static, static_path)):
+        if baseline is not None:  # the baselines answer on the same images with the same classes
+            other = InputContract.of(baseline[0].config, baseline[1], str(path))
+            check_classes(contract.class_names, other.class_names, model=str(args.checkpoint), data=f"baseline {path}")
+            if other.image_size != contract.image_size:
+                raise CheckpointError(f"baseline {path} takes {other.image_size} px images, {args.checkpoint} "
+                                      f"{contract.image_size} px ones: compare models of one input size")
 
+    # The images are fitted to the model's input size by its own preprocessing (rapnet.data.fit_image), whatever
+    # size the dataset holds, and their classes must be the model's, in its order.
     data_path = locate_dataset(args.data, args.dataset)
-    test = load_dataset(data_path, "test", cache_dir=args.cache_dir, progress=True)
-    train = load_dataset(data_path, "train", cache_dir=args.cache_dir, progress=True)
+    test = load_dataset(data_path, "test", image_size=contract.image_size, cache_dir=args.cache_dir, progress=True)
+    train = load_dataset(data_path, "train", image_size=contract.image_size, cache_dir=args.cache_dir, progress=True)
+    for split in (test, train):
+        contract.check_classes(split.classes, data=str(data_path), model=str(args.checkpoint))
     cal_idx = calibration_indices(len(train), meta, has_predictor=rapnet.predictor is not None)
     if args.limit:
         test = test.subset(stratified_sample(test.labels, args.limit, seed=args.seed))
@@ -181,6 +194,7 @@ def run(args: argparse.Namespace) -> dict:
     reference = measure_costs(static[0]).full_cost if static else costs.full_cost
     report: dict = {
         "dataset": {"path": str(data_path), "test_images": len(test), "calibration_images": len(cal),
+                    "image_size": contract.image_size, "classes": list(contract.class_names),
                     "note": "CIFAR-10 JPEG export (quality 75): comparable with our other numbers, not digit-for-digit with published tables"},
         "machine": machine_info(),
         "reference_flops": reference,

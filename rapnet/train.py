@@ -1,7 +1,8 @@
 """rapnet-train: train RAPNet (exits jointly, then the exit predictor), the SDN baseline and the static network
 with one recipe, so the comparison is fair.
 
-Recipe (ours): SGD + Nesterov, one-cycle cosine schedule, standard CIFAR crop/flip, weighted multi-exit loss
+Recipe (ours): SGD + Nesterov, one-cycle cosine schedule, augmentation by input size (rapnet.preprocess.augment:
+pad-and-crop and flip for the CIFAR layout at up to 64 px, random-resized-crop and flip above), weighted multi-exit loss
 with self-distillation from the last exit to the earlier ones. The exit predictor is then trained on the
 validation split only, with labels (per-sample, per-exit correctness) computed by the frozen network on
 augmented views of those validation images.
@@ -24,16 +25,16 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .build import build_model
-from .checkpoint import CheckpointError, load_model, save_checkpoint
+from .checkpoint import CheckpointError, InputContract, check_classes, load_model, save_checkpoint
 from .config import FUSION_STRIDES, LAYOUTS, ModelConfig
 from .data import (
-    RANDOM_PREDICTOR_SPLIT, DatasetError, load_dataset, locate_dataset, predictor_calibration_split, sha256_of_file,
-    train_val_split,
+    RANDOM_PREDICTOR_SPLIT, DatasetError, MixedSizesError, load_dataset, locate_dataset, predictor_calibration_split,
+    sha256_of_file, train_val_split,
 )
 from .help_format import DefaultsHelpFormatter
 from .machine import git_state
 from .network import MultiExitNetwork
-from .preprocess import random_crop_flip, to_model_input
+from .preprocess import augment, to_model_input
 
 
 @dataclass
@@ -141,10 +142,11 @@ def exit_logits(model: MultiExitNetwork, images: torch.Tensor, device: torch.dev
 
 def train_network(
     model: MultiExitNetwork, train: Split, val: Split, cfg: TrainConfig, device: torch.device, state_path: Path, log: list,
-    teacher: MultiExitNetwork | None = None,
+    teacher: MultiExitNetwork | None = None, classes: list[str] | None = None,
 ) -> None:
     """Joint multi-exit training with resumable per-epoch state. A teacher (frozen, eval mode) sees the same
-    augmented batch as the student, so its soft labels match the view being learned."""
+    augmented batch as the student, so its soft labels match the view being learned. `classes` (the dataset's
+    ordered class names) go into the state, and a resumed state trained on other classes is refused."""
     model.to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = len(train.labels) // cfg.batch_size if len(train.labels) >= cfg.batch_size else 1
     total_steps = cfg.epochs * steps_per_epoch
@@ -156,6 +158,9 @@ def train_network(
     start_epoch = 0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
+        if classes is not None and "classes" in state:
+            check_classes(json.loads(state["classes"]), classes, model=f"the interrupted run in {state_path}",
+                          data="this run's dataset")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -178,7 +183,7 @@ def train_network(
         )
         for idx in bar:
             idx = idx.to(device)
-            x = random_crop_flip(to_model_input(train.images[idx]), 4, aug_gen).contiguous(memory_format=torch.channels_last)
+            x = augment(to_model_input(train.images[idx]), model.config.layout, aug_gen).contiguous(memory_format=torch.channels_last)
             y = train.labels[idx]
             with _autocast(device):
                 with torch.no_grad():
@@ -203,7 +208,7 @@ def train_network(
         print(json.dumps(entry), flush=True)
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch + 1, "log": json.dumps(log)},
+             "epoch": epoch + 1, "log": json.dumps(log), **({"classes": json.dumps(classes)} if classes is not None else {})},
             state_path.with_suffix(".tmp"),
         )
         os.replace(state_path.with_suffix(".tmp"), state_path)
@@ -233,7 +238,7 @@ def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, devic
         loss_sum, seen = 0.0, 0
         for idx in _batches(len(fit.labels), batch, generator, drop_last=True):
             idx = idx.to(device)
-            x = random_crop_flip(to_model_input(fit.images[idx]), 4, aug_gen).contiguous(memory_format=torch.channels_last)
+            x = augment(to_model_input(fit.images[idx]), model.config.layout, aug_gen).contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), _autocast(device):
                 targets = (torch.stack([o.argmax(1) for o in model(x)], 1) == fit.labels[idx][:, None]).float()
             with _autocast(device):
@@ -263,7 +268,7 @@ def dataset_parts(dataset, cfg: TrainConfig):
     return dataset, train_idx, val_idx, fit_idx
 
 
-def _load_teacher(path: str, cfg: TrainConfig) -> tuple[MultiExitNetwork, str]:
+def _load_teacher(path: str, cfg: TrainConfig) -> tuple[MultiExitNetwork, str, tuple[str, ...]]:
     """A teacher must have been trained on this run's training part only: had it seen the validation images,
     its soft labels would leak into the exits and the calibration accuracies would read high."""
     teacher, metadata = load_model(path)
@@ -272,7 +277,7 @@ def _load_teacher(path: str, cfg: TrainConfig) -> tuple[MultiExitNetwork, str]:
         raise SystemExit(f"rapnet-train: teacher {path} was trained with (seed, validation size, limit) {trained}, this run "
                          f"uses {(cfg.seed, cfg.val_size, cfg.limit_train)}; its training part must be this run's, so "
                          "train the teacher with the same --seed, --val-size and --limit-train")
-    return teacher, metadata["identity"]
+    return teacher, metadata["identity"], InputContract.of(teacher.config, metadata, path).class_names
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -291,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.image_size is not None:
         _model_config(args, "static", 10, args.image_size)  # refuse a size the layout cannot take before loading data
-    teacher, teacher_identity = _load_teacher(args.teacher, cfg) if args.teacher else (None, None)
+    teacher, teacher_identity, teacher_classes = _load_teacher(args.teacher, cfg) if args.teacher else (None, None, None)
     data_path = locate_dataset(args.data, args.dataset)
     dataset = load_dataset(data_path, "train", image_size=args.image_size, cache_dir=args.cache_dir, progress=True)
     dataset, train_idx, val_idx, fit_idx = dataset_parts(dataset, cfg)
@@ -305,6 +310,8 @@ def run(args: argparse.Namespace) -> dict:
     if teacher is not None and teacher.config.image_size != image_size:
         raise SystemExit(f"rapnet-train: teacher {args.teacher} takes {teacher.config.image_size} px images, this run "
                          f"trains at {image_size} px: pass --image-size {teacher.config.image_size} or another teacher")
+    if teacher is not None:
+        check_classes(teacher_classes, dataset.classes, model=f"teacher {args.teacher}", data=str(data_path))
     metadata_common = {
         "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": git_state().get("git_commit", "unknown"), "seed": args.seed,
         "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
@@ -319,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
         model = build_model(config)
         log: list = []
         started = time.time()
-        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log, teacher)
+        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log, teacher, list(dataset.classes))
         if kind == "rapnet" and cfg.predictor_epochs > 0:
             train_predictor(model, fit, cfg, device, log)
         model.cpu().to(memory_format=torch.contiguous_format)
@@ -360,10 +367,12 @@ def refit_predictor(args: argparse.Namespace) -> dict:
     if meta.get("data_sha256") not in (None, digest):
         raise DatasetError(f"{data_path} is not the archive {path} was trained on (sha256 {digest[:12]}, the checkpoint "
                            f"says {meta['data_sha256'][:12]}): pass --data with the training archive")
-    dataset = load_dataset(data_path, "train", image_size=args.image_size, cache_dir=args.cache_dir, progress=True)
-    if dataset.images.shape[1] != model.config.image_size:
-        raise DatasetError(f"{path} takes {model.config.image_size} px images, {data_path} holds "
-                           f"{dataset.images.shape[1]} px ones: pass --image-size {model.config.image_size}")
+    contract = InputContract.of(model.config, meta, str(path))
+    if args.image_size is not None and args.image_size != contract.image_size:
+        raise DatasetError(f"{path} takes {contract.image_size} px images, not the --image-size {args.image_size} "
+                           f"asked for: leave --image-size out, the images are fitted to the checkpoint's size")
+    dataset = load_dataset(data_path, "train", image_size=contract.image_size, cache_dir=args.cache_dir, progress=True)
+    contract.check_classes(dataset.classes, data=str(data_path), model=str(path))
     dataset, _, val_idx, fit_idx = dataset_parts(dataset, cfg)
     n_fit = len(fit_idx)
     torch.manual_seed(cfg.seed)
@@ -410,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "imagenet (the standard MobileNetV2 / ResNet-18 schedule, for 128-320 px camera frames)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="resize (shorter side, then centre crop) the training images to N x N px (default: the dataset's "
-                        "own size)")
+                        "own size; with --predictor-only, the checkpoint's size, the only one it takes)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs per model")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR at batch 128 (scaled with batch size)")
@@ -444,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         refit_predictor(args) if args.predictor_only else run(args)
+    except MixedSizesError as err:
+        raise SystemExit(f"rapnet-train: {err.hint('--image-size N')}") from None
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"rapnet-train: {err}") from None
     except KeyboardInterrupt:

@@ -107,3 +107,82 @@ def test_the_contract_names_a_models_outputs():
     with torch.inference_mode():
         logits = model.run_to_exit(torch.zeros(1, 3, 32, 32), 0)
     assert logits.shape[1] == contract.num_classes == len(contract.class_names)
+
+
+# --- every consumer runs the check ----------------------------------------------------------------------------
+def _image_folder(root: Path, classes, splits=("train", "test"), per_class: int = 4) -> Path:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                cv2.imwrite(str(root / split / name / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return root
+
+
+def _small_checkpoint(path: Path, classes, kind: str = "rapnet", metadata: dict | None = None) -> Path:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, width=0.25, num_classes=len(classes))).eval()
+    save_checkpoint(path, model, {"classes": list(classes), **(metadata or {})})
+    return path
+
+
+def test_rapnet_eval_refuses_a_dataset_with_other_classes(tmp_path):
+    from rapnet import evaluate
+
+    checkpoint = _small_checkpoint(tmp_path / "rapnet.pt", ["blue", "green", "red"])
+    data = _image_folder(tmp_path / "data", ["cat", "dog", "eel"])
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data), "--cache-dir", str(tmp_path / "cache"),
+                       "--out", str(tmp_path / "eval")])
+    message = str(err.value)
+    assert message.startswith("rapnet-eval: ") and "other classes" in message
+    assert "['blue', 'green', 'red']" in message and "['cat', 'dog', 'eel']" in message
+
+
+def test_rapnet_eval_refuses_a_baseline_with_other_classes(tmp_path):
+    from rapnet import evaluate
+
+    checkpoint = _small_checkpoint(tmp_path / "rapnet.pt", ["blue", "green", "red"])
+    _small_checkpoint(tmp_path / "static.pt", ["red", "green", "blue"], kind="static")
+    with pytest.raises(SystemExit, match="in another order"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_predictor_refit_refuses_a_dataset_with_other_classes(tmp_path):
+    from rapnet import train
+
+    checkpoint = _small_checkpoint(tmp_path / "rapnet.pt", ["blue", "green", "red"])
+    data = _image_folder(tmp_path / "data", ["blue", "green", "yellow"], splits=("train",))
+    with pytest.raises(SystemExit, match=r"other classes.*'red'.*'yellow'"):
+        train.main(["--predictor-only", str(checkpoint), "--data", str(data), "--cache-dir", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "out")])
+
+
+def test_a_teacher_with_other_classes_is_refused(tmp_path):
+    from rapnet import train
+
+    teacher = _small_checkpoint(tmp_path / "static.pt", ["blue", "green", "red"], kind="static", metadata={
+        "seed": 0, "split": {"val": 6}, "train_config": {"limit_train": 0}})
+    data = _image_folder(tmp_path / "data", ["blue", "green", "yellow"], splits=("train",))
+    with pytest.raises(SystemExit, match=r"other classes than teacher .*static.pt.*yellow"):
+        train.main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+                    "--models", "rapnet", "--val-size", "6", "--teacher", str(teacher)])
+
+
+def test_resuming_an_interrupted_run_on_other_classes_is_refused(tmp_path):
+    from rapnet import train
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="static", width=0.25, num_classes=2))
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    split = train.Split(images, torch.tensor([0, 1] * 4))
+    cfg = train.TrainConfig(epochs=1, batch_size=8)
+    state = tmp_path / "static.state.pt"
+    train.train_network(model, split, split, cfg, torch.device("cpu"), state, [], classes=["cat", "dog"])
+    assert json.loads(torch.load(state, weights_only=True)["classes"]) == ["cat", "dog"]
+    with pytest.raises(ClassMismatchError, match="interrupted run"):
+        train.train_network(model, split, split, train.TrainConfig(epochs=2, batch_size=8), torch.device("cpu"), state,
+                            [], classes=["cat", "eel"])
