@@ -23,6 +23,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+MODEL_NAMES = {"rapnet": "RAPNet", "sdn": "SDN", "static": "static network"}  # for the start-up line
 
 
 class SetupError(Exception):
@@ -259,6 +260,7 @@ class EdgeApp:
     json_stream: object = None  # where --output - writes (main() keeps the real stdout for it)
     summary: dict | None = None
     agent: object = None
+    contract: object = None  # rapnet.checkpoint.InputContract: the model's input size, layout and class names
 
 
 def _log(msg: str) -> None:
@@ -275,7 +277,7 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     import torch
 
     torch.set_num_threads(config.torch_threads)
-    from rapnet.checkpoint import CheckpointError, load_model
+    from rapnet.checkpoint import CheckpointError, ClassMismatchError, InputContract, load_model
 
     from orchestration.planner import MAX_JPEG_ACCURACY_DROP
 
@@ -286,17 +288,25 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     decision = config.decision
     try:
         model, metadata = load_model(config.checkpoint)
+        contract = InputContract.of(model.config, metadata, str(config.checkpoint))
     except CheckpointError as err:
         raise SetupError(str(err)) from None
-    try:
-        source = _Peeked(open_source(config.source, model.config.image_size), decision.calibration_frames,
+    log(f"model: {MODEL_NAMES.get(model.config.kind, model.config.kind)}, {contract.describe()}")
+    try:  # every frame is fitted to the model's input size (rapnet.data.fit_image), whatever size it comes in
+        source = _Peeked(open_source(config.source, contract.image_size), decision.calibration_frames,
                          config.source.rate)
     except SourceError as err:
         raise SetupError(str(err)) from None
+    if source.classes is not None:  # labelled frames: their labels must mean what the model's outputs mean
+        try:
+            contract.check_classes(source.classes, data=config.source.describe(), model=str(config.checkpoint))
+        except ClassMismatchError as err:
+            source.close()
+            raise SetupError(str(err)) from None
     if not source.head:
         source.close()
         raise SetupError(f"{config.source.describe()} yielded no frame")
-    app = EdgeApp(config, model, metadata, source, log=log)
+    app = EdgeApp(config, model, metadata, source, log=log, contract=contract)
     try:
         target = _cloud_target(app)
         import numpy as np
@@ -379,7 +389,7 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
     output = app.config.output
     agent = app.agent = EdgeAgent(app.model, app.metadata["identity"], app.decider, app.link, app.config.agent,
                                   app.stop)
-    classes = app.source.classes or app.metadata.get("classes")
+    classes = list(app.contract.class_names)  # the model's names for its outputs, never the dataset's
     out = JsonLines(output.output, classes, app.json_stream)
     stats = Stats(app.model.num_exits)
     status = StatusLine(status_stream, enabled=not output.quiet)

@@ -161,7 +161,7 @@ class DatasetSource(Source):
         try:
             path = Path(name_or_path).expanduser()
             located = path if path.exists() else locate_dataset(None, name_or_path)
-            data = load_dataset(located, split)
+            data = load_dataset(located, split, image_size=size)  # decoded at the model's size (fit_image)
         except DatasetError as err:
             raise SourceError(str(err)) from None
         if limit > 0:  # a seeded sample spread over the classes: splits are often stored class by class

@@ -71,7 +71,7 @@ def checkpoint(workdir):
     # on the test frames, which the mixed-policy fixtures below need.
     model = build_model(ModelConfig(width=0.35, fusion_stride=4, rapnet_exit_fractions=(0.05, 0.1, 0.45, 0.7))).eval()
     path = workdir / "rapnet-small.pt"
-    save_checkpoint(path, model, {"classes": [f"c{i}" for i in range(10)]})
+    save_checkpoint(path, model, {"classes": [f"class{i}" for i in range(10)]})  # the `dataset` fixture's folders
     return str(path)
 
 
