@@ -1,6 +1,9 @@
 """The one place that turns uint8 RGB frames into model input, used by training, evaluation, edge and cloud."""
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import torch
 
@@ -11,7 +14,12 @@ MEAN, STD = 0.5, 0.25
 
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """(N, H, W, 3) or (H, W, 3) uint8 RGB -> (N, 3, H, W) float32, normalised."""
-    x = torch.as_tensor(images)
+    if isinstance(images, np.ndarray) and not images.flags.writeable:  # a memory-mapped dataset split
+        with warnings.catch_warnings():  # read only, never written: the result below is a new tensor
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.as_tensor(images)
+    else:
+        x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 RGB pixels, got {x.dtype}")
     if x.ndim == 3:
@@ -23,7 +31,7 @@ def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard CIFAR augmentation on a normalised batch, on whatever device it lives: zero-pad, random crop,
+    """CIFAR-style augmentation on a normalised batch, on whatever device it lives: zero-pad, random crop,
     random horizontal flip. Done on the batch at once so the GPU is never waiting on per-image Python."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
@@ -37,3 +45,44 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     batch_idx = torch.arange(n, device=x.device)[:, None, None, None]
     chan_idx = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_resized_crop_flip(x: torch.Tensor, scale: tuple[float, float] = (0.35, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """ImageNet-style augmentation on a normalised batch, on its device: each image's random crop (a `scale`
+    share of its area, aspect ratio log-uniform in `ratio`, clipped to the image, placed uniformly inside it),
+    resized back to the batch's size (bilinear) and flipped horizontally at random. Every sample lies inside
+    the image, so no padding enters the batch."""
+    n, _, h, w = x.shape
+    gen_device = generator.device if generator is not None else x.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, device=gen_device).to(x.device)
+
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))  # crop width / height, in pixels
+    crop_w = torch.sqrt(area * aspect * h / w).clamp(max=1.0)  # as shares of the image's width and height
+    crop_h = torch.sqrt(area / aspect * w / h).clamp(max=1.0)
+    centre_x = (uniform(0.0, 1.0) * 2 - 1) * (1 - crop_w)  # in grid_sample's -1..1 coordinates
+    centre_y = (uniform(0.0, 1.0) * 2 - 1) * (1 - crop_h)
+    flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, centre_y
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# Above this size a CIFAR-layout model is fed camera-like images, and trains with the ImageNet-style augmentation.
+LARGE_INPUT = 64
+
+
+def augment(x: torch.Tensor, layout: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training augmentation for a model of `layout` on a normalised batch: random-resized-crop and flip for
+    the imagenet layout or inputs above LARGE_INPUT px, else pad-and-crop and flip with the padding an eighth of
+    the image's side (4 px at 32 px)."""
+    size = max(x.shape[-2:])
+    if layout == "imagenet" or size > LARGE_INPUT:
+        return random_resized_crop_flip(x, generator=generator)
+    return random_crop_flip(x, max(1, round(size / 8)), generator)
