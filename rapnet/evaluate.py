@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import CheckpointError, InputContract, check_classes, load_model
 from .costs import CostTable, measure_costs
-from .data import DatasetError, load_dataset, locate_dataset, stratified_sample
+from .data import DatasetError, MixedSizesError, load_dataset, locate_dataset, stratified_sample
 from .exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                          predictor_exits, priced_exits, relative_exit_costs)
 from .exit_traces import Traces, calibration_indices, collect_traces
@@ -181,8 +181,12 @@ def run(args: argparse.Namespace) -> dict:
     # The images are fitted to the model's input size by its own preprocessing (rapnet.data.fit_image), whatever
     # size the dataset holds, and their classes must be the model's, in its order.
     data_path = locate_dataset(args.data, args.dataset)
-    test = load_dataset(data_path, "test", image_size=contract.image_size, cache_dir=args.cache_dir, progress=True)
-    train = load_dataset(data_path, "train", image_size=contract.image_size, cache_dir=args.cache_dir, progress=True)
+    image_size = args.image_size or contract.image_size
+    if image_size != contract.image_size:
+        print(f"rapnet-eval: evaluating at {image_size} px, {args.checkpoint} was built for {contract.image_size} px: "
+              f"its FLOPs figures are for {contract.image_size} px", flush=True)
+    test = load_dataset(data_path, args.split, image_size=image_size, cache_dir=args.cache_dir, progress=True)
+    train = load_dataset(data_path, "train", image_size=image_size, cache_dir=args.cache_dir, progress=True)
     for split in (test, train):
         contract.check_classes(split.classes, data=str(data_path), model=str(args.checkpoint))
     cal_idx = calibration_indices(len(train), meta, has_predictor=rapnet.predictor is not None)
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     reference = measure_costs(static[0]).full_cost if static else costs.full_cost
     report: dict = {
         "dataset": {"path": str(data_path), "test_images": len(test), "calibration_images": len(cal),
-                    "image_size": contract.image_size, "classes": list(contract.class_names),
+                    "image_size": image_size, "split": args.split, "classes": list(contract.class_names),
                     "note": "CIFAR-10 JPEG export (quality 75): comparable with our other numbers, not digit-for-digit with published tables"},
         "machine": machine_info(),
         "reference_flops": reference,
@@ -377,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target mean FLOPs as fractions of the reference network")
     p.add_argument("--budget-ms", type=float, default=None,
                    help="also a target mean batch-1 CPU milliseconds for RAPNet (default: none)")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="split the accuracy is measured on (a dataset with only train and val serves test from val); "
+                        "thresholds are always calibrated on the validation split carved from train")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="fit the images to N x N px (shorter side resized, then centre-cropped, as rapnet.data.fit_image) "
+                        "(default: the checkpoint's input size)")
     p.add_argument("--limit", type=int, default=0,
                    help="evaluate on N test images only, a seeded sample spread evenly over the classes (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit and --latency-images samples")
@@ -389,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.image_size is not None and args.image_size <= 0:
+        raise SystemExit(f"rapnet-eval: --image-size {args.image_size} is not a positive number of pixels")
     try:
         run(args)
+    except MixedSizesError as err:
+        raise SystemExit(f"rapnet-eval: {err.hint('--image-size N')}") from None
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"rapnet-eval: {err}") from None
     except KeyboardInterrupt:
