@@ -421,6 +421,13 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except FileNotFoundError as err:
         raise SystemExit(f"rapnet-sim: {err}") from None
+    except Exception as err:  # data or checkpoints that cannot be used, e.g. data whose classes are not the models'
+        from rapnet.checkpoint import CheckpointError  # imported here: it loads torch, which --help does without
+        from rapnet.data import DatasetError
+
+        if isinstance(err, (DatasetError, CheckpointError)):
+            raise SystemExit(f"rapnet-sim: {err}") from None
+        raise
     except KeyboardInterrupt:
         raise SystemExit("rapnet-sim: interrupted") from None
 

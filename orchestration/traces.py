@@ -168,6 +168,21 @@ def heldout_jpeg_test(model, meta: dict, train, n: int = 0, seed: int = SAMPLE_S
     return _collect(model, images, labels, bar), _collect(model, jpeg_round_trip(images), labels, bar)
 
 
+def shared_contract(checkpoints: dict[str, Path], loaded: dict):
+    """The model contract (rapnet.checkpoint.InputContract) the models share: the simulator replays them on the same
+    images and compares their answers, so their input sizes and class lists must be one."""
+    from rapnet.checkpoint import CheckpointError, InputContract, check_classes
+
+    contracts = {name: InputContract.of(model.config, meta, str(checkpoints[name])) for name, (model, meta) in loaded.items()}
+    (first, contract), *others = contracts.items()
+    for name, other in others:
+        check_classes(contract.class_names, other.class_names, model=str(checkpoints[first]), data=str(checkpoints[name]))
+        if other.image_size != contract.image_size:
+            raise CheckpointError(f"{checkpoints[name]} takes {other.image_size} px images, {checkpoints[first]} "
+                                  f"{contract.image_size} px ones: the simulator compares models of one input size")
+    return contract
+
+
 def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings: TraceSettings = TraceSettings(),
                  out: Path | None = None, log=print, progress: bool = True) -> tuple[dict[str, ModelTraces], Path]:
     """Run every model over the test sample (and the calibration part and held-out sample of the validation
@@ -182,13 +197,18 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # the batched passes use every core; payload timings run on one
     data_path = locate_dataset(data, "cifar10")
-    test = load_dataset(data_path, "test")
-    train = load_dataset(data_path, "train")
+    loaded = {name: load_model(path) for name, path in checkpoints.items()}
+    contract = shared_contract(checkpoints, loaded)
+    # at the models' input size (their own preprocessing, rapnet.data.fit_image), with their classes in their order
+    test = load_dataset(data_path, "test", image_size=contract.image_size)
+    train = load_dataset(data_path, "train", image_size=contract.image_size)
+    models = "the models (" + ", ".join(str(p) for p in checkpoints.values()) + ")"
+    for split in (test, train):
+        contract.check_classes(split.classes, data=str(data_path), model=models)
     test_index = stratified_sample(test.labels, settings.test_images or len(test), settings.seed)
     # the payload sample is the start of the same round robin, so its images are in the test sample too
     payload_index = stratified_sample(test.labels, min(settings.payload_images, len(test_index)), settings.seed)
     test_images, test_labels = test.images[test_index], test.labels[test_index]
-    loaded = {name: load_model(path) for name, path in checkpoints.items()}
     cal = {name: calibration_indices(len(train), meta, has_predictor=model.predictor is not None)  # as rapnet-eval
            for name, (model, meta) in loaded.items()}
     held_n = {name: len(heldout_indices(meta, train, settings.heldout_images, settings.seed)) for name, (_, meta) in loaded.items()}
