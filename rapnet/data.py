@@ -277,7 +277,7 @@ def _check_file_size(size: int, what: str) -> None:
     limit = max_image_bytes()
     if size > limit:
         raise DatasetError(
-            f"Image {what} is {size / 2**20:.1f} MiB, above the {limit / 2**20:.0f} MiB limit on one image file. "
+            f"Image {what} is {size:,} bytes, above the limit of {limit:,} bytes on one image file. "
             f"Remove it from the dataset, or raise ${MAX_IMAGE_BYTES_ENV} (bytes) if it is a genuine image."
         )
 
@@ -350,8 +350,8 @@ def image_header_size(data: bytes) -> tuple[int, int] | None:
 
 def _too_many_pixels(what: str, width: int, height: int, limit: int) -> DatasetError:
     return DatasetError(
-        f"Image {what} is {width}x{height} px ({width * height / 1e6:.1f} megapixels), above the "
-        f"{limit / 1e6:.0f}-megapixel limit on what is decoded. Remove it from the dataset, or raise "
+        f"Image {what} is {width}x{height} px ({width * height:,} pixels), above the limit of {limit:,} pixels on "
+        "what is decoded. Remove it from the dataset, or raise "
         f"${MAX_IMAGE_PIXELS_ENV} if it is a genuine image."
     )
 

@@ -426,3 +426,126 @@ def test_stratified_sample_edges() -> None:
     assert len(stratified_sample(labels, 0)) == 0
     small = stratified_sample(labels, 10)
     assert np.bincount(labels[small]).tolist() == [3, 7]  # a class that runs out leaves its turns to the others
+
+
+# ---------------------------------------------------------------------------- train/val-only datasets
+
+
+def _make_train_val(root: Path, sizes: tuple[int, int] = (8, 8)) -> dict[str, list[tuple[np.ndarray, int]]]:
+    """root/{train,val}/<class>/NNNN.png (no test split), like Imagenette."""
+    expected: dict[str, list[tuple[np.ndarray, int]]] = {"train": [], "val": []}
+    for split, per_class, base in (("train", 4, 0), ("val", 2, 500)):
+        for label, cls in enumerate(CLASSES):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                img = _img(base + 10 * label + i, sizes[i % 2])
+                (root / split / cls / f"{i:04d}.png").write_bytes(_png(img))
+                expected[split].append((img, label))
+    return expected
+
+
+def test_train_val_only_folder_serves_test_from_val(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from rapnet.train import TrainConfig, dataset_parts
+
+    exp = _make_train_val(tmp_path / "ds")
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for split in ("train", "val"):
+            tf.add(tmp_path / "ds" / split, arcname=f"imagenette/{split}")
+    monkeypatch.setattr(data, "_NOTED", set())
+    for source in (tmp_path / "ds", archive):
+        cache = tmp_path / f"cache-{source.name}"
+        _check(load_dataset(source, "test", cache_dir=cache), exp["val"])
+        _check(load_dataset(source, "val", cache_dir=cache), exp["val"])
+        assert capsys.readouterr().err.count("no test split: its val split is the test split") == 1  # said once
+        decoded = _count_decodes(monkeypatch)
+        monkeypatch.setattr(data, "_plan", lambda *a, **k: pytest.fail("read the dataset again"))
+        _check(load_dataset(source, "test", cache_dir=cache), exp["val"])  # from the cache, val's entry
+        assert not decoded
+        monkeypatch.undo()
+        monkeypatch.setattr(data, "_NOTED", set())
+        # The validation split is carved from train, never from val.
+        train = load_dataset(source, "train", cache_dir=cache)
+        _check(train, exp["train"])
+        _, train_idx, val_idx, _ = dataset_parts(train, TrainConfig(val_size=3, seed=0))
+        assert len(val_idx) == 3 and len(train_idx) == len(exp["train"]) - 3
+        assert max(val_idx) < len(train)
+        capsys.readouterr()
+
+
+def test_a_test_split_is_used_where_there_is_one(tmp_path: Path) -> None:
+    exp = _make_imagefolder(tmp_path / "ds")
+    (tmp_path / "ds" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "ds" / "val" / "cat" / "0.png").write_bytes(_png(_img(77)))
+    _check(load_dataset(tmp_path / "ds", "test", cache_dir=tmp_path / "c"), exp["test"])
+    assert len(load_dataset(tmp_path / "ds", "val", cache_dir=tmp_path / "c")) == 1
+
+
+def test_mixed_sizes_load_at_image_size_in_a_train_val_archive(tmp_path: Path) -> None:
+    _make_train_val(tmp_path / "ds", sizes=(8, 12))
+    archive = _tar_dirs(tmp_path / "ds", tmp_path / "mixed.tar", ("train", "val"))
+    with pytest.raises(data.MixedSizesError, match="image_size=N"):
+        load_dataset(archive, "test", cache_dir=tmp_path / "c")
+    ds = load_dataset(archive, "test", image_size=6, cache_dir=tmp_path / "c")
+    assert ds.images.shape == (6, 6, 6, 3) and len(ds) == 6
+    assert not list((tmp_path / "c").glob("*.tmp*"))  # the failed attempt left no partial file
+
+
+def _tar_dirs(src: Path, out: Path, splits: tuple[str, ...]) -> Path:
+    with tarfile.open(out, "w") as tf:
+        for split in splits:
+            tf.add(src / split, arcname=split)
+    return out
+
+
+def test_cli_mixed_sizes_error_names_the_commands_own_flag(tmp_path: Path) -> None:
+    from rapnet.evaluate import build_parser as eval_parser
+    from rapnet.train import main as train_main
+
+    _make_train_val(tmp_path / "ds", sizes=(8, 12))
+    with pytest.raises(SystemExit) as info:
+        train_main(["--data", str(tmp_path / "ds"), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    assert "Pass --image-size N" in str(info.value) and "image_size=N" not in str(info.value)
+    assert "--image-size" in eval_parser().format_help() and "--split" in eval_parser().format_help()
+
+
+# ---------------------------------------------------------------------------- bounds on what is decoded
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp", ".tiff"])
+def test_image_header_size(ext: str) -> None:
+    img = np.zeros((7, 13, 3), np.uint8)  # 13 wide, 7 high
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    assert data.image_header_size(buf.tobytes()) == (13, 7)
+    assert data.image_header_size(b"not an image") is None
+
+
+def test_oversized_images_are_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make_imagefolder(tmp_path / "ds")
+    archive = _tar(tmp_path / "ds", tmp_path / "a.tar", None)
+    monkeypatch.setattr(data.cv2, "imdecode", lambda *a: pytest.fail("decoded an image above the limit"))
+    monkeypatch.setenv(data.MAX_IMAGE_PIXELS_ENV, "63")  # the images are 8x8 = 64 px
+    for source in (tmp_path / "ds", archive):
+        with pytest.raises(DatasetError, match="8x8 px .*RAPNET_MAX_IMAGE_PIXELS"):
+            load_dataset(source, "test", cache_dir=tmp_path / "c")
+    monkeypatch.delenv(data.MAX_IMAGE_PIXELS_ENV)
+    monkeypatch.setenv(data.MAX_IMAGE_BYTES_ENV, "10")
+    for source in (tmp_path / "ds", archive):
+        with pytest.raises(DatasetError, match="RAPNET_MAX_IMAGE_BYTES"):
+            load_dataset(source, "test", cache_dir=tmp_path / "c")
+    monkeypatch.setenv(data.MAX_IMAGE_BYTES_ENV, "lots")
+    with pytest.raises(DatasetError, match="not a positive integer"):
+        load_dataset(tmp_path / "ds", "test", cache_dir=tmp_path / "c")
+
+
+def test_grayscale_images_decode_to_rgb(tmp_path: Path) -> None:
+    (tmp_path / "ds" / "val" / "a").mkdir(parents=True)
+    gray = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", gray)
+    (tmp_path / "ds" / "val" / "a" / "g.png").write_bytes(buf.tobytes())
+    (tmp_path / "ds" / "val" / "a" / "c.png").write_bytes(_png(_img(1)))
+    ds = load_dataset(tmp_path / "ds", "val", cache_dir=tmp_path / "c")
+    assert ds.images.shape == (2, 8, 8, 3)
+    np.testing.assert_array_equal(ds.images[1], np.repeat(gray[:, :, None], 3, axis=2))
