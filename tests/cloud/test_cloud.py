@@ -122,6 +122,7 @@ def _code(call) -> grpc.StatusCode:
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_batch_regroups_mixed_splits_and_exits(model_file):
     model, _, _ = model_file
     samples, expected = [], []

@@ -242,6 +242,7 @@ class _FastLive(Source):
             yield Frame(i, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), time.perf_counter())
 
 
+@pytest.mark.slow
 def test_live_source_latest_frame_wins_and_counts_drops(checkpoint):
     model, metadata = load_model(checkpoint)
     decider = build_decider(model, np.zeros((2, 32, 32, 3), np.uint8),
@@ -254,6 +255,7 @@ def test_live_source_latest_frame_wins_and_counts_drops(checkpoint):
     assert [r.frame for r in results] == list(range(len(results)))
     assert all(r.where == "edge" and not r.degraded for r in results)
 
+@pytest.mark.slow
 def test_cloud_overhead_is_a_fixed_network_prior(checkpoint):
     model, metadata = load_model(checkpoint)
     pixels = np.zeros((2, 32, 32, 3), np.uint8)
@@ -266,6 +268,7 @@ def test_cloud_overhead_is_a_fixed_network_prior(checkpoint):
         edge_agent.build_app(["--images", ".", "--cloud-overhead-ms", "-1"])
 
 
+@pytest.mark.slow
 def test_decider_rule_price_by_default_threshold_on_request(checkpoint, dataset):
     model, metadata = load_model(checkpoint)
     pixels = np.stack([f.pixels for f in DatasetSource(dataset, model.config.image_size)])
@@ -289,6 +292,7 @@ def test_decider_rule_price_by_default_threshold_on_request(checkpoint, dataset)
         edge_agent.build_parser().parse_args(["--dataset", dataset, "--price", "0.1", "--threshold", "0.5"])
 
 
+@pytest.mark.slow
 def test_device_speed_is_measured_unless_given(checkpoint, dataset):
     """--device-gflops auto (the default): the speed at which the planner's device model predicts the measured time
     of the predictor plus the whole network; a given speed is used as it is."""
@@ -322,6 +326,7 @@ def test_device_speed_is_measured_unless_given(checkpoint, dataset):
         edge_agent.build_app(["--dataset", dataset, "--checkpoint", checkpoint, "--emulate-device"])
 
 
+@pytest.mark.slow
 def test_decider_learns_the_rules_exits_and_early_stops_from_its_calibration_frames(checkpoint, dataset):
     """The planner behind the agent weighs the cloud-side exit by the rule's exits on the calibration frames and,
     for the capped rule, plans each cap at where those frames stopped (rapnet.exit_rules.capped_exits)."""
@@ -565,6 +570,7 @@ def test_capped_frames_sent_as_jpeg_stop_at_the_stricter_confidence_tuned_for_jp
     assert app.summary["jpeg_stop_confidence"] == pytest.approx(jpeg_stop)
 
 
+@pytest.mark.slow
 def test_cloud_down_from_start(checkpoint, dataset, mixed_threshold, workdir, token_env):
     out = workdir / "down.jsonl"
     deadline = 500
@@ -624,6 +630,7 @@ def _slow_cloud():
     return server, port
 
 
+@pytest.mark.slow
 def test_cloud_that_never_answers_is_cut_at_the_deadline(checkpoint, dataset, mixed_threshold, workdir, token_env):
     """An overloaded cloud (answers nothing before the deadline): calls end at the deadline, frames degrade,
     and with split 0 (no local exit computed) the edge continues its own carry to an exit."""

@@ -669,6 +669,7 @@ def test_cli_help(capsys):
     assert "--frames" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sweep_writes_only_under_out(world, tmp_path, monkeypatch):
     """Results and heatmaps all go into --out; nothing lands in the current folder or the source tree."""
     from orchestration import cli, simulator

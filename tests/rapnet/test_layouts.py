@@ -144,6 +144,7 @@ def test_flop_counter_counts_a_multiply_add_as_two():
     assert flops == 2 * (10 * 10) * 16 * 8 * 9
 
 
+@pytest.mark.slow
 def test_static_mobilenetv2_in_the_imagenet_layout_costs_the_published_figure():
     """MobileNetV2-1.0 at 224 px: 300 M multiply-adds (Sandler et al., 2018), 0.60 GFLOPs in the counter's
     convention of 2 FLOPs per multiply-add (ImageNet's 1000 classes, as published)."""

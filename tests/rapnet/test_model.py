@@ -194,6 +194,7 @@ def test_split_carry_sizes_match_cost_table(models, costs, arch, width, kind):
             assert table.split_fp32_bytes[s] == sum(len(t.numpy().tobytes()) for t in carry.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,width", ARCH_WIDTHS, ids=[a for a, _ in ARCH_WIDTHS])
 def test_other_fusion_points_build_and_split(arch, width):
     """fusion_stride 4 (what a checkpoint without the field loads as) and 1 pass the same structure and split checks

@@ -49,6 +49,7 @@ def test_installed_package_models_come_first(tmp_path, monkeypatch):
     assert shipped.models_dir() == package.parent / "models"
 
 
+@pytest.mark.slow
 def test_a_built_wheel_carries_the_models(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
