@@ -39,6 +39,7 @@ from rapnet.build import build_model  # noqa: E402
 from rapnet.checkpoint import load_model, model_identity  # noqa: E402
 from rapnet.config import ModelConfig  # noqa: E402
 from rapnet.costs import measure_costs  # noqa: E402
+from rapnet.help_format import DefaultsHelpFormatter  # noqa: E402
 from rapnet.machine import machine_info  # noqa: E402
 
 FLAG_MIN_COST_FRACTION = 0.25
@@ -48,7 +49,7 @@ FLAG_QUOTIENT = 1.3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Batch-1 CPU latency of RAPNet to each exit vs its FLOPs (A/B interleaved, medians).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--arch", default="mobilenetv2", choices=["mobilenetv2", "resnet"], help="base network")
     parser.add_argument("--width", type=float, default=1.0, help="channel width multiplier")

@@ -13,7 +13,8 @@ Latency model (expected values; all times in ms):
     device(flops, layers) = flops / device_gflops + layers * device_layer_us      (and the same for the cloud)
 
 The per-layer-call term is there because at batch 1 on a CPU, early exits cost ~2x what their FLOPs say
-(benchmarks/results/exit_latency.json: FLOPs + per-layer cost fits within 12%, FLOPs alone within 58%).
+(benchmarks/results/exit_latency.json, the shipped model: FLOPs + per-layer cost fit every exit within 14%,
+FLOPs alone within 75%).
 Codec times are measured on the reference machine and scaled by its speed over the target's.
 Retransmission (ours, TCP-like): each packet of the request is lost with probability `loss`; any loss costs
 one retransmission timeout, RTO = max(200 ms, rtt + 4 * jitter) (Linux's floor and RFC 6298's shape).
@@ -33,9 +34,10 @@ from rapnet.codec.menu import DEFAULT_ENCODINGS
 from rapnet.costs import CostTable
 from rapnet.exit_rules import check_price, check_threshold, predictor_exits, priced_exits, relative_exit_costs
 
-# The reference machine: benchmarks/results/exit_latency.json (AMD EPYC, 1 torch thread, batch 1):
-# median_ms ~ MFLOPs / 33.3 GFLOP/s + leaf layer calls * 20.7 us. A device of G GFLOP/s is modelled as a
-# scaled copy of it: per-layer cost 20.7 us * 33.3 / G unless given.
+# The reference machine (AMD EPYC, 1 torch thread, batch 1): median_ms ~ MFLOPs / 33.3 GFLOP/s + leaf layer
+# calls * 20.7 us, a fit over a width-1.0 RAPNet's exits; it predicts the shipped width-0.5 model's exits within
+# 10% (benchmarks/results/exit_latency.json). A device of G GFLOP/s is modelled as a scaled copy of it:
+# per-layer cost 20.7 us * 33.3 / G unless given.
 REF_GFLOPS = 33.3
 REF_LAYER_US = 20.7
 # RAPNet's default exit rule: rapnet.exit_rules.priced_exits at this price (argmax_k score_k - price * cost_k /
