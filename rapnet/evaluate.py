@@ -157,6 +157,13 @@ def _load(path: Path | None, kind: str) -> tuple[MultiExitNetwork, dict] | None:
     return model, meta
 
 
+def dataset_note(data_path) -> str:
+    """What a reader must know to compare figures measured on this data ("" when nothing)."""
+    if Path(data_path).name.startswith("cifar10-jpeg"):
+        return "CIFAR-10 JPEG export (quality 75): comparable with our other numbers, not digit-for-digit with published tables"
+    return ""
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if args.threads:
@@ -199,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     report: dict = {
         "dataset": {"path": str(data_path), "test_images": len(test), "calibration_images": len(cal),
                     "image_size": image_size, "split": args.split, "classes": list(contract.class_names),
-                    "note": "CIFAR-10 JPEG export (quality 75): comparable with our other numbers, not digit-for-digit with published tables"},
+                    "note": dataset_note(data_path)},
         "machine": machine_info(),
         "reference_flops": reference,
         "reference": "static network" if static else "RAPNet full network",
@@ -306,7 +313,7 @@ def _accuracy_at(curve: list[dict], fraction: float) -> float | None:
 def markdown_report(report: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     lines = [
-        f"Test images: {report['dataset']['test_images']} ({report['dataset']['note']}). "
+        f"Test images: {report['dataset']['test_images']}{' (' + report['dataset']['note'] + ')' if report['dataset']['note'] else ''}. "
         f"FLOPs relative to the {report['reference']} ({report['reference_flops'] / 1e6:.1f} MFLOPs); predictor included.",
         "",
         "| policy | best acc. at <=25% | <=35% | <=50% | <=75% | max acc. (FLOPs %) |",
@@ -355,7 +362,7 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(100 * p["flops_fraction"], 100 * p["accuracy"], marker, markersize=10, label=name)
     ax.set_xlabel(f"mean FLOPs per image, % of the {report['reference']}")
     ax.set_ylabel("test accuracy, %")
-    ax.set_title("Accuracy vs compute (CIFAR-10 JPEG export)")
+    ax.set_title(f"Accuracy vs compute ({Path(report['dataset']['path']).name}, {report['dataset']['split']})")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
