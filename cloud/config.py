@@ -31,8 +31,9 @@ class BatchSettings:
     """Dynamic batching inside each replica (@serve.batch)."""
 
     # Samples per forward pass, and per chunk the front sends. 16: two chunks of 16 keep one queued behind the one
-    # computing, and at 32 clients 16 served 19 % more than 32 (5 of 5 interleaved pairs of benchmarks/cloud_bench.py
-    # on a 2-core host; one thread runs the stages as fast per sample at either size). GPUs want more.
+    # computing. With the shipped model at 32 clients 16 served 1.11-1.23x what 32 did (3 of 3 interleaved pairs,
+    # `benchmarks/cloud_bench.py --max-batch-size 16 32` on a 2-core host), although bare torch runs batch 32 faster
+    # per sample: with 32 the replica idles while a chunk fills. GPUs want more.
     max_batch_size: int = 16
     # How long the first sample of a replica batch waits for company. 0: the front already coalesces samples into
     # chunks, and waiting again in the replica measured slower (0.68 -> 0.72 of bare torch at 32 clients at 0).
