@@ -192,9 +192,11 @@ def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, 
 def run_live(args, settings=None) -> dict:
     from .planner import REF_GFLOPS, REF_LAYER_US, Conditions
     from .simulator import SimConfig, World
-    from .traces import TraceSettings, default_checkpoints, ensure_traces, sample_rows
+    from rapnet.shipped import default_checkpoints
 
-    checkpoints = default_checkpoints(args.models)
+    from .traces import TraceSettings, ensure_traces, sample_rows
+
+    checkpoints = default_checkpoints("cifar10", args.models)
     traces, meta = ensure_traces(checkpoints, None, args.cache, settings or TraceSettings())
     cache = Path(meta["path"])
     n = args.frames

@@ -477,9 +477,11 @@ def load_world(config: SimConfig, models: str | Path | None = None, data: str | 
     cache (`cache`, default: orchestration.traces.default_cache_path; built when missing, stale or `rebuild`) made
     with `settings` (orchestration.traces.TraceSettings, default: its defaults). Returns (world, the cache's
     metadata)."""
-    from .traces import TraceSettings, default_checkpoints, ensure_traces
+    from rapnet.shipped import default_checkpoints
 
-    traces, meta = ensure_traces(default_checkpoints(models), data, cache, settings or TraceSettings(),
+    from .traces import TraceSettings, ensure_traces
+
+    traces, meta = ensure_traces(default_checkpoints("cifar10", models), data, cache, settings or TraceSettings(),
                                  rebuild=rebuild, log=log, progress=progress)
     return World(traces, config), meta
 

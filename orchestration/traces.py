@@ -31,7 +31,6 @@ from .model_traces import ModelTraces, load_traces, save_traces
 # 3: raw+zstd images at split 0; 4: every model's answers on JPEG images (test, held-out split); 5: confidences
 # and predictor scores on the held-out split too, where the exit rules for JPEG images are tuned
 TRACE_VERSION = 5
-MODEL_NAMES = ("rapnet", "sdn", "static")
 CACHE_FOLDER = "sim-traces"  # inside rapnet.data.default_cache_dir()
 # Default sample sizes (0: every image). Half the test set, stratified, keeps a cold first sweep around two
 # minutes on a 2-core CPU (the whole set: about four and a half) and left the default sweep's headline counts
@@ -254,13 +253,6 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings
                               "test_index": test_index.tolist(), "test_images_total": len(test),
                               "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "identities": identities})
     return traces, out
-
-
-def default_checkpoints(models_dir: str | Path | None = None) -> dict[str, Path]:
-    """The three models' checkpoints in `models_dir`, or the shipped ones (rapnet.shipped) when None."""
-    from rapnet.shipped import default_checkpoints as shipped
-
-    return {name: path for name, path in shipped("cifar10", models_dir).items() if name in MODEL_NAMES}
 
 
 def ensure_traces(checkpoints: dict[str, Path], data: str | None = None, cache: str | Path | None = None,
