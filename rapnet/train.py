@@ -37,6 +37,9 @@ from .network import MultiExitNetwork
 from .preprocess import augment, to_model_input
 
 
+IN_RUN_TEACHER = "static"  # --teacher value: distil from this run's own static network
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -107,12 +110,26 @@ def _one_cycle(step: int, total: int, warmup: int) -> float:
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 NHWC, on the training device
-    labels: torch.Tensor
+    """Some rows of a dataset's uint8 NHWC image array. The array stays where it is (memory-mapped from the decode
+    cache), so a batch reads only its own images and training memory does not grow with the dataset."""
+    images: np.ndarray | torch.Tensor  # the whole source array
+    labels: torch.Tensor  # the split's labels, on the training device
+    rows: np.ndarray | None = None  # the split's rows of `images` (None: all of them)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pixels(self, positions: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
+        """uint8 NHWC images at these positions of the split, on `device`."""
+        if isinstance(positions, torch.Tensor):
+            positions = positions.cpu().numpy()
+        rows = np.arange(len(self))[positions] if self.rows is None else self.rows[positions]
+        batch = self.images[rows]
+        return (batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))).to(device)
 
 
-def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
-    return Split(torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device))
+def _to_split(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, device: torch.device) -> Split:
+    return Split(images, torch.from_numpy(labels[rows]).long().to(device), np.asarray(rows))
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool):
@@ -129,12 +146,12 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def exit_logits(model: MultiExitNetwork, images: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
-    """(N, exits, classes) logits of every exit on uint8 NHWC images, no augmentation."""
+def exit_logits(model: MultiExitNetwork, split: Split, device: torch.device, batch_size: int = 250) -> torch.Tensor:
+    """(N, exits, classes) logits of every exit on a split's images, no augmentation."""
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x = to_model_input(images[i : i + batch_size], device).contiguous(memory_format=torch.channels_last)
+    for i in range(0, len(split), batch_size):
+        x = to_model_input(split.pixels(slice(i, i + batch_size), device)).contiguous(memory_format=torch.channels_last)
         with _autocast(device):
             out.append(torch.stack(model(x), dim=1).float().cpu())
     return torch.cat(out)
@@ -148,7 +165,7 @@ def train_network(
     augmented batch as the student, so its soft labels match the view being learned. `classes` (the dataset's
     ordered class names) go into the state, and a resumed state trained on other classes is refused."""
     model.to(device).to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train.labels) // cfg.batch_size if len(train.labels) >= cfg.batch_size else 1
+    steps_per_epoch = len(train) // cfg.batch_size if len(train) >= cfg.batch_size else 1
     total_steps = cfg.epochs * steps_per_epoch
     peak_lr = cfg.lr * cfg.batch_size / 128
     optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=peak_lr, momentum=0.9, nesterov=True)
@@ -177,14 +194,13 @@ def train_network(
         started = time.time()
         seen, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(
-            _batches(len(train.labels), cfg.batch_size, generator, drop_last=True),
+            _batches(len(train), cfg.batch_size, generator, drop_last=True),
             total=steps_per_epoch, desc=f"{model.config.kind} epoch {epoch + 1}/{cfg.epochs}", leave=False,
             mininterval=2.0, disable=None,
         )
         for idx in bar:
-            idx = idx.to(device)
-            x = augment(to_model_input(train.images[idx]), model.config.layout, aug_gen).contiguous(memory_format=torch.channels_last)
-            y = train.labels[idx]
+            x = augment(to_model_input(train.pixels(idx, device)), model.config.layout, aug_gen).contiguous(memory_format=torch.channels_last)
+            y = train.labels[idx.to(device)]
             with _autocast(device):
                 with torch.no_grad():
                     teacher_logits = teacher(x)[-1] if teacher is not None else None
@@ -199,7 +215,7 @@ def train_network(
             correct += int((outputs[-1].argmax(1) == y).sum()) if device.type == "cpu" else 0
             if device.type == "cpu":
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        val_acc = (exit_logits(model, val.images, device).argmax(2) == val.labels.cpu()[:, None]).float().mean(0)
+        val_acc = (exit_logits(model, val, device).argmax(2) == val.labels.cpu()[:, None]).float().mean(0)
         entry = {
             "model": model.config.kind, "epoch": epoch + 1, "seconds": round(time.time() - started, 2),
             "lr": optimizer.param_groups[0]["lr"], "val_acc_per_exit": [round(float(a), 4) for a in val_acc],
@@ -218,7 +234,7 @@ def train_network(
 
 def correctness_matrix(model: MultiExitNetwork, split: Split, device: torch.device) -> torch.Tensor:
     """(N, exits) bool: does exit k classify sample i correctly (the predictor's labels, EENet-style)."""
-    return exit_logits(model, split.images, device).argmax(2) == split.labels.cpu()[:, None]
+    return exit_logits(model, split, device).argmax(2) == split.labels.cpu()[:, None]
 
 
 def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, device: torch.device, log: list) -> None:
@@ -237,10 +253,9 @@ def train_predictor(model: MultiExitNetwork, fit: Split, cfg: TrainConfig, devic
     for epoch in bar:
         loss_sum, seen = 0.0, 0
         for idx in _batches(len(fit.labels), batch, generator, drop_last=True):
-            idx = idx.to(device)
-            x = augment(to_model_input(fit.images[idx]), model.config.layout, aug_gen).contiguous(memory_format=torch.channels_last)
+            x = augment(to_model_input(fit.pixels(idx, device)), model.config.layout, aug_gen).contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), _autocast(device):
-                targets = (torch.stack([o.argmax(1) for o in model(x)], 1) == fit.labels[idx][:, None]).float()
+                targets = (torch.stack([o.argmax(1) for o in model(x)], 1) == fit.labels[idx.to(device)][:, None]).float()
             with _autocast(device):
                 loss = F.binary_cross_entropy_with_logits(predictor(x).float(), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -296,46 +311,58 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.image_size is not None:
         _model_config(args, "static", 10, args.image_size)  # refuse a size the layout cannot take before loading data
-    teacher, teacher_identity, teacher_classes = _load_teacher(args.teacher, cfg) if args.teacher else (None, None, None)
+    # --teacher static: this run's own static network teaches the others, so it trains first
+    static_teaches = args.teacher == IN_RUN_TEACHER
+    kinds = sorted(args.models, key=lambda kind: kind != "static") if static_teaches else list(args.models)
+    teacher_path = str(Path(args.out) / "static.pt") if static_teaches else args.teacher
+    if static_teaches and "static" not in kinds and not Path(teacher_path).exists():
+        raise SystemExit(f"rapnet-train: --teacher static distils from this run's static network, but --models has no "
+                         f"static and {teacher_path} does not exist: add static to --models")
+    loads_teacher = bool(args.teacher) and not (static_teaches and "static" in kinds)
+    teacher, teacher_identity, teacher_classes = _load_teacher(teacher_path, cfg) if loads_teacher else (None, None, None)
     data_path = locate_dataset(args.data, args.dataset)
     dataset = load_dataset(data_path, "train", image_size=args.image_size, cache_dir=args.cache_dir, progress=True)
     dataset, train_idx, val_idx, fit_idx = dataset_parts(dataset, cfg)
     n_fit = len(fit_idx)
-    train = _to_split(dataset.images[train_idx], dataset.labels[train_idx], device)
-    val = _to_split(dataset.images[val_idx], dataset.labels[val_idx], device)
-    fit = _to_split(dataset.images[fit_idx], dataset.labels[fit_idx], device)
+    train = _to_split(dataset.images, dataset.labels, train_idx, device)
+    val = _to_split(dataset.images, dataset.labels, val_idx, device)
+    fit = _to_split(dataset.images, dataset.labels, fit_idx, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image_size = int(dataset.images.shape[1])
     if teacher is not None and teacher.config.image_size != image_size:
-        raise SystemExit(f"rapnet-train: teacher {args.teacher} takes {teacher.config.image_size} px images, this run "
+        raise SystemExit(f"rapnet-train: teacher {teacher_path} takes {teacher.config.image_size} px images, this run "
                          f"trains at {image_size} px: pass --image-size {teacher.config.image_size} or another teacher")
     if teacher is not None:
-        check_classes(teacher_classes, dataset.classes, model=f"teacher {args.teacher}", data=str(data_path))
+        check_classes(teacher_classes, dataset.classes, model=f"teacher {teacher_path}", data=str(data_path))
     metadata_common = {
         "command": " ".join(["rapnet-train", *sys.argv[1:]]), "git_commit": git_state().get("git_commit", "unknown"), "seed": args.seed,
         "data": str(data_path), "data_sha256": sha256_of_file(data_path) if data_path.is_file() else "directory",
-        "train_config": asdict(cfg), "device": str(device), "teacher_identity": teacher_identity,
+        "train_config": asdict(cfg), "device": str(device),
         "split": {"train": len(train_idx), "val": len(val_idx), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
                   "predictor_split": RANDOM_PREDICTOR_SPLIT},
     }
     results = {}
-    for kind in args.models:
+    for kind in kinds:
         config = _model_config(args, kind, len(dataset.classes), image_size)
         torch.manual_seed(args.seed)
         model = build_model(config)
         log: list = []
         started = time.time()
-        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log, teacher, list(dataset.classes))
+        own_teacher = None if static_teaches and kind == "static" else teacher
+        train_network(model, train, val, cfg, device, out / f"{kind}.state.pt", log, own_teacher, list(dataset.classes))
         if kind == "rapnet" and cfg.predictor_epochs > 0:
             train_predictor(model, fit, cfg, device, log)
         model.cpu().to(memory_format=torch.contiguous_format)
-        val_correct = correctness_matrix(model, _to_split(val.images.cpu().numpy(), val.labels.cpu().numpy(), torch.device("cpu")), torch.device("cpu"))
-        metadata = {**metadata_common, "classes": dataset.classes, "train_seconds": round(time.time() - started, 1),
+        val_correct = correctness_matrix(model, _to_split(dataset.images, dataset.labels, val_idx, torch.device("cpu")), torch.device("cpu"))
+        metadata = {**metadata_common, "teacher_identity": teacher_identity if own_teacher is not None else None,
+                    "classes": dataset.classes, "train_seconds": round(time.time() - started, 1),
                     "val_acc_per_exit": [round(float(a), 4) for a in val_correct.float().mean(0)], "log": log}
         identity = save_checkpoint(out / f"{kind}.pt", model, metadata)
         results[kind] = {"checkpoint": str(out / f"{kind}.pt"), "identity": identity, "val_acc_per_exit": metadata["val_acc_per_exit"]}
         print(json.dumps({"done": kind, **results[kind]}), flush=True)
+        if static_teaches and kind == "static":
+            teacher, teacher_identity = model, identity
     return results
 
 
@@ -379,7 +406,7 @@ def refit_predictor(args: argparse.Namespace) -> dict:
     model.predictor.load_state_dict(build_model(model.config).predictor.state_dict())  # a fresh start, same init
     log: list = []
     started = time.time()
-    train_predictor(model, _to_split(dataset.images[fit_idx], dataset.labels[fit_idx], device), cfg, device, log)
+    train_predictor(model, _to_split(dataset.images, dataset.labels, fit_idx, device), cfg, device, log)
     model.cpu().to(memory_format=torch.contiguous_format)
     metadata = {k: v for k, v in meta.items() if k != "identity"}
     metadata["split"] = {**meta.get("split", {}), "predictor_fit": n_fit, "calibration": len(val_idx) - n_fit,
@@ -435,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     p.add_argument("--jobs", type=int, default=1, help="train the models in this many parallel processes (GPU)")
     p.add_argument("--teacher", metavar="CHECKPOINT",
-                   help="distil every exit from this trained network's last exit (same seed and split as this run; default: "
-                        "none, the earlier exits distil from the model's own last exit)")
+                   help="distil every exit from this trained network's last exit (same seed and split as this run); "
+                        "'static': from this run's static network, trained first (OUT/static.pt when --models has no "
+                        "static) (default: none, the earlier exits distil from the model's own last exit)")
     p.add_argument("--predictor-only", metavar="CHECKPOINT",
                    help="refit only the exit predictor of this trained RAPNet checkpoint; writes OUT/rapnet.pt (default: off, "
                         "train the models)")
@@ -462,15 +490,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run_parallel(argv: list[str], args: argparse.Namespace) -> None:
-    """One process per model kind (a small network leaves most of a GPU idle)."""
-    base = [a for a in argv]
-    procs = []
-    for kind in args.models:
-        cmd = [sys.executable, "-m", "rapnet.train", *base, "--models", kind, "--jobs", "1"]
-        procs.append(subprocess.Popen(cmd))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"rapnet-train: a training process failed (exit codes {codes})")
+    """One process per model kind (a small network leaves most of a GPU idle); with --teacher static the static
+    network trains first, alone, since the others learn from it."""
+    def train_in_parallel(kinds: list[str]) -> None:
+        procs = [subprocess.Popen([sys.executable, "-m", "rapnet.train", *argv, "--models", kind, "--jobs", "1"])
+                 for kind in kinds]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise SystemExit(f"rapnet-train: a training process failed (exit codes {codes})")
+
+    kinds = list(args.models)
+    if args.teacher == IN_RUN_TEACHER and "static" in kinds:
+        train_in_parallel(["static"])
+        kinds.remove("static")
+    train_in_parallel(kinds)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def smoke_run(tmp_path_factory) -> dict:
     real_train_predictor = train.train_predictor
 
     def recording_train_predictor(model, fit, cfg, device, log):
-        fitted.append(fit.images.cpu().numpy().copy())
+        fitted.append(fit.pixels(slice(None), torch.device("cpu")).numpy().copy())
         return real_train_predictor(model, fit, cfg, device, log)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -193,3 +193,42 @@ def test_capped_rule_stops_early_only_up_to_the_priced_exit() -> None:
     # sample 0: capped at exit 0 though exit 1 would be confident; 1: stops early at 1; 2: nothing confident
     assert exits.tolist() == [0, 1, 2]
     assert (exit_rules.capped_exits(scores, confidence, 0.5, 1.01, relative) == caps).all()
+
+
+@pytest.mark.slow
+def test_teacher_static_trains_the_static_network_first_and_distils_from_it(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    _write_split(data, "train", 40, rng)
+    argv = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--width", "0.25",
+            "--epochs", "1", "--predictor-epochs", "1", "--batch-size", "32", "--val-size", "30", "--threads", "1",
+            "--models", "sdn,static", "--teacher", "static"]
+    train.main(argv)
+    _, static_meta = load_model(tmp_path / "run" / "static.pt")
+    _, sdn_meta = load_model(tmp_path / "run" / "sdn.pt")
+    assert static_meta["teacher_identity"] is None
+    assert sdn_meta["teacher_identity"] == static_meta["identity"]
+    # a later run without static in --models takes the run's static.pt as its teacher
+    train.main([*argv[:-4], "--models", "rapnet", "--teacher", "static"])
+    _, rapnet_meta = load_model(tmp_path / "run" / "rapnet.pt")
+    assert rapnet_meta["teacher_identity"] == static_meta["identity"]
+
+
+def test_teacher_static_without_a_static_network_says_how_to_get_one(tmp_path) -> None:
+    data = tmp_path / "data"
+    _write_split(data, "train", 4, np.random.default_rng(2))
+    with pytest.raises(SystemExit, match="add static to --models"):
+        train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--models", "rapnet", "--teacher", "static"])
+
+
+def test_a_split_reads_its_rows_from_the_memory_mapped_cache(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    data = tmp_path / "data"
+    _write_split(data, "train", 4, rng)
+    dataset = load_dataset(data, "train", cache_dir=tmp_path / "cache")
+    assert isinstance(dataset.images, np.memmap)
+    rows = np.array([5, 0, 7])
+    split = train._to_split(dataset.images, dataset.labels, rows, torch.device("cpu"))
+    assert split.images is dataset.images  # nothing copied up front
+    np.testing.assert_array_equal(split.pixels(torch.tensor([2, 0]), torch.device("cpu")).numpy(), dataset.images[[7, 5]])
+    assert split.labels.tolist() == dataset.labels[rows].tolist()
