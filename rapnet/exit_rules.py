@@ -19,12 +19,15 @@ import numpy as np
 if TYPE_CHECKING:  # the rules themselves need numpy only
     from .costs import CostTable
 
+# Confidences just under 1 (1 - 10^-k): a softmax saturates, so an even grid's last step (0.995 to 1) would skip
+# the operating points where a confidence rule keeps its last exit's accuracy.
+NEAR_ONE = 1.0 - 10.0 ** -np.arange(3, 7)
 # The single-knob rules' grids (threshold rule, confidence rule, priced rule).
-THRESHOLDS = np.round(np.linspace(0.0, 1.0, 201), 4)
+THRESHOLDS = np.unique(np.concatenate([np.round(np.linspace(0.0, 1.0, 201), 4), NEAR_ONE]))
 PRICES = np.round(np.linspace(0.0, 4.0, 401), 4)
 # The capped rule's grid (price x stop confidence); coarser than the single-knob grids to keep reports small.
 CAPPED_GRID = [(float(q), float(t)) for q in np.round(np.linspace(0.0, 1.0, 41), 4)
-               for t in np.round(np.linspace(0.5, 1.0, 51), 4)]
+               for t in np.unique(np.concatenate([np.round(np.linspace(0.5, 1.0, 51), 4), NEAR_ONE]))]
 
 
 # --- the settings ------------------------------------------------------------------------------------------

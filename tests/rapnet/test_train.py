@@ -232,3 +232,13 @@ def test_a_split_reads_its_rows_from_the_memory_mapped_cache(tmp_path) -> None:
     assert split.images is dataset.images  # nothing copied up front
     np.testing.assert_array_equal(split.pixels(torch.tensor([2, 0]), torch.device("cpu")).numpy(), dataset.images[[7, 5]])
     assert split.labels.tolist() == dataset.labels[rows].tolist()
+
+
+def test_every_confidence_grid_reaches_close_to_one() -> None:
+    """Softmax confidences saturate: the grids step through 1 - 10^-k before 1, so a confidence rule can keep
+    its last exit's accuracy short of always running it."""
+    stops = sorted({t for _, t in exit_rules.CAPPED_GRID})
+    for grid in (exit_rules.THRESHOLDS.tolist(), stops):
+        assert grid == sorted(grid) and grid[-1] == 1.0
+        for k in range(3, 7):
+            assert any(abs(t - (1 - 10.0 ** -k)) < 1e-12 for t in grid), (k, grid[-6:])
