@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -106,6 +107,11 @@ def _one_cycle(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def peak_rss_mib() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @dataclass
@@ -219,6 +225,7 @@ def train_network(
         entry = {
             "model": model.config.kind, "epoch": epoch + 1, "seconds": round(time.time() - started, 2),
             "lr": optimizer.param_groups[0]["lr"], "val_acc_per_exit": [round(float(a), 4) for a in val_acc],
+            "peak_rss_mib": peak_rss_mib(),
         }
         log.append(entry)
         print(json.dumps(entry), flush=True)
