@@ -88,6 +88,11 @@ def test_smoke_checkpoint_evaluates(smoke_run, tmp_path: Path) -> None:
     capped = report["latency_batch1"]["operating_settings"].get("rapnet_capped")
     assert capped is None or set(capped) == {"price", "threshold"}
     assert (tmp_path / "eval.png").stat().st_size > 0 and (tmp_path / "eval.md").exists()
+    claim = report["sdn_claim"]
+    assert claim["holds"] == (claim["compute_saved"] > 0.5)
+    assert claim["accuracy"] >= claim["last_exit_accuracy"] - claim["tolerance"]
+    assert len(report["exit_flops_fraction"]["sdn"]) == len(report["per_exit_test_accuracy"]["sdn"])
+    assert report["peak_rss_mib"] > 0
 
 
 @pytest.mark.slow
@@ -242,3 +247,14 @@ def test_every_confidence_grid_reaches_close_to_one() -> None:
         assert grid == sorted(grid) and grid[-1] == 1.0
         for k in range(3, 7):
             assert any(abs(t - (1 - 10.0 ** -k)) < 1e-12 for t in grid), (k, grid[-6:])
+
+
+def test_sdn_claim_takes_the_cheapest_point_within_the_tolerance_of_the_last_exit() -> None:
+    correct = np.array([[True, True], [False, True], [True, True], [True, False]])  # last exit: 75%
+    traces = exit_traces.Traces(scores=np.zeros((4, 2)), confidence=np.zeros((4, 2)), correct=correct)
+    curve = [{"threshold": 0.5, "accuracy": 0.70, "mean_flops": 30.0},  # too far below the last exit
+             {"threshold": 0.9, "accuracy": 0.748, "mean_flops": 45.0},
+             {"threshold": 1.0, "accuracy": 0.75, "mean_flops": 100.0}]
+    claim = evaluate.sdn_claim(curve, traces, full_cost=100.0)
+    assert claim["threshold"] == 0.9 and abs(claim["compute_saved"] - 0.55) < 1e-9 and claim["holds"]
+    assert not evaluate.sdn_claim(curve[1:2] + curve[2:], traces, full_cost=80.0)["holds"]
