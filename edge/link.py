@@ -2,7 +2,8 @@
 estimate of bandwidth, round-trip time and cloud queueing from the agent's own transfers.
 
     link = CloudLink(CloudTarget("127.0.0.1:50051", token=..., ca=None), deadline_ms=1000)
-    reply = link.infer(request_bytes)          # raises CloudCallError (with a gRPC status name) on failure
+    if link.admit() is None:                   # None: a request may go now (else why not: the degraded reason)
+        reply = link.infer(request_bytes)      # raises CloudCallError (with a gRPC status name) on failure
     link.estimate.snapshot()                   # {"bandwidth_mbps": ..., "rtt_ms": ..., "cloud_queue_ms": ...}
 
 Requests are sent pre-serialized (a unary-unary call with an identity serializer), so the bytes the agent
@@ -200,6 +201,24 @@ class CloudLink:
         self._metadata = auth_metadata(target.token) if target.token else None
         self.breaker = breaker or CircuitBreaker()
         self.estimate = estimate or NetworkEstimate(50.0, 5.0)
+        # Set by the start-up check (edge.startup) while the cloud is known not to accept this edge's requests
+        # (unreachable, TLS, token, model): what failed, e.g. "token". None: requests may go.
+        self.blocked: str | None = None
+
+    def admit(self) -> str | None:
+        """None when a request may go to the cloud now; otherwise why not, as a frame's degraded reason. In the
+        circuit's half-open state exactly one caller is admitted: the probe."""
+        blocked = self.blocked
+        if blocked is not None:
+            return f"cloud check failed: {blocked}"
+        if not self.breaker.allow():
+            return f"circuit {self.breaker.state}"
+        return None
+
+    @property
+    def metadata(self):
+        """The call metadata (the bearer token) every request carries; never log it."""
+        return self._metadata
 
     def infer(self, data: bytes, deadline_ms: float | None = None) -> CloudReply:
         """Send one serialized InferRequest; CloudCallError on any failure (the breaker is updated)."""

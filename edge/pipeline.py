@@ -172,7 +172,7 @@ class EdgeAgent:
         conditions = self._conditions()
         # The image goes to the cloud whatever the predictor says: skip it here, the cloud picks the exit.
         plan = self.decider.cloud_exit_plan(conditions) if use else None
-        if plan is not None and not self.link.breaker.allow():
+        if plan is not None and self.link.admit() is not None:
             plan = None
         lat["decide"] = (time.perf_counter() - t) * 1e3
         cloud_exit = plan is not None
@@ -184,8 +184,9 @@ class EdgeAgent:
         if not cloud_exit:
             t = time.perf_counter()
             plan = self.decider.plan(scores, conditions)
-            if plan.offload and not self.link.breaker.allow():
-                degraded = f"circuit {self.link.breaker.state}"
+            refused = self.link.admit() if plan.offload else None
+            if refused is not None:  # the circuit is open, or the start-up check found the cloud unusable
+                degraded = refused
                 plan = self.decider.local_plan(scores, conditions)
             lat["decide"] += (time.perf_counter() - t) * 1e3
         score = None if scores is None else float(scores[plan.exit_index])
