@@ -1,18 +1,18 @@
 """One cost table: FLOPs of every stage, exit head and the predictor, measured by torch's flop counter.
 
-The planner, the simulator and the reports all read this table; nothing hand-types a FLOP count.
+The planner, the simulator and the reports all read this table; nothing hand-types a FLOP count. Measuring
+needs torch; the table itself does not: an edge on ONNX Runtime reads it from the export manifest
+(CostTable.from_dict, rapnet.export).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from dataclasses import asdict, dataclass, fields
 
 
-def count_flops(module: nn.Module | object, *inputs) -> tuple[int, object]:
+def count_flops(module, *inputs) -> tuple[int, object]:
     """FLOPs (torch's convention: 2 per multiply-add) of one call, and the call's output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         output = module(*inputs)
     return int(counter.get_total_flops()), output
@@ -56,28 +56,41 @@ class CostTable:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostTable":
+        """The inverse of to_dict, also after a JSON round trip (lists back to tuples)."""
+        def tuples(value):
+            return tuple(tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
-@torch.no_grad()
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise ValueError(f"a cost table holds exactly {sorted(names)}, got {sorted(data)}")
+        return cls(**{name: tuples(value) for name, value in data.items()})
+
+
 def measure_costs(model, image_size: int | None = None) -> CostTable:
     """Measure every stage, exit and the predictor on a batch-1 input, running the real modules."""
+    import torch
+
     size = image_size or model.config.image_size
     was_training = model.training
     model.eval()
     try:
-        carry = {"image": torch.zeros(1, 3, size, size)}
-        stage_flops, exit_flops, split_keys, split_shapes, split_bytes = [], [], [], [], []
-        for s in range(model.num_stages + 1):
-            live = model.live_keys(s)
-            split_keys.append(live)
-            split_shapes.append(tuple(tuple(carry[key].shape[1:]) for key in live))
-            split_bytes.append(sum(carry[key][0].numel() * 4 for key in live))
-            if s < model.num_stages:
-                flops, out = count_flops(model.stages[s], carry)
-                carry = {**carry, model.stages[s].writes: out}
-                stage_flops.append(flops)
-                if s in model.exit_stages:
-                    exit_flops.append(count_flops(model.exits[model.exit_stages.index(s)], out)[0])
-        predictor_flops = count_flops(model.predictor, carry["image"])[0] if model.predictor is not None else 0
+        with torch.no_grad():
+            carry = {"image": torch.zeros(1, 3, size, size)}
+            stage_flops, exit_flops, split_keys, split_shapes, split_bytes = [], [], [], [], []
+            for s in range(model.num_stages + 1):
+                live = model.live_keys(s)
+                split_keys.append(live)
+                split_shapes.append(tuple(tuple(carry[key].shape[1:]) for key in live))
+                split_bytes.append(sum(carry[key][0].numel() * 4 for key in live))
+                if s < model.num_stages:
+                    flops, out = count_flops(model.stages[s], carry)
+                    carry = {**carry, model.stages[s].writes: out}
+                    stage_flops.append(flops)
+                    if s in model.exit_stages:
+                        exit_flops.append(count_flops(model.exits[model.exit_stages.index(s)], out)[0])
+            predictor_flops = count_flops(model.predictor, carry["image"])[0] if model.predictor is not None else 0
     finally:
         model.train(was_training)
     return CostTable(

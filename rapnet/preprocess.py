@@ -1,38 +1,69 @@
-"""The one place that turns uint8 RGB frames into model input, used by training, evaluation, edge and cloud."""
+"""The one place that turns uint8 RGB frames into model input, used by training, evaluation, edge and cloud.
+
+Two twins over one formula (normalise): to_model_array in numpy, for the edge on ONNX Runtime (no torch), and
+to_model_input in torch, for everything that runs the PyTorch model (on any device). Both give bit-identical
+float32 values: the same IEEE operations in the same order.
+"""
 from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a torch function runs: the edge on ONNX Runtime has none
+    import torch
 
 # Fixed affine normalisation (ours): close to CIFAR's statistics and dataset-independent, so a checkpoint
 # never depends on a separately shipped mean/std.
 MEAN, STD = 0.5, 0.25
 
 
+def normalise(x):
+    """float32 pixel values 0..255 (a numpy array or a torch tensor) -> the model's input scale."""
+    return (x / 255.0 - MEAN) / STD
+
+
+def _check_pixels(dtype_ok: bool, dtype, shape: tuple) -> None:
+    if not dtype_ok:
+        raise TypeError(f"expected uint8 RGB pixels, got {dtype}")
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) RGB pixels, got shape {tuple(shape)}")
+
+
+def to_model_array(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) or (H, W, 3) uint8 RGB -> (N, 3, H, W) float32, normalised (numpy; no torch needed)."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    _check_pixels(x.dtype == np.uint8, x.dtype, x.shape)
+    return np.ascontiguousarray(normalise(x.transpose(0, 3, 1, 2).astype(np.float32)))
+
+
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """(N, H, W, 3) or (H, W, 3) uint8 RGB -> (N, 3, H, W) float32, normalised."""
+    """(N, H, W, 3) or (H, W, 3) uint8 RGB -> (N, 3, H, W) float32, normalised (torch, on `device`: uint8 pixels
+    travel there and are normalised there)."""
+    import torch
+
     if isinstance(images, np.ndarray) and not images.flags.writeable:  # a memory-mapped dataset split
         with warnings.catch_warnings():  # read only, never written: the result below is a new tensor
             warnings.simplefilter("ignore", UserWarning)
             x = torch.as_tensor(images)
     else:
         x = torch.as_tensor(images)
-    if x.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 RGB pixels, got {x.dtype}")
     if x.ndim == 3:
         x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected (N, H, W, 3) RGB pixels, got shape {tuple(x.shape)}")
+    _check_pixels(x.dtype == torch.uint8, x.dtype, tuple(x.shape))
     x = x.to(device, non_blocking=True) if device is not None else x
-    return (x.permute(0, 3, 1, 2).float().div_(255.0).sub_(MEAN).div_(STD)).contiguous()
+    return normalise(x.permute(0, 3, 1, 2).float()).contiguous()
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """CIFAR-style augmentation on a normalised batch, on whatever device it lives: zero-pad, random crop,
     random horizontal flip. Done on the batch at once so the GPU is never waiting on per-image Python."""
+    import torch
+
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     gen_device = generator.device if generator is not None else x.device
@@ -54,6 +85,8 @@ def random_resized_crop_flip(x: torch.Tensor, scale: tuple[float, float] = (0.35
     share of its area, aspect ratio log-uniform in `ratio`, clipped to the image, placed uniformly inside it),
     resized back to the batch's size (bilinear) and flipped horizontally at random. Every sample lies inside
     the image, so no padding enters the batch."""
+    import torch
+
     n, _, h, w = x.shape
     gen_device = generator.device if generator is not None else x.device
 

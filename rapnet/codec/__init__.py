@@ -18,7 +18,9 @@ malformed request, FAILED_PRECONDITION when the request was made for another mod
 exit).
 
 The public names below import from here (`from rapnet.codec import build_request`). They load on first use,
-so `rapnet.codec.menu` stays importable without torch or OpenCV (command-line parsers use it).
+so `rapnet.codec.menu` stays importable without OpenCV (command-line parsers use it). No module here imports
+torch at import time: torch tensors are taken and given where a caller uses them (decode_tensor,
+pixels_to_tensor, parse_request's carry), numpy arrays everywhere else (the edge on ONNX Runtime has no torch).
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ _EXPORTS = {
     "limits": ("CodecError", "MalformedMessage", "LimitExceeded", "ContractMismatch", "DecodeLimits",
                "DEFAULT_LIMITS", "ENCODINGS", "IMAGE_FORMATS"),
     "entropy": ("zstd_compress", "zstd_decompress_bounded", "train_dictionary"),
-    "tensors": ("quantization_params", "encode_tensor", "check_tensor_header", "decode_tensor"),
-    "images": ("pixels_to_tensor", "tensor_to_pixels", "encode_image", "decode_image"),
+    "tensors": ("quantization_params", "encode_tensor", "check_tensor_header", "decode_tensor", "decode_array"),
+    "images": ("pixels_to_tensor", "pixels_to_array", "tensor_to_pixels", "encode_image", "decode_image"),
     "contract": ("IMAGE_KEY", "ModelContract", "ParsedRequest", "build_request", "parse_request",
                  "parse_request_bytes", "build_response"),
     "menu": ("EncodeOptions", "IMAGE_ENCODINGS", "FEATURE_ENCODINGS", "ENCODING_NAMES", "LOSSLESS",
@@ -58,10 +60,10 @@ if TYPE_CHECKING:
     from .contract import (IMAGE_KEY, ModelContract, ParsedRequest, build_request, build_response, parse_request,
                            parse_request_bytes)
     from .entropy import train_dictionary, zstd_compress, zstd_decompress_bounded
-    from .images import decode_image, encode_image, pixels_to_tensor, tensor_to_pixels
+    from .images import decode_image, encode_image, pixels_to_array, pixels_to_tensor, tensor_to_pixels
     from .limits import (DEFAULT_LIMITS, ENCODINGS, IMAGE_FORMATS, CodecError, ContractMismatch, DecodeLimits,
                          LimitExceeded, MalformedMessage)
     from .menu import (DEFAULT_ENCODINGS, ENCODING_NAMES, FEATURE_ENCODINGS, IMAGE_ENCODINGS, LOSSLESS,
                        RECOMMENDED_ENCODINGS, SAFE_ENCODING, EncodeOptions, encode_options, encodings_for_split,
                        parse_encodings, recommended_encoding)
-    from .tensors import check_tensor_header, decode_tensor, encode_tensor, quantization_params
+    from .tensors import check_tensor_header, decode_array, decode_tensor, encode_tensor, quantization_params

@@ -11,18 +11,20 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
-import torch
 import zstandard
 
 from protos.rapnet.v1 import inference_pb2 as pb
 
-from .images import decode_image, encode_image, pixels_to_tensor
+from .images import decode_image, encode_image, pixels_to_array, pixels_to_tensor
 from .limits import DEFAULT_LIMITS, CodecError, ContractMismatch, DecodeLimits, LimitExceeded, MalformedMessage
 from .menu import EncodeOptions
-from .tensors import check_tensor_header, decode_tensor, encode_tensor
+from .tensors import check_tensor_header, decode_array, encode_tensor
+
+if TYPE_CHECKING:  # torch only where a caller asks for torch tensors: the edge on ONNX Runtime has none
+    import torch
 
 IMAGE_KEY = "image"  # the carry entry an ImagePayload stands for
 
@@ -47,10 +49,14 @@ class ModelContract:
         from ..checkpoint import model_identity
         from ..costs import measure_costs
 
-        costs = measure_costs(model)
+        return cls.from_costs(identity or model_identity(model), measure_costs(model), model.predictor is not None)
+
+    @classmethod
+    def from_costs(cls, identity: str, costs, has_predictor: bool) -> "ModelContract":
+        """The contract from a model's cost table (rapnet.costs.CostTable, which holds the carry at every split):
+        what an edge without torch builds it from (the export manifest's table)."""
         shapes = tuple(dict(zip(keys, shp)) for keys, shp in zip(costs.split_keys, costs.split_shapes))
-        return cls(identity or model_identity(model), model.num_stages, tuple(model.exit_stages), shapes,
-                   model.predictor is not None)
+        return cls(identity, len(costs.stage_flops), tuple(costs.exit_stages), shapes, has_predictor)
 
     def check_route(self, split: int, exit_index: int) -> None:
         if not 0 <= split < self.num_stages:
@@ -80,7 +86,7 @@ class ParsedRequest:
     request_id: str
     split: int
     exit: int
-    carry: dict[str, torch.Tensor]
+    carry: dict[str, Any]  # torch tensors, or numpy arrays when parsed with numpy=True
     deadline_ms: int
     client_sent_unix_ns: int
     decode_ms: float = 0.0
@@ -90,7 +96,7 @@ class ParsedRequest:
 
 def build_request(
     contract: ModelContract,
-    carry: Mapping[str, torch.Tensor],
+    carry: Mapping[str, torch.Tensor | np.ndarray],
     split: int,
     exit_index: int,
     options: EncodeOptions = EncodeOptions(),
@@ -154,10 +160,15 @@ def parse_request(
     contract: ModelContract,
     limits: DecodeLimits = DEFAULT_LIMITS,
     dictionaries: Mapping[int, zstandard.ZstdCompressionDict] | None = None,
-    image_to_tensor: Callable[[np.ndarray], torch.Tensor] = pixels_to_tensor,
+    image_to_tensor: Callable[[np.ndarray], Any] | None = None,
+    numpy: bool = False,
 ) -> ParsedRequest:
-    """Check and decode a request into the carry cloud_part needs; CodecError on anything wrong."""
+    """Check and decode a request into the carry cloud_part needs; CodecError on anything wrong. The carry holds
+    torch tensors, or with `numpy` numpy arrays of the same values (for a runtime without torch). The image
+    payload goes through `image_to_tensor` (default: rapnet.preprocess's, pixels_to_tensor or pixels_to_array)."""
     start = time.perf_counter()
+    if image_to_tensor is None:
+        image_to_tensor = pixels_to_array if numpy else pixels_to_tensor
     if req.model_identity != contract.identity:
         raise ContractMismatch(
             f"request was made for model {req.model_identity[:12] or '(none)'}, this worker holds "
@@ -202,8 +213,12 @@ def parse_request(
     if total > limits.max_total_bytes:
         raise LimitExceeded(f"request decodes to {total} bytes, at most {limits.max_total_bytes} accepted")
     carry = {
-        t.name: decode_tensor(t, limits, (t.shape[0], *expected[t.name]), dictionaries) for t in req.tensors
+        t.name: decode_array(t, limits, (t.shape[0], *expected[t.name]), dictionaries) for t in req.tensors
     }
+    if not numpy and carry:
+        import torch
+
+        carry = {name: torch.from_numpy(array) for name, array in carry.items()}
     if has_image:
         c, h, w = expected[IMAGE_KEY]
         pixels = decode_image(req.image, limits, (h, w, c))
@@ -237,7 +252,7 @@ def build_response(
     numpy, not torch: for ten numbers torch's per-op dispatch costs several times the arithmetic, and the
     front builds one of these per request (docs/cloud.md).
     """
-    if isinstance(logits, torch.Tensor):
+    if hasattr(logits, "detach"):  # a torch tensor
         logits = logits.detach().float().cpu().numpy()
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
     probs = np.exp(z - z.max())

@@ -6,19 +6,22 @@ model's expected input before OpenCV allocates anything.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 import zstandard
 
 from protos.rapnet.v1 import inference_pb2 as pb
 
 from ..preprocess import MEAN as PREPROCESS_MEAN
 from ..preprocess import STD as PREPROCESS_STD
-from ..preprocess import to_model_input
+from ..preprocess import to_model_array, to_model_input
 from .entropy import zstd_compress, zstd_decompress_bounded
 from .limits import DEFAULT_LIMITS, IMAGE_FORMATS, CodecError, DecodeLimits, LimitExceeded, MalformedMessage, enum_name
+
+if TYPE_CHECKING:  # torch only for the torch twins below: the edge on ONNX Runtime has none
+    import torch
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,8 +35,15 @@ def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return to_model_input(np.ascontiguousarray(pixels, dtype=np.uint8))
 
 
+def pixels_to_array(pixels: np.ndarray) -> np.ndarray:
+    """pixels_to_tensor's numpy twin (rapnet.preprocess.to_model_array): the same values, no torch."""
+    return to_model_array(np.ascontiguousarray(pixels, dtype=np.uint8))
+
+
 def tensor_to_pixels(image: torch.Tensor) -> np.ndarray:
     """Inverse of pixels_to_tensor for one (1, C, H, W) or (C, H, W) model input."""
+    import torch
+
     x = image.detach().cpu()
     if x.dim() == 4:
         if x.shape[0] != 1:

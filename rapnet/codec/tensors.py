@@ -11,16 +11,18 @@ zero points, 3 bytes per channel). Decoding checks everything the header declare
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
 import zstandard
 
 from protos.rapnet.v1 import inference_pb2 as pb
 
 from .entropy import zstd_compress, zstd_decompress_bounded
 from .limits import DEFAULT_LIMITS, ENCODINGS, CodecError, DecodeLimits, LimitExceeded, MalformedMessage, enum_name
+
+if TYPE_CHECKING:  # torch only where a caller hands in or asks for torch tensors: the edge on ONNX Runtime has none
+    import torch
 
 _QMAX = {pb.ENCODING_INT8: 255, pb.ENCODING_INT4: 15}
 
@@ -99,7 +101,7 @@ def encode_tensor(
     enc = _encoding_value(encoding)
     if params not in ("f32", "f16"):
         raise ValueError(f"unknown quantisation parameter format {params!r}: choose 'f32' or 'f16'")
-    x = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+    x = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)  # torch or numpy
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0 or x.size == 0:
         raise ValueError(f"cannot encode a tensor of shape {x.shape}")
@@ -202,7 +204,20 @@ def decode_tensor(
     expected_shape: tuple[int, ...] | None = None,
     dictionaries: Mapping[int, zstandard.ZstdCompressionDict] | None = None,
 ) -> torch.Tensor:
-    """Decode a wire Tensor into a float32 torch tensor, or raise a CodecError (never anything else)."""
+    """Decode a wire Tensor into a float32 torch tensor (decode_array's values, shared), or raise a CodecError."""
+    import torch
+
+    return torch.from_numpy(decode_array(msg, limits, expected_shape, dictionaries))
+
+
+def decode_array(
+    msg: pb.Tensor,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    expected_shape: tuple[int, ...] | None = None,
+    dictionaries: Mapping[int, zstandard.ZstdCompressionDict] | None = None,
+) -> np.ndarray:
+    """Decode a wire Tensor into a float32 numpy array (C-contiguous, writable), or raise a CodecError (never
+    anything else)."""
     try:
         return _decode_tensor(msg, limits, expected_shape, dictionaries)
     except CodecError:
@@ -211,7 +226,7 @@ def decode_tensor(
         raise MalformedMessage(f"tensor {getattr(msg, 'name', '?')!r}: undecodable ({err.__class__.__name__}: {err})") from None
 
 
-def _decode_tensor(msg, limits, expected_shape, dictionaries) -> torch.Tensor:
+def _decode_tensor(msg, limits, expected_shape, dictionaries) -> np.ndarray:
     shape, _ = check_tensor_header(msg, limits)
     what = f"tensor {msg.name!r}"
     if expected_shape is not None and shape != tuple(expected_shape):
@@ -255,4 +270,4 @@ def _decode_tensor(msg, limits, expected_shape, dictionaries) -> torch.Tensor:
     x = x.reshape(shape)
     if not np.isfinite(x).all():
         raise MalformedMessage(f"{what}: decoded values include NaN or Inf")
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return np.ascontiguousarray(x, dtype=np.float32)
