@@ -3,11 +3,14 @@ graceful local fallback.
 
     edge-agent --dataset cifar10 --limit 500                   # the whole system on this machine
     edge-agent --camera 0 --cloud HEAD:50051 --tls-ca ca.pem --token-file token.txt --output frames.jsonl
+    edge-agent --stream rtsp://cam.local/stream1 --cloud HEAD:50051 --metrics-port 9102
+    edge-agent --config edge.yaml --limit 100                  # a configuration file; flags override it
     edge-agent --video clip.avi --device-gflops 2 --latency-budget-ms 40 --output -
 
 Without --cloud the agent starts the cloud tier itself on 127.0.0.1 (edge.embedded_cloud: local Ray, the Serve
-app and the gRPC front) and stops it on exit. The flags build an edge.config.EdgeConfig, which holds every setting
-and its default in one place. See docs/edge.md.
+app and the gRPC front) and stops it on exit. Before the first frame it checks the cloud (edge.startup). The flags
+(and --config FILE) build an edge.config.EdgeConfig, which holds every setting and its default in one place. See
+docs/edge.md.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+META_FLAGS = ("config", "print_config")  # flags about the configuration itself, not settings in it
+SOURCE_FLAGS = ("--camera", "--stream", "--video", "--images", "--dataset")
 MODEL_NAMES = {"rapnet": "RAPNet", "sdn": "SDN", "static": "static network"}  # for the start-up line
 
 
@@ -40,15 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="edge-agent", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    src = p.add_argument_group("source (exactly one)")
-    g = src.add_mutually_exclusive_group(required=True)
-    g.add_argument("--camera", type=int, metavar="N", help="OpenCV camera index (live: the latest frame wins)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML configuration file (edge/edge.example.yaml documents every key); the flags given "
+                        "override its values (default: none, the flags and their defaults)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (file, flags and defaults merged) as YAML, and exit")
+    src = p.add_argument_group("source (exactly one, from the flags or the --config file)")
+    g = src.add_mutually_exclusive_group()
+    g.add_argument("--camera", type=_camera, metavar="N|DEVICE",
+                   help="camera: OpenCV index or device path such as /dev/video0 (live: the latest frame wins; "
+                        "reconnected if it vanishes)")
+    g.add_argument("--stream", metavar="URL",
+                   help="network camera: rtsp://, rtsps://, http:// or https:// (MJPEG) URL, read by FFmpeg (live; "
+                        "reconnected when it stops)")
     g.add_argument("--video", metavar="PATH", help="video file (every frame, in order)")
     g.add_argument("--images", metavar="DIR|ARCHIVE", help="folder of images (recursive) or a tar archive of them")
     g.add_argument("--dataset", metavar="NAME|PATH", help="labelled dataset via rapnet.data (the agent reports accuracy)")
     src.add_argument("--split", default=SourceSettings.split, help="dataset split")
     src.add_argument("--limit", type=int, default=SourceSettings.limit, metavar="N",
-                     help="stop after N frames (a dataset: a seeded sample spread over the classes; 0: all)")
+                     help="stop after N frames (a dataset: a seeded sample spread over the classes; 0: all; a live "
+                          "source runs until Ctrl-C)")
+    src.add_argument("--stall-timeout-s", type=float, default=SourceSettings.stall_timeout_s, metavar="S",
+                     help="live source: no frame for S seconds counts as an outage, and the watchdog reconnects")
+    src.add_argument("--reconnect-max-s", type=float, default=SourceSettings.reconnect_max_s, metavar="S",
+                     help="live source: the reconnect backoff starts at 0.5 s and doubles up to S (with jitter)")
 
     m = p.add_argument_group("model and exit rule")
     m.add_argument("--checkpoint", default=default_checkpoint(),
@@ -117,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open time before a half-open probe")
     c.add_argument("--max-message-bytes", type=int, default=CloudSettings.max_message_bytes, metavar="N",
                    help="gRPC send and receive limit")
+    c.add_argument("--no-cloud-check", dest="startup_check", action="store_false",
+                   help="skip the start-up check of the cloud (default: before the first frame, check its health and "
+                        "make one authenticated call; a failure that every offload would meet is logged with its fix, "
+                        "and frames are answered here until a background re-check passes)")
 
     o = p.add_argument_group("output")
     o.add_argument("--output", default=OutputSettings.output, metavar="FILE|-",
@@ -125,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the summary as JSON (default: none; the summary is always printed to stderr)")
     o.add_argument("--display", action="store_true", help="draw the label in an OpenCV window (needs a screen)")
     o.add_argument("--quiet", action="store_true", help="no live status line")
+    o.add_argument("--metrics-port", type=int, default=OutputSettings.metrics_port, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, logged; default: "
+                        "none, no endpoint)")
+    o.add_argument("--metrics-host", default=OutputSettings.metrics_host, metavar="HOST",
+                   help="address the metrics endpoint binds")
 
     v = p.add_argument_group("emulation, for live validation (rapnet-sim live) and reproducible runs")
     v.add_argument("--rate", type=float, default=SourceSettings.rate, metavar="FPS",
@@ -142,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --fixed-network: fixed cost per cloud request the planner adds (gRPC, front, Ray hop, "
                         "batching), which rapnet-sim live measures; without it the live estimate holds this cost")
     return p
+
+
+def _camera(value: str) -> int | str:
+    """--camera: an index (digits) or a device path."""
+    return int(value) if value.strip().isdigit() else value
 
 
 def _gflops(value: str) -> float | None:
@@ -169,15 +203,42 @@ def _encodings(value: str) -> tuple[str, ...] | None:
 
 
 def parse_config(argv: list[str] | None = None):
-    """The edge.config.EdgeConfig the flags ask for. argparse exits on malformed flags; SetupError for values that
-    cannot work together."""
+    """The edge.config.EdgeConfig the flags (and a --config file) ask for. argparse exits on malformed flags;
+    SetupError for values that cannot work together."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: list[str] | None = None):
+    """(EdgeConfig, parsed flags). With --config FILE the file gives the settings and only the flags the user
+    typed override them; without it, the flags and their defaults do."""
     from .config import ConfigError, EdgeConfig
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return EdgeConfig.from_args(args)
+        if args.config is None:
+            if all(getattr(args, flag[2:]) is None for flag in SOURCE_FLAGS):
+                parser.error(f"give a source: one of {', '.join(SOURCE_FLAGS)}, or --config FILE with a source section")
+            return EdgeConfig.from_args(args), args
+        return EdgeConfig.from_file(args.config, given_flags(parser, argv, args)), args
     except ConfigError as err:
         raise SetupError(str(err)) from None
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> dict:
+    """The settings the user gave on the command line (flag dest -> value), without the defaults of the others:
+    the same command line parsed again into a namespace that already holds a marker for every setting (argparse
+    writes no default over a value that is there, so whatever is not the marker afterwards was typed)."""
+    unset = object()
+    given = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset))))
+    return {dest: value for dest, value in given.items() if value is not unset and dest not in META_FLAGS}
+
+
+def config_yaml(config) -> str:
+    """The configuration as YAML that --config reads back (--print-config)."""
+    import yaml
+
+    return yaml.safe_dump(config.to_mapping(), sort_keys=False, default_flow_style=False)
 
 
 class Display:
@@ -261,6 +322,8 @@ class EdgeApp:
     summary: dict | None = None
     agent: object = None
     contract: object = None  # rapnet.checkpoint.InputContract: the model's input size, layout and class names
+    check: object = None  # edge.startup.CloudCheck: the start-up check of the cloud, and its background re-checks
+    metrics: object = None  # edge.metrics.EdgeMetrics when --metrics-port asks for the endpoint
 
 
 def _log(msg: str) -> None:
@@ -292,9 +355,10 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     except CheckpointError as err:
         raise SetupError(str(err)) from None
     log(f"model: {MODEL_NAMES.get(model.config.kind, model.config.kind)}, {contract.describe()}")
+    stop = threading.Event()  # Ctrl-C: also ends a live source's reconnect loop
     try:  # every frame is fitted to the model's input size (rapnet.data.fit_image), whatever size it comes in
-        source = _Peeked(open_source(config.source, contract.image_size), decision.calibration_frames,
-                         config.source.rate)
+        source = _Peeked(open_source(config.source, contract.image_size, stop=stop, log=log),
+                         decision.calibration_frames, config.source.rate)
     except SourceError as err:
         raise SetupError(str(err)) from None
     if source.classes is not None:  # labelled frames: their labels must mean what the model's outputs mean
@@ -306,7 +370,7 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     if not source.head:
         source.close()
         raise SetupError(f"{config.source.describe()} yielded no frame")
-    app = EdgeApp(config, model, metadata, source, log=log, contract=contract)
+    app = EdgeApp(config, model, metadata, source, stop=stop, log=log, contract=contract)
     try:
         target = _cloud_target(app)
         import numpy as np
@@ -370,7 +434,8 @@ def _cloud_target(app: EdgeApp):
 
 
 def close_app(app: EdgeApp) -> None:
-    for closer in (lambda: app.link and app.link.close(), lambda: app.source.close(),
+    for closer in (lambda: app.check and app.check.stop(), lambda: app.metrics and app.metrics.stop(),
+                   lambda: app.link and app.link.close(), lambda: app.source.close(),
                    lambda: app.cloud and app.cloud.stop()):
         try:
             closer()
@@ -389,6 +454,7 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
     output = app.config.output
     agent = app.agent = EdgeAgent(app.model, app.metadata["identity"], app.decider, app.link, app.config.agent,
                                   app.stop)
+    start_checks_and_metrics(app)
     classes = list(app.contract.class_names)  # the model's names for its outputs, never the dataset's
     out = JsonLines(output.output, classes, app.json_stream)
     stats = Stats(app.model.num_exits)
@@ -403,6 +469,8 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
         for result in agent.run(app.source, on_idle=refresh):
             out.write(result)
             stats.add(result)
+            if app.metrics is not None:
+                app.metrics.observe(result)
             if display.active:
                 display.show(result.pixels, result)
             refresh()
@@ -421,11 +489,42 @@ def run_app(app: EdgeApp, status_stream=None) -> dict:
         if app.link is not None:
             extra.update(network_estimate=app.link.estimate.snapshot(), circuit_trips=app.link.breaker.trips,
                          circuit_state=app.link.breaker.state)
+        if app.check is not None and app.check.result is not None:
+            extra.update(cloud_check=app.check.result.kind, cloud_check_attempts=app.check.attempts)
+        live = app.source.source
+        if getattr(live, "live", False) and hasattr(live, "reconnects"):
+            extra.update(reconnects=live.reconnects, outages=live.outages, seconds_down=round(live.down_s, 3))
         app.summary = stats.summary(extra)
         (status_stream or sys.stderr).write(summary_table(app.summary) + "\n")
         if output.summary_json:
             Path(output.summary_json).write_text(json.dumps(app.summary, indent=2) + "\n")
     return app.summary
+
+
+def start_checks_and_metrics(app: EdgeApp) -> None:
+    """Before the first frame: the metrics endpoint (when asked for) and the start-up check of the cloud, whose
+    failure blocks offloading until a background re-check passes (edge.startup)."""
+    output = app.config.output
+    if output.metrics_port is not None:
+        from .metrics import EdgeMetrics
+
+        app.metrics = EdgeMetrics()
+        app.metrics.watch(source=app.source.source, agent=app.agent, link=app.link)
+        try:
+            port = app.metrics.serve(output.metrics_host, output.metrics_port)
+        except OSError as err:
+            app.metrics = None
+            raise SetupError(f"--metrics-port {output.metrics_port} on {output.metrics_host}: cannot bind it "
+                             f"({err.strerror or err}); pick a free port, or 0 for any") from None
+        app.log(f"metrics on http://{output.metrics_host}:{port}/metrics")
+    if app.link is not None and app.config.cloud.startup_check:
+        from .startup import CloudCheck
+
+        app.check = CloudCheck(app.link, app.agent.contract, app.config.cloud, log=app.log,
+                               checkpoint=str(app.config.checkpoint))
+        if app.metrics is not None:
+            app.metrics.watch(source=app.source.source, agent=app.agent, link=app.link, check=app.check)
+        app.check.start()
 
 
 def _install_signals(app: EdgeApp):
@@ -458,7 +557,10 @@ def _reserve_stdout():
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_config(argv)
+        config, args = parse_command(argv)
+        if args.print_config:
+            sys.stdout.write(config_yaml(config))
+            return 0
         json_stream = _reserve_stdout() if config.output.output == "-" else None
         app = build_app(config)
         app.json_stream = json_stream
@@ -471,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_signals(app)
     try:
         run_app(app)
+    except SetupError as err:  # found before the first frame (e.g. a metrics port in use)
+        _log(f"error: {err}")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _log("aborted")
         return EXIT_INTERRUPTED

@@ -2,8 +2,9 @@
 planner knows about the device and the network, how the agent talks to the cloud, and what it writes.
 
 The edge-agent flags build it (`EdgeConfig.from_args`, each flag's dest is the name of its field); a mapping
-builds it too (`EdgeConfig.from_mapping`, e.g. a parsed YAML file). Every value is checked on construction and
-unknown keys are refused, so a typo never silently falls back to a default.
+builds it too (`EdgeConfig.from_mapping`), and so does a YAML file (`EdgeConfig.from_file`, `edge-agent --config`),
+whose values the flags a user gives override. Every value is checked on construction and unknown keys are
+refused, so a typo never silently falls back to a default. edge/edge.example.yaml documents every key.
 
     config = EdgeConfig.from_mapping({
         "source": {"dataset": "cifar10", "limit": 500},
@@ -20,10 +21,13 @@ the top level.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from rapnet.codec.menu import DEFAULT_ENCODINGS, ENCODING_NAMES
@@ -31,7 +35,10 @@ from rapnet.exit_rules import check_rule
 from rapnet.shipped import default_checkpoint as shipped_checkpoint
 from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
 
-SOURCE_KINDS = ("camera", "video", "images", "dataset")
+SOURCE_KINDS = ("camera", "stream", "video", "images", "dataset")
+STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")  # what OpenCV's FFmpeg backend reads as a live stream
+AUTO_FIELDS = ("device_gflops", "encodings")  # fields whose None means auto: a mapping may say "auto" too
+MAX_CONFIG_BYTES = 1 << 20  # a configuration file larger than this is not one
 
 
 class ConfigError(ValueError):
@@ -55,23 +62,42 @@ def default_checkpoint() -> str:
 
 @dataclass(frozen=True)
 class SourceSettings:
-    """Where frames come from: exactly one of camera, video, images, dataset."""
+    """Where frames come from: exactly one of camera, stream, video, images, dataset."""
 
-    camera: int | None = None  # OpenCV camera index; live: the latest frame wins
+    camera: int | str | None = None  # OpenCV camera index or device path (/dev/videoN); live: the latest frame wins
+    stream: str | None = None  # rtsp://, rtsps://, http:// or https:// (MJPEG) URL, read by FFmpeg; live
     video: str | None = None  # video file, every frame in order
     images: str | None = None  # folder of images (recursive) or a tar archive of them
     dataset: str | None = None  # labelled dataset (rapnet.data): the agent reports accuracy
     split: str = "test"  # the dataset's split
     limit: int = 0  # stop after this many frames; 0: all
     rate: float = 0.0  # pace a file or dataset source at this many frames/s, as a camera would; 0: as fast as read
+    # Live sources (camera, stream): the watchdog's settings.
+    stall_timeout_s: float = 5.0  # no frame for this long: the source is down, and the watchdog reconnects
+    reconnect_max_s: float = 30.0  # reconnect backoff: 0.5 s doubling up to this (with jitter), until it is back
+    open_timeout_s: float = 10.0  # a stream that has not opened in this long counts as a failed attempt
 
     def __post_init__(self) -> None:
         given = [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
-            raise ConfigError(f"source: give exactly one of --camera, --video, --images, --dataset "
+            raise ConfigError(f"source: give exactly one of --camera, --stream, --video, --images, --dataset "
                               f"(got {', '.join(given) if given else 'none'})")
-        _require(self.camera is None or self.camera >= 0, "source.camera", "--camera", self.camera,
-                 "a camera index is >= 0")
+        if isinstance(self.camera, str) and self.camera.strip().isdigit():  # "0" in a file means index 0
+            object.__setattr__(self, "camera", int(self.camera))
+        if isinstance(self.camera, str):
+            _require("://" not in self.camera and bool(self.camera.strip()), "source.camera", "--camera", self.camera,
+                     "give a camera index (0) or a device path (/dev/video0); a network camera is a --stream URL")
+        else:
+            _require(self.camera is None or self.camera >= 0, "source.camera", "--camera", self.camera,
+                     "a camera index is >= 0")
+        if self.stream is not None:
+            scheme = self.stream.split("://", 1)[0].lower() if "://" in self.stream else ""
+            _require(scheme in STREAM_SCHEMES, "source.stream", "--stream", redact_url(self.stream),
+                     f"give a URL starting {', '.join(s + '://' for s in STREAM_SCHEMES)}; a file is --video PATH")
+        for name, flag in (("stall_timeout_s", "--stall-timeout-s"), ("reconnect_max_s", "--reconnect-max-s"),
+                           ("open_timeout_s", None)):
+            value = getattr(self, name)
+            _require(_finite(value) and value > 0, f"source.{name}", flag, value, "give a finite number of seconds > 0")
         _require(self.limit >= 0, "source.limit", "--limit", self.limit, "give a number of frames >= 0 (0: all)")
         _require(_finite(self.rate) and self.rate >= 0, "source.rate", "--rate", self.rate,
                  "give frames/s >= 0 (0: as fast as the source reads)")
@@ -80,10 +106,30 @@ class SourceSettings:
     def kind(self) -> str:
         return next(kind for kind in SOURCE_KINDS if getattr(self, kind) is not None)
 
+    @property
+    def live(self) -> bool:
+        """A camera or a stream: the latest frame wins, and the watchdog reconnects."""
+        return self.kind in ("camera", "stream")
+
     def describe(self) -> str:
         if self.dataset is not None:
             return f"dataset {self.dataset} ({self.split})"
+        if self.stream is not None:
+            return f"stream {redact_url(self.stream)}"
         return f"{self.kind} {getattr(self, self.kind)}"
+
+
+def redact_url(url: str) -> str:
+    """`url` without the password it may carry (rtsp://user:secret@host -> rtsp://user:***@host): for logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, host = authority.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
 
 
 @dataclass(frozen=True)
@@ -184,6 +230,10 @@ class CloudSettings:
     breaker_failures: int = 3  # consecutive failures that open the circuit (frames are then answered here)
     breaker_cooldown_s: float = 2.0  # open time before a half-open probe
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit (the front's default)
+    # The start-up check (edge.startup): health and one authenticated call before the first frame. After a failure
+    # that blocks offloading, checked again in the background with a backoff from 1 s doubling up to this (jitter).
+    startup_check: bool = True
+    check_retry_max_s: float = 30.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -201,6 +251,8 @@ class CloudSettings:
                  "--breaker-cooldown-s", self.breaker_cooldown_s, "a cooldown is a finite number of seconds > 0")
         _require(self.max_message_bytes >= 1024, "cloud.max_message_bytes", "--max-message-bytes",
                  self.max_message_bytes, "give at least 1024 bytes")
+        _require(_finite(self.check_retry_max_s) and self.check_retry_max_s >= 1, "cloud.check_retry_max_s", None,
+                 self.check_retry_max_s, "give a finite number of seconds >= 1")
 
     @property
     def embedded(self) -> bool:
@@ -215,6 +267,14 @@ class OutputSettings:
     summary_json: str | None = None  # also write the summary as JSON here
     display: bool = False  # draw the label in an OpenCV window (needs a screen)
     quiet: bool = False  # no live status line
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: a free one); None: no endpoint
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint's address (loopback: only this machine scrapes it)
+
+    def __post_init__(self) -> None:
+        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "output.metrics_port",
+                 "--metrics-port", self.metrics_port, "give a TCP port 0..65535 (0: a free one)")
+        _require(bool(self.metrics_host.strip()), "output.metrics_host", "--metrics-host", self.metrics_host,
+                 "give an address to bind, e.g. 127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -248,18 +308,85 @@ class EdgeConfig:
     def from_args(cls, args) -> "EdgeConfig":
         """From parsed edge-agent flags: every flag's dest is the name of a field of one section (or of the top
         level); a flag left at its default gives the field's default."""
-        given = vars(args)
-        sections = _sections(cls)
-        data: dict[str, Any] = {f.name: given[f.name] for f in dataclasses.fields(cls)
-                                if f.name not in sections and f.name in given}
-        for name, section in sections.items():
-            values = {f.name: given[f.name] for f in dataclasses.fields(section) if f.name in given}
-            if values:
-                data[name] = values
-        return cls.from_mapping(data)
+        return cls.from_mapping(with_flags({}, vars(args)))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, flags: Mapping[str, Any] | None = None) -> "EdgeConfig":
+        """From a YAML file (sections as in from_mapping), with `flags` (flag dest -> value, only those the user
+        gave) overriding its values. Errors name the file."""
+        data = load_config_file(path)
+        try:
+            return cls.from_mapping(with_flags(data, flags or {}))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_mapping(self) -> dict:
+        """Plain nested dicts and lists (tuples as lists): what from_mapping reads back, and what a YAML file
+        holds (`edge-agent --print-config`)."""
+        def plain(value):
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+        return plain(self.to_dict())
+
+
+def with_flags(data: Mapping[str, Any], flags: Mapping[str, Any]) -> dict:
+    """`data` (nested sections) with `flags` (flat: flag dest -> value) written into the sections their fields
+    belong to. A source flag replaces the source `data` names (--video in place of a file's dataset); names that
+    are no field (e.g. config) are left out."""
+    merged = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    sections = _sections(EdgeConfig)
+    for name in (f.name for f in dataclasses.fields(EdgeConfig)):
+        if name not in sections and name in flags:
+            merged[name] = flags[name]
+    for name, section in sections.items():
+        values = {f.name: flags[f.name] for f in dataclasses.fields(section) if f.name in flags}
+        if not values:
+            continue
+        target = merged.get(name)
+        target = dict(target) if isinstance(target, Mapping) else {}
+        if section is SourceSettings and any(values.get(kind) is not None for kind in SOURCE_KINDS):
+            for kind in SOURCE_KINDS:
+                target.pop(kind, None)
+        target.update(values)
+        merged[name] = target
+    return merged
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The mapping a YAML configuration file holds (yaml.safe_load), checked to be one; ConfigError naming the
+    file (and the line, for a syntax error) otherwise."""
+    import yaml  # only a run with --config needs it
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes, more than a configuration file holds (at most "
+                              f"{MAX_CONFIG_BYTES}): is it the right file?")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file (edge/edge.example.yaml is a documented example)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}): fix the syntax there") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: give at least a source section, e.g. `source: {{camera: 0}}`")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the file must hold a mapping of sections (source:, decision:, ...), "
+                          f"got {type(data).__name__}")
+    return dict(data)
 
 
 def _sections(cls) -> dict[str, type]:
@@ -309,12 +436,16 @@ def _convert(value, hint):
 def _build(cls, data: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"unknown keys {unknown} in {where.rstrip('.') or 'the top level'}; known: {sorted(fields)}")
+        near = [m for key in unknown for m in difflib.get_close_matches(str(key), list(fields), n=1)]
+        raise ConfigError(f"unknown keys {unknown} in {where.rstrip('.') or 'the top level'}; known: {sorted(fields)}"
+                          + (f" (did you mean {', '.join(repr(m) for m in near)}?)" if near else ""))
     values = {}
     for name, value in data.items():
         hint = hints[name]
+        if name in AUTO_FIELDS and value == "auto":
+            value = None
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}{name} must be a mapping of its settings, got {value!r}")

@@ -1,4 +1,5 @@
-"""Frame sources for the edge agent: camera, video file, image folder/archive, labelled dataset.
+"""Frame sources for the edge agent: camera and network stream (edge.streams), video file, image folder/archive,
+labelled dataset.
 
 Every source yields `Frame`s holding uint8 RGB pixels already fitted to the model's input size with
 `rapnet.data.fit_image`, the same resize-shorter-side + centre-crop that the dataset loaders apply.
@@ -7,7 +8,8 @@ Every source yields `Frame`s holding uint8 RGB pixels already fitted to the mode
     for frame in source: ...
     source.close()
 
-`live` sources (a camera) are read by the agent with a latest-frame-wins policy; the others never lose a frame.
+`live` sources (a camera, a stream) are read by the agent with a latest-frame-wins policy and reconnect when they
+stop (edge.streams.LiveSource); the others never lose a frame.
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def _convert(index: int, bgr: np.ndarray, size: int, label=None, name=None, t0: 
 
 
 class CaptureSource(Source):
-    """OpenCV VideoCapture: a camera index (live) or a video file (every frame, in order)."""
+    """OpenCV VideoCapture of a video file (every frame, in order), or a camera index read without a watchdog
+    (the agent reads cameras through edge.streams.LiveSource)."""
 
     def __init__(self, target: int | str, size: int, limit: int = 0, live: bool | None = None):
         self.target, self.size, self.limit = target, size, limit
@@ -177,10 +180,13 @@ class DatasetSource(Source):
             yield Frame(index, pixels, t0, int(self.labels[index]), None, (time.perf_counter() - t0) * 1e3)
 
 
-def open_source(spec: SourceSettings, image_size: int) -> Source:
-    """The one source `spec` names (SourceSettings holds exactly one of camera, video, images, dataset)."""
-    if spec.camera is not None:
-        return CaptureSource(int(spec.camera), image_size, spec.limit, live=True)
+def open_source(spec: SourceSettings, image_size: int, stop=None, log=None) -> Source:
+    """The one source `spec` names (SourceSettings holds exactly one of camera, stream, video, images, dataset).
+    A live one (camera, stream) reads until `stop` (a threading.Event) is set and reports outages to `log`."""
+    if spec.live:
+        from .streams import LiveSource
+
+        return LiveSource(spec, image_size, stop=stop, log=log)
     if spec.video is not None:
         return CaptureSource(str(spec.video), image_size, spec.limit, live=False)
     if spec.images is not None:

@@ -119,6 +119,12 @@ def summary_table(summary: dict) -> str:
                                          f"{e['cloud_queue_ms']:.2f} ms ({e['samples']} calls)"))
     if "circuit_trips" in s:
         rows.append(("circuit breaker", f"opened {s['circuit_trips']} times, now {s['circuit_state']}"))
+    if "cloud_check" in s:
+        rows.append(("start-up check of the cloud", f"{s['cloud_check']} after {s['cloud_check_attempts']} attempt"
+                                                    + ("s" if s["cloud_check_attempts"] != 1 else "")))
+    if "reconnects" in s:
+        rows.append(("live source", f"{s['outages']} outages, {s['reconnects']} reconnects, "
+                                    f"{s['seconds_down']:.1f} s without frames"))
     parts = s.get("breakdown_mean_ms", {})
     if parts:
         rows.append(("mean ms per stage", "  ".join(f"{k} {v:.2f}" for k, v in parts.items())))

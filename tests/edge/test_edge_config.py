@@ -1,17 +1,20 @@
-"""The edge agent's typed configuration (edge.config) and its flags: defaults in one place, values checked on
-construction, unknown keys refused, every flag mapped to a field, and a help text that shows the true defaults.
-Nothing here loads a model or starts Ray."""
+"""The edge agent's typed configuration (edge.config), its flags and its YAML file: defaults in one place, values
+checked on construction, unknown keys refused, every flag mapped to a field, a file equal to the flags it replaces
+and overridden by the flags given, and a help text that shows the true defaults. Nothing here loads a model or
+starts Ray."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from edge import agent as edge_agent
 from edge.config import (AgentSettings, CloudSettings, ConfigError, DecisionSettings, EdgeConfig, OutputSettings,
-                         SourceSettings, default_checkpoint)
+                         SourceSettings, default_checkpoint, redact_url)
 from rapnet.codec.menu import DEFAULT_ENCODINGS
 from rapnet.shipped import default_checkpoint as shipped_checkpoint
 
@@ -40,7 +43,7 @@ def test_every_flag_sets_one_field():
         names = {f.name for f in dataclasses.fields(cls)}
         assert not names & fields, f"{cls.__name__} shares a field name with another section"
         fields |= names
-    dests = {a.dest for a in edge_agent.build_parser()._actions if a.dest != "help"}
+    dests = {a.dest for a in edge_agent.build_parser()._actions if a.dest != "help"} - set(edge_agent.META_FLAGS)
     assert dests <= fields, f"flags without a field: {sorted(dests - fields)}"
 
 
@@ -53,16 +56,19 @@ def test_flags_map_to_their_fields():
                "--cloud", "h:1", "--deadline-ms", "300", "--tls-ca", "ca.pem", "--tls-cert", "c.pem",
                "--tls-key", "k.pem", "--token-file", "tok", "--in-flight", "2", "--breaker-failures", "5",
                "--breaker-cooldown-s", "1.5", "--max-message-bytes", "4096", "--output", "-", "--summary-json",
-               "s.json", "--display", "--quiet")
-    assert c.source == SourceSettings(dataset="cifar10", split="train", limit=7, rate=12.5)
+               "s.json", "--display", "--quiet", "--stall-timeout-s", "2", "--reconnect-max-s", "4",
+               "--metrics-port", "9102", "--metrics-host", "0.0.0.0", "--no-cloud-check")
+    assert c.source == SourceSettings(dataset="cifar10", split="train", limit=7, rate=12.5, stall_timeout_s=2.0,
+                                      reconnect_max_s=4.0)
     assert (c.checkpoint, c.torch_threads) == ("m.pt", 2)
     assert c.decision == DecisionSettings(
         price=0.1, stop_confidence=0.8, device_gflops=2.5, device_layer_us=3.0, cloud_gflops=50.0,
         latency_budget_ms=40.0, encodings=("png", "fp16+zstd"), bandwidth_mbps=10.0, rtt_ms=20.0,
         cloud_overhead_ms=6.0, cloud_exit=False, fixed_network=True, calibration_frames=4, traces="t.npz")
     assert c.agent == AgentSettings(deadline_ms=300.0, in_flight=2, emulate_device=True)
-    assert c.cloud == CloudSettings("h:1", "ca.pem", "c.pem", "k.pem", "tok", 5, 1.5, 4096)
-    assert c.output == OutputSettings("-", "s.json", display=True, quiet=True)
+    assert c.cloud == CloudSettings("h:1", "ca.pem", "c.pem", "k.pem", "tok", 5, 1.5, 4096, startup_check=False)
+    assert c.output == OutputSettings("-", "s.json", display=True, quiet=True, metrics_port=9102,
+                                      metrics_host="0.0.0.0")
     assert config("--threshold", "0.4").decision.threshold == 0.4
     assert EdgeConfig.from_mapping(c.to_dict()) == c
 
@@ -121,7 +127,8 @@ def test_malformed_flags_are_usage_errors(capsys):
     assert "choose auto or a comma-separated list" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no source
         edge_agent.parse_config([])
-    with pytest.raises(ConfigError, match="exactly one of --camera, --video, --images, --dataset"):
+    assert "give a source: one of --camera, --stream" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="exactly one of --camera, --stream, --video, --images, --dataset"):
         SourceSettings(camera=0, video="v.avi")
 
 
@@ -156,7 +163,7 @@ def test_help_shows_every_options_true_default():
     text = parser.format_help()
     assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
     entries = help_entries(parser)
-    sources = {"--camera", "--video", "--images", "--dataset"}  # exactly one is required: no default
+    sources = set(edge_agent.SOURCE_FLAGS)  # exactly one is required: no default
     for action in parser._actions:
         option = action.option_strings[0]
         if option == "-h" or option in sources:
@@ -184,3 +191,143 @@ def test_help_puts_the_users_options_before_the_live_validation_ones():
     group = next(g for g in parser._action_groups if g.title == emulation)
     assert {a.option_strings[0] for a in group._group_actions} == {
         "--rate", "--emulate-device", "--device-layer-us", "--fixed-network", "--cloud-overhead-ms"}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The configuration file (--config): the same EdgeConfig as the flags it replaces, flags override it
+# ------------------------------------------------------------------------------------------------------
+EXAMPLE = Path(edge_agent.__file__).with_name("edge.example.yaml")
+
+FLAGS = ["--dataset", "cifar10", "--split", "train", "--limit", "7", "--checkpoint", "m.pt", "--torch-threads", "2",
+         "--price", "0.1", "--stop-confidence", "0.8", "--device-gflops", "2.5", "--latency-budget-ms", "40",
+         "--encoding", "png,fp16+zstd", "--fixed-network", "--no-cloud-exit", "--cloud", "h:1", "--deadline-ms",
+         "300", "--tls-ca", "ca.pem", "--token-file", "tok", "--in-flight", "2", "--output", "-", "--quiet",
+         "--stall-timeout-s", "2", "--metrics-port", "0"]
+FILE = """\
+checkpoint: m.pt
+torch_threads: 2
+source: {dataset: cifar10, split: train, limit: 7, stall_timeout_s: 2}
+decision:
+  price: 0.1
+  stop_confidence: 0.8
+  device_gflops: 2.5
+  latency_budget_ms: 40
+  encodings: [png, fp16+zstd]
+  fixed_network: true
+  cloud_exit: false
+agent: {deadline_ms: 300, in_flight: 2}
+cloud: {address: "h:1", tls_ca: ca.pem, token_file: tok}
+output: {output: "-", quiet: true, metrics_port: 0}
+"""
+
+
+def write(tmp_path, text: str, name: str = "edge.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_equals_the_flags_it_replaces(tmp_path):
+    path = write(tmp_path, FILE)
+    from_flags = edge_agent.parse_config(FLAGS)
+    assert EdgeConfig.from_file(path) == from_flags
+    assert edge_agent.parse_config(["--config", path]) == from_flags
+    assert from_flags.decision.encodings == ("png", "fp16+zstd") and from_flags.output.metrics_port == 0
+
+
+def test_flags_override_the_file_and_only_the_flags_given(tmp_path):
+    path = write(tmp_path, FILE)
+    c = edge_agent.parse_config(["--config", path, "--limit", "3", "--deadline-ms", "1000", "--device-gflops", "auto",
+                                 "--encoding", "auto"])
+    assert c.source.limit == 3 and c.source.dataset == "cifar10" and c.source.split == "train"  # the rest: the file's
+    # a flag given at its default value still overrides the file; auto is a value like any other
+    assert c.agent.deadline_ms == 1000.0 and c.agent.in_flight == 2
+    assert c.decision.device_gflops is None and c.decision.encodings is None and c.decision.price == 0.1
+    # a source flag replaces the file's source, whatever kind it was; the file's other source settings stay
+    c = edge_agent.parse_config(["--config", path, "--stream", "http://127.0.0.1:8080/video.mjpg"])
+    assert c.source.kind == "stream" and c.source.dataset is None and c.source.limit == 7
+    assert edge_agent.parse_config(["--config", path, "--camera", "/dev/video2"]).source.camera == "/dev/video2"
+    # on/off flags: given, they win; not given, the file's value stands
+    assert edge_agent.parse_config(["--config", path]).decision.cloud_exit is False
+    assert edge_agent.parse_config(["--config", path, "--display"]).output.display is True
+    # the file may leave the source to the command line
+    bare = write(tmp_path, "agent: {deadline_ms: 250}\n", "bare.yaml")
+    c = edge_agent.parse_config(["--config", bare, "--video", "clip.avi"])
+    assert c.source.video == "clip.avi" and c.agent.deadline_ms == 250.0
+    with pytest.raises(edge_agent.SetupError, match=r"bare.yaml: source is required"):
+        edge_agent.parse_config(["--config", bare])
+
+
+def test_config_file_errors_name_the_file_the_key_and_the_fix(tmp_path):
+    cases = [
+        ("source: {dataset: cifar10}\ndecision: {prize: 0.1}\n",
+         r"edge.yaml: unknown keys \['prize'\] in decision; known: .* \(did you mean 'price'\?\)"),
+        ("source: {dataset: cifar10}\nsoruce: {}\n", r"unknown keys \['soruce'\] in the top level.*did you mean 'source'"),
+        ("source: {dataset: cifar10, limit: many}\n", r"edge.yaml: source.limit must be int, got 'many'"),
+        ("source: {dataset: cifar10}\nagent: {deadline_ms: -5}\n",
+         r"edge.yaml: agent.deadline_ms \(--deadline-ms\) = -5.0: a deadline is a finite number of ms > 0"),
+        ("source: {dataset: cifar10}\ncloud: 127.0.0.1:50051\n", r"edge.yaml: cloud must be a mapping of its settings"),
+        ("source: {dataset: cifar10\n", r"edge.yaml line 2, column 1: not valid YAML .*: fix the syntax there"),
+        ("- source\n", r"edge.yaml: the file must hold a mapping of sections .*got list"),
+        ("", r"edge.yaml is empty: give at least a source section"),
+        ("source: {dataset: cifar10, camera: 0}\n", r"exactly one of --camera, --stream"),
+        ("source: {stream: 'rtsp://admin:hunter2@cam/1', stall_timeout_s: 0}\n", r"source.stall_timeout_s"),
+    ]
+    for text, message in cases:
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError, match=message):
+            EdgeConfig.from_file(path)
+        with pytest.raises(edge_agent.SetupError, match=message):  # the CLI: a setup error (exit 2)
+            edge_agent.parse_config(["--config", path])
+    with pytest.raises(ConfigError, match=r"--config .*missing.yaml: no such file"):
+        EdgeConfig.from_file(tmp_path / "missing.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: \d+ bytes, more than a configuration file holds"):
+        EdgeConfig.from_file(big)
+
+
+def test_the_example_loads_and_documents_every_key():
+    c = EdgeConfig.from_file(EXAMPLE)
+    assert c.source.kind == "stream" and c.decision.device_gflops is None and c.decision.encodings is None
+    assert c.output.metrics_port == 9102 and c.output.metrics_host == "127.0.0.1"
+    text = EXAMPLE.read_text()
+    keys = set(re.findall(r"^\s*#?\s*(\w+):", text, flags=re.M))
+    for cls in (EdgeConfig, *SECTIONS.values()):
+        for f in dataclasses.fields(cls):
+            assert f.name in keys, f"edge.example.yaml does not document {cls.__name__}.{f.name}"
+
+
+def test_print_config_prints_what_config_reads_back(tmp_path, capsys):
+    path = write(tmp_path, FILE)
+    assert edge_agent.main(["--config", path, "--limit", "5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    again = write(tmp_path, printed, "printed.yaml")
+    expected = edge_agent.parse_config(["--config", path, "--limit", "5"])
+    assert EdgeConfig.from_file(again) == expected and "limit: 5" in printed
+    assert edge_agent.main(["--dataset", "cifar10", "--print-config"]) == 0
+    assert EdgeConfig.from_mapping(yaml.safe_load(capsys.readouterr().out)) == config()
+
+
+def test_live_sources_take_an_index_a_device_path_or_a_stream_url():
+    assert edge_agent.parse_config(["--camera", "2"]).source.camera == 2
+    assert edge_agent.parse_config(["--camera", "/dev/video0"]).source.camera == "/dev/video0"
+    assert EdgeConfig.from_mapping({"source": {"camera": "1"}}).source.camera == 1  # quoted in a file: still an index
+    for url in ("rtsp://cam/1", "rtsps://cam/1", "http://127.0.0.1:8080/video.mjpg", "HTTPS://cam/mjpg"):
+        c = edge_agent.parse_config(["--stream", url])
+        assert c.source.stream == url and c.source.live
+    assert not config().source.live
+    with pytest.raises(edge_agent.SetupError, match=r"--stream.*= 'ftp://admin:\*\*\*@cam/x': give a URL starting "
+                                                    r"rtsp://"):
+        edge_agent.parse_config(["--stream", "ftp://admin:hunter2@cam/x"])
+    with pytest.raises(edge_agent.SetupError, match=r"--stream.*a file is --video PATH"):
+        edge_agent.parse_config(["--stream", "clip.avi"])
+    with pytest.raises(edge_agent.SetupError, match=r"a network camera is a --stream URL"):
+        edge_agent.parse_config(["--camera", "rtsp://cam/1"])
+    with pytest.raises(edge_agent.SetupError, match=r"--reconnect-max-s"):
+        edge_agent.parse_config(["--camera", "0", "--reconnect-max-s", "0"])
+    with pytest.raises(edge_agent.SetupError, match=r"--metrics-port"):
+        edge_agent.parse_config(["--camera", "0", "--metrics-port", "70000"])
+    assert redact_url("rtsp://admin:hunter2@cam:554/s?x=1") == "rtsp://admin:***@cam:554/s?x=1"
+    assert redact_url("http://cam/video") == "http://cam/video"
+    assert "hunter2" not in SourceSettings(stream="rtsp://admin:hunter2@cam/1").describe()
