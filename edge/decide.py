@@ -5,8 +5,8 @@ orchestration.calibration.planner_for_model): this module only turns the agent's
 estimate into the planner's `Conditions`, and keeps those conditions on a coarse grid so the planner's
 per-Conditions option cache stays small and a noisy estimate does not flip decisions on every frame.
 
-    decider = build_decider(model, sample_pixels, DecisionSettings(device_gflops=5))   # edge.config
-    plan = decider.plan(scores, decider.conditions(estimate))        # scores: model.exit_scores(x)[0]
+    decider = build_decider(runtime, sample_pixels, DecisionSettings(device_gflops=5))   # edge.config
+    plan = decider.plan(scores, decider.conditions(estimate))        # scores: runtime.exit_scores(x)[0]
     plan.exit_index, plan.split, plan.encoding, plan.offload
 
 The exit rule is RAPNet's priced rule by default (rapnet.exit_rules.priced_exits: argmax score - price x cost) at
@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from orchestration.planner import DEFAULT_PRICE, Conditions, Plan, Planner
+from rapnet.execution import as_runtime
 from rapnet.exit_rules import check_price
 
 from .config import DecisionSettings
@@ -132,11 +133,13 @@ class Decider:
 
 def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSettings,
                   metadata: dict | None = None) -> Decider:
-    """The planner for `model` (orchestration.calibration: measured costs, layer counts, real request sizes on
-    `sample_pixels`, or the trace cache `settings.traces` holding this model) behind the agent's settings
+    """The planner for `model` (a rapnet.execution runtime, or a MultiExitNetwork run by PyTorch) on the runtime the
+    agent uses (orchestration.calibration: its cost table and calls, real request sizes on `sample_pixels`, or the
+    trace cache `settings.traces` holding this model; the device's speed timed on it) behind the agent's settings
     (validated when they were built)."""
     from orchestration.calibration import jpeg_stop_confidence, planner_for_model
 
+    model = as_runtime(model, (metadata or {}).get("identity"))
     traces = settings.traces
     price = None
     if settings.threshold is None:
@@ -162,32 +165,32 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
 
 def measure_device_gflops(model, planner: Planner, pixels: np.ndarray, repeats: int = 9,
                           layer_us: float | None = None) -> tuple[float, float]:
-    """This device's speed as the planner models devices (FLOPs / G plus leaf-layer calls x `layer_us`, by default
-    a scaled copy of the reference CPU's 20.7 us x 33.3 / G): the G at which the model predicts the measured batch-1
-    time of the predictor plus the whole network on one frame (median of `repeats` runs after two warm-ups, the
-    agent's torch threads). Returns (GFLOP/s, measured ms)."""
+    """This device's speed as the planner models devices (FLOPs / G plus calls x `layer_us`, by default a scaled
+    copy of the reference CPU's 20.7 us x 33.3 / G per call; a call is a leaf layer in eager PyTorch, a graph in ONNX
+    Runtime, as the planner's layer counts from the same runtime say): the G at which the model predicts the
+    measured batch-1 time of the predictor plus the whole network on one frame, timed on the runtime the agent uses
+    (`model`: a rapnet.execution runtime or a MultiExitNetwork; median of `repeats` runs after two warm-ups, the
+    agent's threads). Returns (GFLOP/s, measured ms)."""
     import statistics
     import time
 
-    import torch
-
     from orchestration.planner import REF_GFLOPS, REF_LAYER_US
-    from rapnet.preprocess import to_model_input
+    from rapnet.preprocess import to_model_array
 
+    model = as_runtime(model)
     costs, layers = planner.costs, planner.layers
     last = costs.num_exits - 1
     flops = costs.predictor_flops + sum(costs.stage_flops) + costs.exit_flops[last]
     calls = layers.predictor_layers + sum(layers.stage_layers) + layers.exit_layers[last]
-    x = to_model_input(pixels)
+    x = to_model_array(pixels)
     times = []
-    with torch.no_grad():
-        for i in range(repeats + 2):
-            t0 = time.perf_counter()
-            if model.predictor is not None:
-                model.exit_scores(x)
-            model.run_to_exit(x, last)
-            if i >= 2:
-                times.append((time.perf_counter() - t0) * 1e3)
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        if model.has_predictor:
+            model.exit_scores(x)
+        model.run_to_exit(x, last)
+        if i >= 2:
+            times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
     if layer_us is None:
         return (flops / 1e6 + calls * REF_LAYER_US * REF_GFLOPS / 1e3) / ms, ms

@@ -10,6 +10,9 @@
 
 Every frame the compute thread takes gets a result; a live source's frames that were replaced by a newer one
 before the compute thread took them are counted in `dropped`. Nothing else is ever skipped.
+
+The network runs through a rapnet.execution runtime (ONNX Runtime or PyTorch, edge.runtime picks), on numpy
+arrays: with ONNX Runtime nothing on this path imports torch.
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
-from rapnet.codec import ModelContract, build_request, encode_options
-from rapnet.preprocess import to_model_input
+from rapnet.codec import build_request, encode_options
+from rapnet.execution import as_runtime, top_probability
+from rapnet.preprocess import to_model_array
 
 from .config import AgentSettings
 from .decide import Decider
@@ -91,7 +94,7 @@ class FrameResult:
 class _Job:
     frame: Frame
     frame_id: int
-    x: torch.Tensor
+    x: np.ndarray
     scores: np.ndarray
     plan: object
     conditions: object
@@ -118,12 +121,15 @@ def _sleep_to(lat: dict, step: str, pad_ms: float) -> None:
 
 
 class EdgeAgent:
-    """Runs a source through the model and the cloud. `run()` yields FrameResults in frame order."""
+    """Runs a source through the model and the cloud. `run()` yields FrameResults in frame order.
+
+    `model`: a rapnet.execution runtime, or a MultiExitNetwork (run by PyTorch)."""
 
     def __init__(self, model, identity: str, decider: Decider, link: CloudLink | None, settings: AgentSettings,
                  stop: threading.Event | None = None):
-        self.model, self.decider, self.link, self.settings = model, decider, link, settings
-        self.contract = ModelContract.from_model(model, identity)
+        self.model = as_runtime(model, identity)
+        self.decider, self.link, self.settings = decider, link, settings
+        self.contract = self.model.contract
         self.stop = stop or threading.Event()
         self.counters = Counters()
         self._encode_options = {}
@@ -141,13 +147,12 @@ class EdgeAgent:
             return self.decider.conditions(cloud_available=False)
         return self.decider.conditions(est["bandwidth_mbps"], est["rtt_ms"], est["cloud_queue_ms"], available)
 
-    def _local_result(self, frame: Frame, frame_id: int, logits: torch.Tensor, exit_index: int, target: int,
+    def _local_result(self, frame: Frame, frame_id: int, logits: np.ndarray, exit_index: int, target: int,
                       lat: dict, t_start: float, plan, score: float | None, degraded: str | None = None,
                       split=None, encoding=None, sent=0, received=0, where="edge") -> FrameResult:
-        prob = torch.softmax(logits, 1)[0]
-        conf, cls = torch.max(prob, 0)
+        cls, conf = int(np.argmax(logits[0])), float(top_probability(logits)[0])
         return self._finish(FrameResult(
-            frame_id, frame.index, int(cls), float(conf), exit_index, target, where, split, encoding, sent, received,
+            frame_id, frame.index, cls, conf, exit_index, target, where, split, encoding, sent, received,
             lat, degraded is not None, degraded, frame.label, frame.name, score, bool(plan.offload),
             float(plan.expected_latency_ms)), frame, t_start)
 
@@ -159,15 +164,14 @@ class EdgeAgent:
         result.latency_ms["total"] = (now - frame.captured) * 1e3
         return result
 
-    @torch.no_grad()
     def process(self, frame: Frame, frame_id: int) -> FrameResult | _Job:
         """Preprocess, predict, decide; answer locally or return a job for the network threads."""
         t_start = time.perf_counter()
         lat = {"preprocess": frame.fit_ms}
         t = time.perf_counter()
-        x = to_model_input(frame.pixels)
+        x = to_model_array(frame.pixels)
         lat["preprocess"] += (time.perf_counter() - t) * 1e3
-        use = self.settings.use_predictor and self.model.predictor is not None
+        use = self.settings.use_predictor and self.model.has_predictor
         t = time.perf_counter()
         conditions = self._conditions()
         # The image goes to the cloud whatever the predictor says: skip it here, the cloud picks the exit.
@@ -179,7 +183,7 @@ class EdgeAgent:
         scores, degraded = None, None
         t = time.perf_counter()
         if use and not cloud_exit:
-            scores = self.model.exit_scores(x).numpy()[0]
+            scores = self.model.exit_scores(x)[0]
         lat["predictor"] = (time.perf_counter() - t) * 1e3
         if not cloud_exit:
             t = time.perf_counter()
@@ -250,7 +254,6 @@ class EdgeAgent:
         modelled = self.decider.planner.codec_scaled(plan.split, plan.encoding, conditions)[0]
         _sleep_to(lat, "encode", modelled - lat["encode"])
 
-    @torch.no_grad()
     def send(self, job: _Job) -> FrameResult:
         """Network thread: one request with the deadline; any failure -> fallback."""
         t = time.perf_counter()
@@ -278,21 +281,20 @@ class EdgeAgent:
         t = time.perf_counter()
         split, model = job.plan.split, self.model
         k = model.deepest_local_exit(split)
-        with torch.no_grad():
-            if k is not None:
-                try:
-                    logits = model.local_exit_logits(job.carry, split)
-                except ValueError:  # the exit's features did not cross the split: recompute them
-                    logits = model.run_to_exit(job.x, k)
-            else:
-                first = next(i for i, s in enumerate(model.exit_stages) if s >= split)
-                target = job.plan.exit_index
-                if job.scores is None and job.plan.breakdown.get("cloud_exit"):
-                    # the cloud was to pick the exit: run the predictor now rather than the whole network
-                    job.scores = model.exit_scores(job.x).numpy()[0]
-                    target = self.decider.local_plan(job.scores, job.conditions).exit_index
-                k = self.decider.fallback_exit(job.conditions, target, first)
-                logits = model.cloud_part(job.carry, split, k)  # runs stages [split, exit k] here, on the edge
+        if k is not None:
+            try:
+                logits = model.local_exit_logits(job.carry, split)
+            except ValueError:  # the exit's features did not cross the split: recompute them
+                logits = model.run_to_exit(job.x, k)
+        else:
+            first = next(i for i, s in enumerate(model.exit_stages) if s >= split)
+            target = job.plan.exit_index
+            if job.scores is None and job.plan.breakdown.get("cloud_exit"):
+                # the cloud was to pick the exit: run the predictor now rather than the whole network
+                job.scores = model.exit_scores(job.x)[0]
+                target = self.decider.local_plan(job.scores, job.conditions).exit_index
+            k = self.decider.fallback_exit(job.conditions, target, first)
+            logits = model.cloud_part(job.carry, split, k)  # runs stages [split, exit k] here, on the edge
         job.lat["fallback"] = (time.perf_counter() - t) * 1e3
         return self._local_result(job.frame, job.frame_id, logits, k, job.plan.exit_index, job.lat, job.t_start,
                                   job.plan, None if job.scores is None else float(job.scores[job.plan.exit_index]),

@@ -4,8 +4,10 @@
     planner = planner_for_model(model, sample_pixels)        # priced rule at DEFAULT_PRICE; price=... or threshold=...
     plan = planner.plan(model.exit_scores(x).numpy()[0], Conditions(bandwidth_mbps=..., rtt_ms=..., device_gflops=...))
 
-Cost table and layer counts come from the model itself; payload sizes are the real serialized InferRequest
-sizes on the sample frames (measure_payloads, the same measurement the simulator's traces hold), or, with
+`model` is a MultiExitNetwork or a rapnet.execution runtime (the edge's PyTorch or ONNX Runtime): the model runs
+through the runtime's numpy execution API, so a planner is calibrated on the runtime the agent uses. Cost table
+and layer calls come from the runtime; payload sizes are the real serialized InferRequest sizes on the sample
+frames (measure_payloads, the same measurement the simulator's traces hold), or, with
 `traces`, the cached ones for the same model identity (a rapnet-sim trace cache, orchestration.model_traces).
 Here too: how an exit rule's setting is tuned on calibration data (calibrate_setting) and, for frames that
 travel as JPEG, on the held-out split's JPEG view (calibrate_for_jpeg, capped_jpeg_stop); the simulator
@@ -21,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rapnet.codec.menu import DEFAULT_ENCODINGS, LOSSLESS, encode_options, encodings_for_split
+from rapnet.execution import as_runtime, leaf_layers, top_probability  # noqa: F401 - leaf_layers for the traces
 from rapnet.exit_rules import THRESHOLDS, capped_exits, priced_exits
 
 from .model_traces import ModelTraces, load_traces
@@ -28,15 +31,10 @@ from .planner import MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, LayerCounts, Planner
 
 
 # --- measuring a model -------------------------------------------------------------------------------------
-def leaf_layers(module) -> int:
-    """Leaf modules a call executes (conv, BN, activation, ...): the per-layer-call term of the device model."""
-    return sum(1 for m in module.modules() if not list(m.children()))
-
-
 def layer_counts(model) -> LayerCounts:
-    """The planner's per-stage, per-exit and predictor leaf-layer counts of `model`."""
-    return LayerCounts(tuple(leaf_layers(s) for s in model.stages), tuple(leaf_layers(e) for e in model.exits),
-                       leaf_layers(model.predictor) if model.predictor is not None else 0)
+    """The planner's per-stage, per-exit and predictor call counts of `model` on its runtime (leaf layers for
+    eager PyTorch, one per graph for ONNX Runtime)."""
+    return LayerCounts(*as_runtime(model).layer_calls)
 
 
 def measure_payloads(model, pixels: np.ndarray, log: Callable[[str], None] | None = None,
@@ -44,61 +42,57 @@ def measure_payloads(model, pixels: np.ndarray, log: Callable[[str], None] | Non
     """Per (split, encoding) on the frames `pixels` (N, H, W, 3 uint8): the real serialized InferRequest size of
     each frame, the median encode and decode ms, and the share of frames a lossy encoding leaves every later
     exit's answer unchanged on. `log` (with `name`) gets one line per split."""
-    import torch
-
     from rapnet import codec
-    from rapnet.preprocess import to_model_input
+    from rapnet.preprocess import to_model_array
 
-    contract = codec.ModelContract.from_model(model)
+    run = as_runtime(model)
+    contract = run.contract
     payload, enc_ms, dec_ms, agreement = {}, {}, {}, {}
-    with torch.no_grad():
-        x = to_model_input(pixels)
-        reference = [z.argmax(1) for z in model(x)]
-        for split in range(model.num_stages):
-            carry = model.edge_part(x, split)
-            last = model.num_exits - 1
-            first = next(k for k, st in enumerate(model.exit_stages) if st >= split)
-            for encoding in encodings_for_split(split):
-                options = encode_options(encoding)
-                sizes, t_enc, t_dec, decoded = [], [], [], []
-                for i in range(len(pixels)):
-                    one = {k: v[i : i + 1] for k, v in carry.items()}
-                    t0 = time.perf_counter()
-                    req = codec.build_request(contract, one, split, last, options, image=pixels[i])
-                    data = req.SerializeToString()
-                    t1 = time.perf_counter()
-                    parsed = codec.parse_request_bytes(data, contract)
-                    t2 = time.perf_counter()
-                    sizes.append(len(data))
-                    t_enc.append((t1 - t0) * 1e3)
-                    t_dec.append((t2 - t1) * 1e3)
-                    if encoding not in LOSSLESS:
-                        decoded.append(parsed.carry)
-                key = (split, encoding)
-                payload[key] = np.asarray(sizes, dtype=np.int32)
-                enc_ms[key], dec_ms[key] = statistics.median(t_enc), statistics.median(t_dec)
-                if decoded:
-                    batch = {k: torch.cat([d[k] for d in decoded]) for k in decoded[0]}
-                    same = np.ones(len(pixels), dtype=bool)
-                    for k in range(first, model.num_exits):
-                        same &= (model.cloud_part(batch, split, k).argmax(1) == reference[k]).numpy()
-                    agreement[key] = float(same.mean())
-                else:
-                    agreement[key] = 1.0
-            if log is not None:
-                log(f"  {name} split {split}: " + ", ".join(
-                    f"{e} {payload[split, e].mean():.0f} B (agree {agreement[split, e]:.3f})"
-                    for e in encodings_for_split(split)))
+    x = to_model_array(pixels)
+    reference = [z.argmax(1) for z in run.all_exits(x)]
+    for split in range(run.num_stages):
+        carry = run.edge_part(x, split)
+        last = run.num_exits - 1
+        first = next(k for k, st in enumerate(run.exit_stages) if st >= split)
+        for encoding in encodings_for_split(split):
+            options = encode_options(encoding)
+            sizes, t_enc, t_dec, decoded = [], [], [], []
+            for i in range(len(pixels)):
+                one = {k: v[i : i + 1] for k, v in carry.items()}
+                t0 = time.perf_counter()
+                req = codec.build_request(contract, one, split, last, options, image=pixels[i])
+                data = req.SerializeToString()
+                t1 = time.perf_counter()
+                parsed = codec.parse_request_bytes(data, contract, numpy=True)
+                t2 = time.perf_counter()
+                sizes.append(len(data))
+                t_enc.append((t1 - t0) * 1e3)
+                t_dec.append((t2 - t1) * 1e3)
+                if encoding not in LOSSLESS:
+                    decoded.append(parsed.carry)
+            key = (split, encoding)
+            payload[key] = np.asarray(sizes, dtype=np.int32)
+            enc_ms[key], dec_ms[key] = statistics.median(t_enc), statistics.median(t_dec)
+            if decoded:
+                batch = {k: np.concatenate([d[k] for d in decoded]) for k in decoded[0]}
+                same = np.ones(len(pixels), dtype=bool)
+                for k in range(first, run.num_exits):
+                    same &= run.cloud_part(batch, split, k).argmax(1) == reference[k]
+                agreement[key] = float(same.mean())
+            else:
+                agreement[key] = 1.0
+        if log is not None:
+            log(f"  {name} split {split}: " + ", ".join(
+                f"{e} {payload[split, e].mean():.0f} B (agree {agreement[split, e]:.3f})"
+                for e in encodings_for_split(split)))
     return payload, enc_ms, dec_ms, agreement
 
 
 def traces_for_model(model, traces: str | Path | None) -> ModelTraces | None:
     """The ModelTraces of `model` (by identity) in a rapnet-sim trace cache; None without one."""
-    from rapnet.checkpoint import model_identity
-
     if traces is None or not Path(traces).exists():
         return None
-    identity = model_identity(model)
+    identity = as_runtime(model).identity
     return next((t for t in load_traces(Path(traces))[0].values() if t.identity == identity), None)
 
 
@@ -170,11 +164,10 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     accuracy needs labels). With the priced rule the planner learns the rule's exits (Planner.with_calibration) on
     the traces' calibration images, or on the sample frames, and with a `stop_confidence` (the capped rule) where
     those frames stop."""
-    from rapnet.costs import measure_costs
-
-    costs = measure_costs(model)
+    run = as_runtime(model)
+    costs = run.costs
     payload = codec_ms = agreement = prior_scores = prior_confidence = None
-    t = traces_for_model(model, traces)
+    t = traces_for_model(run, traces)
     if t is not None:
         payload, agreement = t.menu(min_agreement, max_jpeg_drop)
         codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
@@ -184,29 +177,26 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     if payload is None:
         if sample_pixels is None:
             raise ValueError("pass sample frames (uint8 N x H x W x 3) to measure request sizes, or a matching trace cache")
-        sizes, enc, dec, agreement = measure_payloads(model, np.asarray(sample_pixels))
+        sizes, enc, dec, agreement = measure_payloads(run, np.asarray(sample_pixels))
         payload = {k: int(round(float(v.mean()))) for k, v in sizes.items()
                    if k != (0, "jpeg") and agreement[k] >= min_agreement}
         codec_ms = {k: (enc[k], dec[k]) for k in sizes}
     if exit_accuracy is None:
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
     planner = Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price,
-                      layers=layer_counts(model), codec_ms=codec_ms, agreement=agreement,
-                      sequential=model.config.kind == "sdn" if sequential is None else sequential)
-    if planner.price is None or model.predictor is None:
+                      layers=layer_counts(run), codec_ms=codec_ms, agreement=agreement,
+                      sequential=run.kind == "sdn" if sequential is None else sequential)
+    if planner.price is None or not run.has_predictor:
         return planner
     # the cloud-side exit is weighed by how often the rule picks each exit: on the traces' calibration images, or
     # on the sample frames
     if prior_scores is None and sample_pixels is not None:
-        import torch
+        from rapnet.preprocess import to_model_array
 
-        from rapnet.preprocess import to_model_input
-
-        with torch.no_grad():
-            x = to_model_input(np.asarray(sample_pixels))
-            prior_scores = model.exit_scores(x).numpy()
-            if stop_confidence is not None:  # only the capped rule needs where frames stop
-                prior_confidence = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)], 1).numpy()
+        x = to_model_array(np.asarray(sample_pixels))
+        prior_scores = run.exit_scores(x)
+        if stop_confidence is not None:  # only the capped rule needs where frames stop
+            prior_confidence = np.stack([top_probability(z) for z in run.all_exits(x)], 1)
     if prior_scores is None:
         return planner
     caps = priced_exits(prior_scores, planner.price, planner.relative_costs)
