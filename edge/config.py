@@ -283,7 +283,8 @@ class EdgeConfig:
 
     source: SourceSettings
     checkpoint: str = field(default_factory=default_checkpoint)  # RAPNet checkpoint (edge and embedded cloud)
-    torch_threads: int = 1  # intra-op threads of the agent's PyTorch
+    torch_threads: int = 1  # intra-op threads of the agent's runtime (ONNX Runtime or PyTorch)
+    runtime: str | None = None  # "onnx" or "torch"; None: onnx where onnxruntime is installed (edge.runtime)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     cloud: CloudSettings = field(default_factory=CloudSettings)
@@ -292,6 +293,8 @@ class EdgeConfig:
     def __post_init__(self) -> None:
         _require(self.torch_threads >= 1, "torch_threads", "--torch-threads", self.torch_threads,
                  "give at least one thread")
+        _require(self.runtime in (None, "onnx", "torch"), "runtime", "--runtime", self.runtime,
+                 "choose onnx or torch (or leave it out: onnx where onnxruntime is installed)")
         if self.agent.emulate_device and self.decision.device_gflops is None:
             raise ConfigError("--emulate-device pads this CPU's compute to a slower device's: give that device's "
                               "speed with --device-gflops G")
