@@ -85,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the capped rule (with the priced rule): the priced rule's exit becomes the deepest the frame "
                         "may run, and the first exit on the way whose top softmax probability reaches P answers; edge "
                         "and cloud both check (default: none, the priced rule's exit answers)")
+    m.add_argument("--runtime", type=_runtime, default="auto", metavar="auto|onnx|torch",
+                   help="what runs the model here: onnx (ONNX Runtime on the graphs rapnet-export writes; when a "
+                        "checkpoint has none and torch is installed, they are exported once into the rapnet cache) or "
+                        "torch (eager PyTorch); auto: onnx where onnxruntime is installed, else torch")
     m.add_argument("--torch-threads", type=int, default=EdgeConfig.torch_threads, metavar="N",
-                   help="intra-op threads of the agent's PyTorch")
+                   help="intra-op threads of the agent's runtime (ONNX Runtime or PyTorch)")
 
     plan = p.add_argument_group("planner: the device, the cloud and the network")
     plan.add_argument("--device-gflops", type=_gflops, default="auto", metavar="G|auto",
@@ -176,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _camera(value: str) -> int | str:
     """--camera: an index (digits) or a device path."""
     return int(value) if value.strip().isdigit() else value
+
+
+def _runtime(value: str) -> str | None:
+    """--runtime: None for auto (edge.runtime.default_runtime)."""
+    if value not in ("auto", "onnx", "torch"):
+        raise argparse.ArgumentTypeError(f"{value!r}: choose auto, onnx or torch")
+    return None if value == "auto" else value
 
 
 def _gflops(value: str) -> float | None:
@@ -337,24 +348,22 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     from .config import EdgeConfig
 
     config = argv_or_config if isinstance(argv_or_config, EdgeConfig) else parse_config(argv_or_config)
-    import torch
-
-    torch.set_num_threads(config.torch_threads)
-    from rapnet.checkpoint import CheckpointError, ClassMismatchError, InputContract, load_model
+    from rapnet.data import DatasetError
 
     from orchestration.planner import MAX_JPEG_ACCURACY_DROP
 
     from .decide import build_decider
     from .frames import SourceError, open_source
     from .link import CircuitBreaker, CloudLink, NetworkEstimate
+    from .runtime import RuntimeSetupError, open_runtime
 
     decision = config.decision
-    try:
-        model, metadata = load_model(config.checkpoint)
-        contract = InputContract.of(model.config, metadata, str(config.checkpoint))
-    except CheckpointError as err:
+    try:  # the model on its runtime (edge.runtime: ONNX Runtime or PyTorch)
+        loaded = open_runtime(config.checkpoint, config.runtime, config.torch_threads, log)
+    except RuntimeSetupError as err:
         raise SetupError(str(err)) from None
-    log(f"model: {MODEL_NAMES.get(model.config.kind, model.config.kind)}, {contract.describe()}")
+    model, metadata, contract = loaded.runtime, loaded.metadata, loaded.contract
+    log(f"model: {MODEL_NAMES.get(model.kind, model.kind)}, {contract.describe()}; {loaded.where}")
     stop = threading.Event()  # Ctrl-C: also ends a live source's reconnect loop
     try:  # every frame is fitted to the model's input size (rapnet.data.fit_image), whatever size it comes in
         source = _Peeked(open_source(config.source, contract.image_size, stop=stop, log=log),
@@ -364,7 +373,7 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     if source.classes is not None:  # labelled frames: their labels must mean what the model's outputs mean
         try:
             contract.check_classes(source.classes, data=config.source.describe(), model=str(config.checkpoint))
-        except ClassMismatchError as err:
+        except DatasetError as err:  # rapnet.checkpoint.ClassMismatchError
             source.close()
             raise SetupError(str(err)) from None
     if not source.head:
