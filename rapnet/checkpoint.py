@@ -18,15 +18,16 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .build import build_model
 from .config import ModelConfig
 from .data import DatasetError, fit_image
-from .network import MultiExitNetwork
 from .preprocess import MEAN, STD
+
+if TYPE_CHECKING:  # torch loads where a checkpoint is read or written: the contract below is read without it
+    from .network import MultiExitNetwork
 
 FORMAT = "rapnet-checkpoint/1"
 # The class names a 10-class checkpoint without "classes" in its metadata is read with (CIFAR-10's label order).
@@ -120,6 +121,8 @@ class InputContract:
 
 def model_identity(model: MultiExitNetwork) -> str:
     """sha256 over the architecture config and all weights and buffers (names, dtypes, shapes, bytes)."""
+    import torch
+
     digest = hashlib.sha256(json.dumps(model.config.identity_dict(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
@@ -132,6 +135,8 @@ def save_checkpoint(path: str | os.PathLike, model: MultiExitNetwork, metadata: 
     """Write atomically (tmp + rename) so an interrupted save never leaves a half file. Returns the identity.
     The metadata's "classes" (the model's ordered class names) are checked against the model and its
     "normalization" is filled in with rapnet.preprocess's: with the config, the model contract."""
+    import torch
+
     metadata = {**(metadata or {})}
     metadata.setdefault("normalization", NORMALIZATION)
     if "classes" in metadata:
@@ -155,6 +160,8 @@ def save_checkpoint(path: str | os.PathLike, model: MultiExitNetwork, metadata: 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The raw checkpoint dict, refusing anything that is not one of ours."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass --checkpoint with a file rapnet-train wrote")
@@ -177,6 +184,8 @@ def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> 
     """Build the model the checkpoint describes and load its weights; returns (model in eval mode, metadata).
     The metadata's "classes" and "normalization" hold the model contract, with CIFAR-10's class names and
     rapnet.preprocess's normalisation where a 10-class checkpoint lacks them (InputContract.of reads it)."""
+    from .build import build_model
+
     payload = read_checkpoint(path)
     try:
         config = ModelConfig.from_dict(payload.get("config"))
