@@ -125,6 +125,8 @@ class LiveSource(Source):
         self.reconnects = 0  # times the source came back after an outage
         self.outages = 0
         self.down_s = 0.0  # total time without frames, over all outages
+        self.resumed_at: list[int] = []  # per reconnect: the index of the first frame it delivered
+        self._index = 0
         self._reader: _Reader | None = None
         self._connections = 0
         cap = self._open()
@@ -169,15 +171,15 @@ class LiveSource(Source):
 
     # ---- the watchdog -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Frame]:
-        index, limit = 0, self.settings.limit
-        while not self._stopped() and (limit <= 0 or index < limit):
+        limit = self.settings.limit
+        while not self._stopped() and (limit <= 0 or self._index < limit):
             if self._reader is None and not self._reconnect():
                 return  # stopped while the source was down
             item = self._next_item()
             if item is None:
                 continue  # stopped, or the watchdog declared an outage
-            item.index = index
-            index += 1
+            item.index = self._index
+            self._index += 1
             yield item
 
     def _next_item(self) -> Frame | None:
@@ -218,6 +220,7 @@ class LiveSource(Source):
                 continue
             self._start_reader(cap)
             self.reconnects += 1
+            self.resumed_at.append(self._index)
             down = time.monotonic() - self._down_since
             self.down_s += down
             self.log(f"{self.what} is back after {down:.1f} s ({attempts} attempt{'s' * (attempts != 1)}; "
