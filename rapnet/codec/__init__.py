@@ -8,6 +8,7 @@ inference.proto; description and measured sizes: docs/wire.md. One module per co
   tensors   feature tensors as fp32, fp16, int8 or int4 (affine per-channel quantisation);
   images    image payloads: PNG, JPEG or raw uint8 + zstd, and pixels <-> the model's input tensor;
   contract  ModelContract, build_request (edge), parse_request (cloud), build_response (cloud);
+  budget    the largest legitimate request for a model (bytes, fields), checked on raw bytes before parsing;
   menu      the encoding menu ("png", "int8+zstd", ...) and the EncodeOptions each name stands for.
 
 Decoding is bounded and strict. Everything a message declares (enums, shape, sizes, quantisation parameters,
@@ -29,7 +30,8 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "limits": ("CodecError", "MalformedMessage", "LimitExceeded", "ContractMismatch", "DecodeLimits",
-               "DEFAULT_LIMITS", "ENCODINGS", "IMAGE_FORMATS"),
+               "DEFAULT_LIMITS", "ENCODINGS", "IMAGE_FORMATS", "clip"),
+    "budget": ("RequestBudget", "request_budget", "check_wire"),
     "entropy": ("zstd_compress", "zstd_decompress_bounded", "train_dictionary"),
     "tensors": ("quantization_params", "encode_tensor", "check_tensor_header", "decode_tensor", "decode_array"),
     "images": ("pixels_to_tensor", "pixels_to_array", "tensor_to_pixels", "encode_image", "decode_image"),
@@ -57,12 +59,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .budget import RequestBudget, check_wire, request_budget
     from .contract import (IMAGE_KEY, ModelContract, ParsedRequest, build_request, build_response, parse_request,
                            parse_request_bytes)
     from .entropy import train_dictionary, zstd_compress, zstd_decompress_bounded
     from .images import decode_image, encode_image, pixels_to_array, pixels_to_tensor, tensor_to_pixels
     from .limits import (DEFAULT_LIMITS, ENCODINGS, IMAGE_FORMATS, CodecError, ContractMismatch, DecodeLimits,
-                         LimitExceeded, MalformedMessage)
+                         LimitExceeded, MalformedMessage, clip)
     from .menu import (DEFAULT_ENCODINGS, ENCODING_NAMES, FEATURE_ENCODINGS, IMAGE_ENCODINGS, LOSSLESS,
                        RECOMMENDED_ENCODINGS, SAFE_ENCODING, EncodeOptions, encode_options, encodings_for_split,
                        parse_encodings, recommended_encoding)

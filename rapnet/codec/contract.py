@@ -19,12 +19,15 @@ import zstandard
 from protos.rapnet.v1 import inference_pb2 as pb
 
 from .images import decode_image, encode_image, pixels_to_array, pixels_to_tensor
-from .limits import DEFAULT_LIMITS, CodecError, ContractMismatch, DecodeLimits, LimitExceeded, MalformedMessage
+from .limits import (DEFAULT_LIMITS, CodecError, ContractMismatch, DecodeLimits, LimitExceeded, MalformedMessage,
+                     clip)
 from .menu import EncodeOptions
 from .tensors import check_tensor_header, decode_array, encode_tensor
 
 if TYPE_CHECKING:  # torch only where a caller asks for torch tensors: the edge on ONNX Runtime has none
     import torch
+
+    from .budget import RequestBudget
 
 IMAGE_KEY = "image"  # the carry entry an ImagePayload stands for
 
@@ -146,8 +149,12 @@ def build_request(
     return req
 
 
-def parse_request_bytes(data: bytes, contract: ModelContract, limits: DecodeLimits = DEFAULT_LIMITS, **kwargs) -> ParsedRequest:
-    """Deserialize and parse a request from its wire bytes (protobuf errors become MalformedMessage)."""
+def parse_request_bytes(data: bytes, contract: ModelContract, limits: DecodeLimits = DEFAULT_LIMITS,
+                        budget: RequestBudget | None = None, **kwargs) -> ParsedRequest:
+    """Deserialize and parse a request from its wire bytes (protobuf errors become MalformedMessage). With a
+    `budget` (rapnet.codec.budget.request_budget), bytes and field count are checked before protobuf parses."""
+    if budget is not None:
+        budget.check(data)
     try:
         req = pb.InferRequest.FromString(data)
     except Exception as err:  # protobuf's DecodeError, or anything else a broken message provokes
@@ -179,18 +186,20 @@ def parse_request(
     if exit_price is not None:
         contract.check_cloud_exit(req.split_point, exit_price)
     contract.check_stop_confidence(req.stop_confidence)
+    if len(req.request_id) > limits.max_request_id_chars:
+        raise LimitExceeded(f"request_id of {len(req.request_id)} characters, at most {limits.max_request_id_chars}")
     expected = contract.carry_shapes[req.split_point]
+    if len(req.tensors) > limits.max_tensors:  # before anything walks them
+        raise LimitExceeded(f"{len(req.tensors)} tensors, at most {limits.max_tensors} accepted")
     names = [t.name for t in req.tensors]
-    if len(names) > limits.max_tensors:
-        raise LimitExceeded(f"{len(names)} tensors, at most {limits.max_tensors} accepted")
     has_image = req.HasField("image")
     if has_image:
         names.append(IMAGE_KEY)
     if len(set(names)) != len(names):
-        raise MalformedMessage(f"duplicate carry entries in {sorted(names)}")
+        raise MalformedMessage(f"duplicate carry entries in {clip(sorted(names), 256)}")
     if set(names) != set(expected):
         raise MalformedMessage(
-            f"split point {req.split_point} needs carry {sorted(expected)}, the request holds {sorted(names)}"
+            f"split point {req.split_point} needs carry {sorted(expected)}, the request holds {clip(sorted(names), 256)}"
         )
     # Declared sizes first (no allocation), then decode.
     total, batch = 0, None
@@ -203,7 +212,7 @@ def parse_request(
             raise MalformedMessage(f"tensors disagree on the batch size ({batch} vs {shape[0]})")
         if shape[1:] != tuple(expected[t.name]) or shape[0] > limits.max_batch:
             raise MalformedMessage(
-                f"tensor {t.name!r}: shape {shape}, the model expects (N<={limits.max_batch}, "
+                f"tensor {clip(t.name)}: shape {shape}, the model expects (N<={limits.max_batch}, "
                 f"{', '.join(map(str, expected[t.name]))}) at split {req.split_point}"
             )
     if has_image:

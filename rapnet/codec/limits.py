@@ -59,6 +59,11 @@ class DecodeLimits:
     max_tensors: int = 8
     max_batch: int = 64
     max_image_pixels: int = 1 << 20  # width * height
+    # Largest |value| a decoded tensor may hold: the float16 range. The edge's fp16 encoding refuses anything beyond,
+    # and the shipped model's carries on real images stay orders of magnitude below it (docs/wire.md); values far
+    # beyond (finite, but extreme) drive the network to Inf and NaN.
+    max_abs_value: float = 65504.0
+    max_request_id_chars: int = 128  # the edge sends 32 (a uuid4 in hex)
     allowed_dtypes: frozenset[int] = frozenset({pb.DTYPE_FLOAT32})
     allowed_encodings: frozenset[int] = frozenset(ENCODINGS.values())
     allowed_codecs: frozenset[int] = frozenset({pb.CODEC_NONE, pb.CODEC_ZSTD})
@@ -66,6 +71,16 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS = DecodeLimits()
+
+
+def clip(value, limit: int = 64) -> str:
+    """A client-controlled value as it may appear in an error detail or a log line: its repr, cut to about `limit`
+    characters with the full length noted. Every such string goes through here, so a long name never turns a
+    refusal into an oversized status (gRPC drops details beyond its metadata limit) or a log line as long as it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(value) if hasattr(value, '__len__') else len(text)} chars)"
 
 
 def enum_name(enum, value: int) -> str:

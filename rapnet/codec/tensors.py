@@ -19,7 +19,7 @@ import zstandard
 from protos.rapnet.v1 import inference_pb2 as pb
 
 from .entropy import zstd_compress, zstd_decompress_bounded
-from .limits import DEFAULT_LIMITS, ENCODINGS, CodecError, DecodeLimits, LimitExceeded, MalformedMessage, enum_name
+from .limits import DEFAULT_LIMITS, ENCODINGS, CodecError, DecodeLimits, LimitExceeded, MalformedMessage, clip, enum_name
 
 if TYPE_CHECKING:  # torch only where a caller hands in or asks for torch tensors: the edge on ONNX Runtime has none
     import torch
@@ -151,7 +151,7 @@ def encode_tensor(
 
 def check_tensor_header(msg: pb.Tensor, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[tuple[int, ...], int]:
     """Validate everything a Tensor declares, allocating nothing. Returns (shape, decoded float32 bytes)."""
-    what = f"tensor {msg.name!r}"
+    what = f"tensor {clip(msg.name)}"
     if msg.dtype not in limits.allowed_dtypes:
         raise MalformedMessage(f"{what}: dtype {enum_name(pb.DType, msg.dtype)} is not accepted")
     if msg.encoding not in limits.allowed_encodings:
@@ -223,12 +223,12 @@ def decode_array(
     except CodecError:
         raise
     except (ValueError, TypeError, OverflowError, MemoryError, zstandard.ZstdError) as err:  # defensive
-        raise MalformedMessage(f"tensor {getattr(msg, 'name', '?')!r}: undecodable ({err.__class__.__name__}: {err})") from None
+        raise MalformedMessage(f"tensor {clip(getattr(msg, 'name', '?'))}: undecodable ({err.__class__.__name__}: {err})") from None
 
 
 def _decode_tensor(msg, limits, expected_shape, dictionaries) -> np.ndarray:
     shape, _ = check_tensor_header(msg, limits)
-    what = f"tensor {msg.name!r}"
+    what = f"tensor {clip(msg.name)}"
     if expected_shape is not None and shape != tuple(expected_shape):
         raise MalformedMessage(f"{what}: shape {shape}, the model expects {tuple(expected_shape)} here")
     enc = msg.encoding
@@ -268,6 +268,10 @@ def _decode_tensor(msg, limits, expected_shape, dictionaries) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes Inf, refused below
             x = (q.reshape(shape).astype(np.float32) - zero_point.reshape(bs)) * scale.reshape(bs)
     x = x.reshape(shape)
-    if not np.isfinite(x).all():
-        raise MalformedMessage(f"{what}: decoded values include NaN or Inf")
+    peak = float(np.abs(x).max()) if x.size else 0.0  # NaN propagates, so one pass checks both
+    if not peak <= limits.max_abs_value:
+        if not np.isfinite(x).all():
+            raise MalformedMessage(f"{what}: decoded values include NaN or Inf")
+        raise LimitExceeded(f"{what}: a value of magnitude {peak:.3g} is beyond {limits.max_abs_value:g}, more than "
+                            "any carry the edge produces (the float16 range)")
     return np.ascontiguousarray(x, dtype=np.float32)

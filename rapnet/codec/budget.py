@@ -1,0 +1,147 @@
+"""The request budget: how large, and how many fields, the largest legitimate request for a model can be.
+
+A receiver checks these two numbers on the raw bytes before it parses anything, so a hostile message costs it no
+more than a legitimate one: the cloud front sets gRPC's receive limit to `max_bytes` and calls `check_wire` before
+protobuf parses the message (parsing is pure CPU under the GIL, about 0.2 us per field: a message of 1 MiB made of
+empty repeated entries holds half a million fields).
+
+The bound follows from the model contract (the carry at every split point) and the decode limits:
+
+  * each carry tensor at its costliest encoding (float32 elements in a zstd frame that did not compress,
+    per-channel float32 quantisation parameters on top, and the tensor's header fields);
+  * the image entry, where live, as the larger of that and an image payload (PNG, JPEG at quality 100 or raw + zstd:
+    at most twice its pixels plus 2 KiB of headers, measured on noise);
+  * the request's own fields (request id up to `DecodeLimits.max_request_id_chars`, model identity, route, deadline,
+    cloud exit, stop confidence);
+
+at the split whose carry is largest, for one sample (the cloud serves batch 1) or `batch`, plus a margin (a quarter
+and 4 KiB) for encoders that spend more bytes on varints than ours. Fields: the fields those entries need, with
+every repeated number sent unpacked (one field each), doubled, plus 64. The edge and the planner read the same
+numbers (one place).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protos.rapnet.v1 import inference_pb2 as pb
+
+from .limits import DEFAULT_LIMITS, DecodeLimits, LimitExceeded, MalformedMessage
+
+MARGIN_FRACTION = 0.25
+MARGIN_BYTES = 4096
+_TENSOR_HEADER_BYTES = 96  # tag + length, dtype, encoding, codec, quant_axis, packed shape, raw_size, dict id
+_TENSOR_FIELDS = 13  # every field of a Tensor once
+_REQUEST_FIELD_BYTES = 96  # split, exit, deadline, client time, cloud exit, stop confidence, tags and lengths
+_REQUEST_FIELDS = 12
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """The largest legitimate request for one model: bytes on the wire and protobuf fields."""
+
+    max_bytes: int
+    max_fields: int
+
+    def check(self, data: bytes) -> None:
+        """Refuse (LimitExceeded, MalformedMessage) a serialized request beyond the budget, before it is parsed."""
+        if len(data) > self.max_bytes:
+            raise LimitExceeded(f"request is {len(data)} bytes; the largest legitimate request for this model is "
+                                f"{self.max_bytes}")
+        check_wire(data, self.max_fields)
+
+
+def zstd_bound(n: int) -> int:
+    """The most bytes one zstd frame of `n` input bytes can take (ZSTD_COMPRESSBOUND plus the frame header)."""
+    small = ((128 << 10) - n) >> 11 if n < (128 << 10) else 0
+    return n + (n >> 8) + small + 32
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], batch: int) -> int:
+    channels = shape[0] if shape else 1
+    return zstd_bound(4 * batch * math.prod(shape)) + 8 * channels + 16 + _TENSOR_HEADER_BYTES + len(name.encode())
+
+
+def _image_bytes(shape: tuple[int, ...]) -> int:
+    return 2 * math.prod(shape) + 2048 + 32
+
+
+def _tensor_fields(shape: tuple[int, ...], limits: DecodeLimits) -> int:
+    channels = shape[0] if shape else 1
+    return _TENSOR_FIELDS + limits.max_dims + 2 * channels
+
+
+def request_budget(contract, limits: DecodeLimits = DEFAULT_LIMITS, batch: int = 1) -> RequestBudget:
+    """The budget of `contract` (a rapnet.codec.ModelContract): see the module docstring for what it counts."""
+    from .contract import IMAGE_KEY
+
+    fixed = limits.max_request_id_chars + len(contract.identity) + _REQUEST_FIELD_BYTES
+    largest_bytes = largest_fields = 0
+    for carry in contract.carry_shapes:
+        nbytes, fields = fixed, _REQUEST_FIELDS
+        for name, shape in carry.items():
+            entry = _tensor_bytes(name, tuple(shape), batch)
+            if name == IMAGE_KEY:
+                entry = max(entry, _image_bytes(tuple(shape)))
+            nbytes += entry
+            fields += _tensor_fields(tuple(shape), limits)
+        largest_bytes, largest_fields = max(largest_bytes, nbytes), max(largest_fields, fields)
+    return RequestBudget(max_bytes=math.ceil(largest_bytes * (1 + MARGIN_FRACTION)) + MARGIN_BYTES,
+                         max_fields=2 * largest_fields + 64)
+
+
+# ---- counting fields on the raw bytes -------------------------------------------------------------------------
+def _message_fields(descriptor) -> dict:
+    """{field number: the same map for its message type} for the message fields of `descriptor` (no recursion)."""
+    return {f.number: ({g.number: {} for g in f.message_type.fields if g.message_type}) for f in descriptor.fields
+            if f.message_type is not None}
+
+
+_REQUEST_MESSAGES = _message_fields(pb.InferRequest.DESCRIPTOR)
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise MalformedMessage("not a valid InferRequest message (truncated or over-long varint)")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _count(data: bytes, pos: int, end: int, messages: dict, left: int, max_fields: int) -> int:
+    while pos < end:
+        left -= 1
+        if left < 0:
+            raise LimitExceeded(f"request holds more than {max_fields} protobuf fields, more than the largest "
+                                "legitimate request for this model")
+        key, pos = _varint(data, pos, end)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(data, pos, end)
+            inner = messages.get(key >> 3)
+            if inner is not None and pos + length <= end:
+                left = _count(data, pos, pos + length, inner, left, max_fields)
+            pos += length
+        else:  # groups (3, 4) are not part of proto3; 6 and 7 are not wire types
+            raise MalformedMessage(f"not a valid InferRequest message (wire type {wire})")
+        if pos > end:
+            raise MalformedMessage("not a valid InferRequest message (a field runs past its end)")
+    return left
+
+
+def check_wire(data: bytes, max_fields: int) -> None:
+    """Refuse a serialized InferRequest with more than `max_fields` fields (nested Tensor, ImagePayload and CloudExit
+    fields count too), or with wire types proto3 never writes, walking its bytes without parsing them. Stops at the
+    first field past the bound, so its cost is bounded by `max_fields`, not by the message."""
+    _count(bytes(data), 0, len(data), _REQUEST_MESSAGES, max_fields, max_fields)
