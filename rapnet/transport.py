@@ -8,11 +8,14 @@ metadata that carries it, and the health check.
     response = stub.Infer(request, metadata=auth_metadata(token.value), timeout=2.0)
 
 Every call to rapnet.v1.Inference carries `authorization: Bearer <token>`; the server compares it in
-constant time (BearerToken.matches) and nobody logs it.
+constant time (BearerToken.matches) and nobody logs it. So that the token never crosses a network in the clear, a
+channel without TLS opens only to a loopback address (127.0.0.0/8, ::1, localhost) unless the caller passes
+`allow_plaintext=True` (check_plaintext_allowed).
 """
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -104,14 +107,45 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+def is_loopback_address(address: str) -> bool:
+    """Whether a gRPC target HOST:PORT ([V6]:PORT, ipv4:/ipv6: prefixes allowed) names this machine's loopback
+    interface: 127.0.0.0/8, ::1 or localhost. Other host names are not resolved (DNS could answer anything)."""
+    host = address
+    for prefix in ("ipv4:", "ipv6:", "dns:///"):
+        if host.startswith(prefix):
+            host = host[len(prefix):]
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.rpartition(":")[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plaintext_allowed(address: str, allow_plaintext: bool = False) -> None:
+    """Refuse (ValueError, naming the fix) a channel without TLS to an address that is not loopback: the bearer
+    token would cross the network in the clear."""
+    if not allow_plaintext and not is_loopback_address(address):
+        raise ValueError(
+            f"refusing to send the bearer token in plaintext to {address}: give the CA certificate that signed the "
+            "cloud's certificate (--tls-ca CA.pem; rapnet-cloud make-dev-cert writes one), or reach the cloud on a "
+            "loopback address (127.0.0.1), where plaintext is allowed")
+
+
 def open_channel(address: str, ca: str | None = None, client_cert: str | None = None, client_key: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, aio: bool = False,
-                 extra_options: Sequence[tuple[str, int]] = ()):
+                 extra_options: Sequence[tuple[str, int]] = (), allow_plaintext: bool = False):
     """A channel to the front: TLS when `ca` is given (the CA that signed the server certificate), plain
-    otherwise; `extra_options` are added to the message-size options."""
+    otherwise, which only a loopback address or `allow_plaintext` allows (ValueError); `extra_options` are added to
+    the message-size options."""
     make = grpc.aio if aio else grpc
     options = channel_options(max_message_bytes) + list(extra_options)
     if ca is None:
+        check_plaintext_allowed(address, allow_plaintext)
         return make.insecure_channel(address, options=options)
     return make.secure_channel(address, client_credentials(ca, client_cert, client_key), options=options)
 
