@@ -173,6 +173,16 @@ class NetworkEstimate:
 # --------------------------------------------------------------------------------------------------------
 
 
+def answer_mismatch(response: pb.InferResponse, request_id: str, identity: str, split: int) -> str | None:
+    """Why `response` is not the answer to the request with this id, for this model at this split; None if it is."""
+    for what, got, want in (("request id", response.request_id, request_id),
+                            ("model identity", response.model_identity, identity),
+                            ("split point", response.split_point, split)):
+        if got != want:
+            return f"the answer names {what} {str(got)[:64]!r}, the request {str(want)[:64]!r}"
+    return None
+
+
 @dataclass
 class CloudReply:
     response: pb.InferResponse
@@ -220,8 +230,10 @@ class CloudLink:
         """The call metadata (the bearer token) every request carries; never log it."""
         return self._metadata
 
-    def infer(self, data: bytes, deadline_ms: float | None = None) -> CloudReply:
-        """Send one serialized InferRequest; CloudCallError on any failure (the breaker is updated)."""
+    def infer(self, data: bytes, deadline_ms: float | None = None,
+              expect: tuple[str, str, int] | None = None) -> CloudReply:
+        """Send one serialized InferRequest; CloudCallError on any failure (the breaker is updated). `expect`:
+        (request id, model identity, split point) the answer must carry, else CloudCallError MISMATCHED_ANSWER."""
         timeout = (deadline_ms if deadline_ms is not None else self.deadline_ms) / 1e3
         t0 = time.perf_counter()
         try:
@@ -235,6 +247,10 @@ class CloudLink:
             self.breaker.failure()
             raise CloudCallError("CLIENT_ERROR", f"{err.__class__.__name__}: {err}") from None
         round_trip = (time.perf_counter() - t0) * 1e3
+        mismatch = answer_mismatch(response, *expect) if expect is not None else None
+        if mismatch is not None:  # not the answer to this request: never used as one
+            self.breaker.failure()
+            raise CloudCallError("MISMATCHED_ANSWER", mismatch)
         self.breaker.success()
         t = response.timings
         server_ms = float(t.queue_ms + t.compute_ms + t.decode_ms)

@@ -102,6 +102,7 @@ class _Job:
     data: bytes
     lat: dict
     t_start: float
+    request_id: str = ""  # the answer must name it (CloudLink.infer's expect)
 
 
 @dataclass
@@ -233,7 +234,8 @@ class EdgeAgent:
         lat["encode"] = (time.perf_counter() - t) * 1e3
         if failure is None:
             self._emulate_encode(lat, conditions, plan)
-        job = _Job(frame, frame_id, x, scores, plan, conditions, carry, data, lat, t_start)
+        job = _Job(frame, frame_id, x, scores, plan, conditions, carry, data, lat, t_start,
+                   request.request_id if failure is None else "")
         if failure is not None:
             return self._fallback(job, failure)
         return job
@@ -258,7 +260,7 @@ class EdgeAgent:
         """Network thread: one request with the deadline; any failure -> fallback."""
         t = time.perf_counter()
         try:
-            reply = self.link.infer(job.data)
+            reply = self.link.infer(job.data, expect=(job.request_id, self.contract.identity, job.plan.split))
         except CloudCallError as err:
             job.lat["network"] = (time.perf_counter() - t) * 1e3  # time lost waiting for the failed call
             return self._fallback(job, err.code)
