@@ -37,7 +37,7 @@ from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 SOURCE_KINDS = ("camera", "stream", "video", "images", "dataset")
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")  # what OpenCV's FFmpeg backend reads as a live stream
-AUTO_FIELDS = ("device_gflops", "encodings")  # fields whose None means auto: a mapping may say "auto" too
+AUTO_FIELDS = ("device_gflops", "encodings", "runtime")  # fields whose None means auto: a mapping may say "auto" too
 MAX_CONFIG_BYTES = 1 << 20  # a configuration file larger than this is not one
 
 

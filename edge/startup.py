@@ -236,8 +236,18 @@ class CloudCheck:
             context.load_cert_chain(target.client_cert, target.client_key)
         try:
             with socket.create_connection((host, split_address(self.address)[1]), timeout=PROBE_TIMEOUT_S) as sock:
-                with context.wrap_socket(sock, server_hostname=host):
-                    return None
+                with context.wrap_socket(sock, server_hostname=host) as tls:
+                    # TLS 1.3: a server that refuses the client (no certificate, or one it does not trust) does so
+                    # after the client's handshake ended, by closing; a front that is content sends its HTTP/2
+                    # settings instead
+                    tls.settimeout(1.0)
+                    if tls.recv(1):
+                        return None
+            if target.client_cert is None:
+                return CheckResult("tls", f"{self.address} asks for a client certificate (mutual TLS): give "
+                                          "--tls-cert and --tls-key")
+            return CheckResult("tls", f"{self.address} does not accept the client certificate --tls-cert "
+                                      f"{target.client_cert}: give one signed by the CA the cloud trusts for clients")
         except ssl.SSLCertVerificationError as err:
             if err.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
                 return CheckResult("tls", f"the certificate of {self.address} does not name {host}: connect by a "
@@ -245,7 +255,7 @@ class CloudCheck:
             return CheckResult("tls", f"the certificate of {self.address} is not signed by --tls-ca {target.ca} "
                                       f"({err.verify_message}): give the CA certificate that signed it")
         except ssl.SSLError as err:
-            if "CERTIFICATE_REQUIRED" in str(err) or "HANDSHAKE_FAILURE" in str(err):
+            if target.client_cert is None and ("CERTIFICATE_REQUIRED" in str(err) or "HANDSHAKE_FAILURE" in str(err)):
                 return CheckResult("tls", f"{self.address} asks for a client certificate (mutual TLS): give "
                                           "--tls-cert and --tls-key")
             return None

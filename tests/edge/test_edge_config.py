@@ -290,6 +290,7 @@ def test_config_file_errors_name_the_file_the_key_and_the_fix(tmp_path):
 def test_the_example_loads_and_documents_every_key():
     c = EdgeConfig.from_file(EXAMPLE)
     assert c.source.kind == "stream" and c.decision.device_gflops is None and c.decision.encodings is None
+    assert EdgeConfig.from_mapping({"source": {"camera": 0}, "runtime": "auto"}).runtime is None
     assert c.output.metrics_port == 9102 and c.output.metrics_host == "127.0.0.1"
     text = EXAMPLE.read_text()
     keys = set(re.findall(r"^\s*#?\s*(\w+):", text, flags=re.M))
