@@ -105,8 +105,9 @@ def tls_front(cloud, checkpoint, certs):
     front.stop()
 
 
-def run(argv: list[str], token: str | None, monkeypatch, out: Path, during=None):
-    """build_app + run_app in-process; returns (log lines, JSON lines, summary)."""
+def run(argv: list[str], token: str | None, monkeypatch, out: Path, during=None, after=None):
+    """build_app + run_app in-process; returns (log lines, JSON lines, summary). after(app, lines): called once the
+    run ended, before the app is closed."""
     if token is None:
         monkeypatch.delenv("RAPNET_TOKEN", raising=False)
     else:
@@ -118,6 +119,8 @@ def run(argv: list[str], token: str | None, monkeypatch, out: Path, during=None)
         helper.start()
     try:
         summary = edge_agent.run_app(app)
+        if after is not None:
+            after(app, lines)
     finally:
         edge_agent.close_app(app)
     if helper:
@@ -131,12 +134,28 @@ def check_lines(lines: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_a_cloud_that_is_right_passes_and_gets_the_frames(cloud, checkpoint, images, workdir, monkeypatch):
+    """The check passes; every frame goes to the cloud, which the metrics endpoint counts too."""
+    from tests.edge.test_edge_metrics import endpoint_port, scrape
+
+    scraped = {}
+
+    def read_metrics(app, lines):
+        app.lines = lines
+        scraped.update(scrape(endpoint_port(app)))
+
     lines, results, summary = run(["--images", images, "--checkpoint", checkpoint, "--cloud", cloud.address,
-                                   *SLOW_DEVICE], TOKEN, monkeypatch, workdir / "ok.jsonl")
+                                   *SLOW_DEVICE, "--metrics-port", "0"], TOKEN, monkeypatch, workdir / "ok.jsonl",
+                                  after=read_metrics)
     assert len(check_lines(lines)) == 1 and check_lines(lines)[0].startswith("cloud check passed")
     assert "accepts this edge's token and serves its model" in check_lines(lines)[0]
     assert len(results) == N_IMAGES and all(r["where"] == "cloud" for r in results)
     assert summary["cloud_check"] == "ok"
+    assert scraped[("rapnet_edge_offloaded_frames_total", ())] == N_IMAGES
+    assert scraped[("rapnet_edge_local_frames_total", ())] == 0
+    assert scraped[("rapnet_edge_frames_total", (("where", "cloud"),))] == N_IMAGES
+    assert scraped[("rapnet_edge_network_seconds_count", ())] == N_IMAGES
+    assert scraped[("rapnet_edge_sent_bytes_total", ())] == sum(r["bytes_sent"] for r in results) > 0
+    assert scraped[("rapnet_edge_cloud_usable", ())] == 1 and scraped[("rapnet_edge_circuit_open", ())] == 0
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from edge import agent as edge_agent
 from edge.config import SourceSettings
 from edge.frames import SourceError
 from edge.streams import Backoff, LiveSource
+from tests.edge.test_edge_metrics import endpoint_port, scrape
 
 FPS = 25
 
@@ -250,7 +251,8 @@ def test_the_agent_answers_every_frame_after_the_camera_comes_back(camera, tmp_p
     lines: list[str] = []
     app = edge_agent.build_app(["--stream", camera.url, "--limit", "60", "--cloud", dead_cloud, "--device-gflops", "30",
                                 "--calibration-frames", "4", "--quiet", "--output", str(out), "--stall-timeout-s",
-                                "1", "--reconnect-max-s", "1", "--no-cloud-check"], log=lines.append)
+                                "1", "--reconnect-max-s", "1", "--no-cloud-check", "--metrics-port", "0"],
+                               log=lines.append)
 
     def outage():
         while app.agent is None or app.agent.counters.answered < 15:
@@ -270,6 +272,8 @@ def test_the_agent_answers_every_frame_after_the_camera_comes_back(camera, tmp_p
         helper.start()
     try:
         summary = edge_agent.run_app(app)
+        app.lines = lines
+        metrics = scrape(endpoint_port(app))
     finally:
         finished.set()
         edge_agent.close_app(app)
@@ -284,3 +288,6 @@ def test_the_agent_answers_every_frame_after_the_camera_comes_back(camera, tmp_p
     assert indexes == sorted(set(indexes)) and indexes[-1] == 59
     assert len(after) >= 60 - resumed - summary["dropped"] and after  # every frame after the recovery answered
     assert sum("is down" in line for line in lines) == 1 and sum("is back after" in line for line in lines) == 1
+    assert metrics[("rapnet_edge_source_reconnects_total", ())] == 1
+    assert metrics[("rapnet_edge_source_outages_total", ())] == 1
+    assert metrics[("rapnet_edge_captured_frames_total", ())] == summary["captured"]
