@@ -180,10 +180,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+def check_state_dict(expected: dict, weights, where: str) -> None:
+    """Refuse weights (CheckpointError) unless they are exactly the tensors `expected` lays out (names, shapes and
+    dtypes of a state dict, e.g. one on the meta device): the network is never built from a config they contradict."""
+    import torch
+
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{where}: its weights are not a mapping of names to tensors: the file is damaged")
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = [f"{name} {tuple(weights[name].shape)} {weights[name].dtype} (the config: {tuple(t.shape)} {t.dtype})"
+             for name, t in expected.items()
+             if name in weights and (weights[name].shape != t.shape or weights[name].dtype != t.dtype)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing ({', '.join(missing[:3])})" if missing else "",
+                 f"{len(unexpected)} unexpected ({', '.join(str(n)[:80] for n in unexpected[:3])})" if unexpected else "",
+                 f"{len(wrong)} of another shape or dtype ({'; '.join(wrong[:2])})" if wrong else ""]
+        raise CheckpointError(f"{where}: weights do not match the architecture in its config: "
+                              f"{', '.join(p for p in parts if p)}")
+
+
 def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> tuple[MultiExitNetwork, dict]:
     """Build the model the checkpoint describes and load its weights; returns (model in eval mode, metadata).
     The metadata's "classes" and "normalization" hold the model contract, with CIFAR-10's class names and
     rapnet.preprocess's normalisation where a 10-class checkpoint lacks them (InputContract.of reads it)."""
+    import torch
+
     from .build import build_model
 
     payload = read_checkpoint(path)
@@ -193,12 +214,17 @@ def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> 
         raise CheckpointError(f"{path}: bad model config ({err})") from None
     if expected is not None and config != expected:
         raise CheckpointError(f"{path} holds a {config} model, but {expected} was asked for")
-    model = build_model(config)
+    # The network is laid out on the meta device (shapes only, no memory) and checked against the weights the file
+    # holds before any of it is real: a config that claims a huge network costs nothing, and the weights then
+    # become the network's own tensors (assign), so loading allocates no more than the file holds.
     try:
-        model.load_state_dict(payload.get("state_dict"), strict=True)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the architecture in its config ({first})") from None
+        with torch.device("meta"):
+            model = build_model(config)
+    except Exception as err:  # noqa: BLE001 - a config that passed its bounds but still builds no network
+        raise CheckpointError(f"{path}: its model config builds no network ({err.__class__.__name__}: "
+                              f"{str(err)[:200]})") from None
+    check_state_dict(model.state_dict(), payload.get("state_dict"), str(path))
+    model.load_state_dict(payload["state_dict"], strict=True, assign=True)
     identity = model_identity(model)
     if identity != payload.get("identity"):
         raise CheckpointError(f"{path}: content hash mismatch, the file is damaged or was edited")

@@ -16,6 +16,14 @@ LAYOUTS = ("cifar", "imagenet")
 # How much coarser the ImageNet layout's grids are than the CIFAR layout's from the end of the 24-channel stage
 # (ResNet: layer 1) on: its stride-2 stem and stride-2 24-channel stage (ResNet: its stride-4 stem).
 _LAYOUT_STRIDE = {"cifar": 1, "imagenet": 4}
+# Bounds on the fields that size the network. A config arrives inside checkpoint files, so every field is checked
+# before anything is built from it: far beyond any network here, well below what would take gigabytes to build.
+MAX_IMAGE_SIZE = 1024  # px; camera models run at 128-320
+MAX_NUM_CLASSES = 10_000
+MAX_LOWRES_FACTOR = 16
+MAX_CHANNELS = 4096  # ic_channels, and each predictor layer (times the width)
+MAX_EXIT_FRACTIONS = 32
+MAX_PREDICTOR_LAYERS = 8
 # Fields a checkpoint may lack, with the value such a checkpoint implies. They are left out of the identity hash
 # while they hold that value, so a checkpoint written without them keeps its identity.
 LEGACY_VALUES = {"fusion_stride": 4, "layout": "cifar"}
@@ -66,8 +74,25 @@ class ModelConfig:
                 f"the {self.layout} layout with fusion_stride {self.fusion_stride}) so that low- and high-resolution "
                 f"feature maps line up; e.g. 32, 64, 128, 160 or 224 with the defaults"
             )
-        if not 0.1 <= self.width <= 4.0:
-            raise ValueError(f"width multiplier {self.width} is outside 0.1..4.0")
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not 0.1 <= self.width <= 4.0:
+            raise ValueError(f"width multiplier {self.width!r} is outside 0.1..4.0")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size {self.image_size} is above {MAX_IMAGE_SIZE} px")
+        if self.lowres_factor > MAX_LOWRES_FACTOR:
+            raise ValueError(f"lowres_factor {self.lowres_factor} is above {MAX_LOWRES_FACTOR}")
+        _check_count("num_classes", self.num_classes, 2, MAX_NUM_CLASSES)
+        _check_count("ic_channels", self.ic_channels, 1, MAX_CHANNELS)
+        layers = self.predictor_channels
+        if not isinstance(layers, tuple) or not 1 <= len(layers) <= MAX_PREDICTOR_LAYERS:
+            raise ValueError(f"predictor_channels must list 1..{MAX_PREDICTOR_LAYERS} layer widths, got {layers!r}")
+        for channels in layers:
+            _check_count("a predictor_channels entry", channels, 1, MAX_CHANNELS)
+        for name in ("rapnet_exit_fractions", "sdn_exit_fractions"):
+            fractions = getattr(self, name)
+            if not isinstance(fractions, tuple) or len(fractions) > MAX_EXIT_FRACTIONS or not all(
+                    isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f < 1.0 for f in fractions):
+                raise ValueError(f"{name} must list at most {MAX_EXIT_FRACTIONS} fractions strictly between 0 and 1, "
+                                 f"got {fractions!r}")
 
     @property
     def fusion_grid_stride(self) -> int:
@@ -92,3 +117,8 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_count(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} {value!r} must be a whole number in {low}..{high}")
