@@ -3,16 +3,18 @@ multipart/x-mixed-replace response of JPEG frames, as IP cameras serve it), read
 The server stops and comes back, or stops sending with the connection open; the watchdog reconnects, and the
 agent answers the frames after the recovery. Every wait is bounded: a test that would hang fails instead.
 
-RTSP is not served here: no RTSP server is packaged for this machine's Python or Debian release short of
-GStreamer's (gst-rtsp-server), and FFmpeg's RTSP listen mode only receives (the camera would have to push), so the
-RTSP URLs are read through the same FFmpeg backend code path but tested for their settings only.
+RTSP: a real RTSP server from Debian's packages (GStreamer's gst-rtsp-server through the system Python's
+python3-gi: videotestsrc, JPEG over RTP), started here on 127.0.0.1 as a separate process that is killed and
+started again. Those tests are skipped where the packages are missing (see RTSP_PACKAGES).
 """
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -291,3 +293,94 @@ def test_the_agent_answers_every_frame_after_the_camera_comes_back(camera, tmp_p
     assert metrics[("rapnet_edge_source_reconnects_total", ())] == 1
     assert metrics[("rapnet_edge_source_outages_total", ())] == 1
     assert metrics[("rapnet_edge_captured_frames_total", ())] == summary["captured"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# RTSP: gst-rtsp-server (Debian) on 127.0.0.1, killed and started again
+# ------------------------------------------------------------------------------------------------------
+RTSP_PACKAGES = "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good"
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin")
+RTSP_SERVER = """
+import sys
+import gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer
+Gst.init(None)
+server = GstRtspServer.RTSPServer()
+server.set_address("127.0.0.1")
+server.set_service(sys.argv[1])
+factory = GstRtspServer.RTSPMediaFactory()
+factory.set_launch("( videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=25/1 ! videoconvert "
+                   "! video/x-raw,format=I420 ! jpegenc ! rtpjpegpay name=pay0 pt=26 )")
+factory.set_shared(True)
+server.get_mount_points().add_factory("/camera", factory)
+if server.attach(None) == 0:
+    sys.exit("cannot bind port " + sys.argv[1])
+print("ready", flush=True)
+GLib.MainLoop().run()
+"""
+
+
+def _rtsp_available() -> bool:
+    if SYSTEM_PYTHON is None:
+        return False
+    probe = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
+             "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+             "assert all(Gst.ElementFactory.find(e) for e in ('videotestsrc', 'jpegenc', 'rtpjpegpay'))")
+    return subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+class RtspServer:
+    """gst-rtsp-server in its own process (the system Python), serving rtsp://127.0.0.1:PORT/camera."""
+
+    def __init__(self, tmp_path):
+        self.script = tmp_path / "rtsp_server.py"
+        self.script.write_text(RTSP_SERVER)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = None
+
+    def start(self) -> "RtspServer":
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(self.script), str(self.port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout.readline().strip() == "ready", "the RTSP server did not start"
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/camera"
+
+
+@pytest.fixture
+def rtsp_camera(tmp_path):
+    if not _rtsp_available():
+        pytest.skip(f"no RTSP server here: apt-get install --no-install-recommends {RTSP_PACKAGES}")
+    server = RtspServer(tmp_path).start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.slow
+def test_an_rtsp_camera_that_is_killed_and_restarted_is_reconnected(rtsp_camera):
+    source, lines = live(rtsp_camera.url, open_timeout_s=5.0)
+
+    def restart(i):
+        if i == 5:
+            rtsp_camera.kill()
+            threading.Timer(1.0, rtsp_camera.start).start()
+
+    try:  # FFmpeg's RTP reorder buffer still holds some frames once the server is gone: read well past them
+        frames = take(source, 60, timeout_s=40, during=restart)
+    finally:
+        source.close()
+    assert [f.index for f in frames] == list(range(60)) and source.resumed_at[0] < 60
+    assert all(f.pixels.shape == (32, 32, 3) for f in frames)
+    assert source.outages == 1 and source.reconnects == 1, lines
+    assert len(lines) == 2 and "stream rtsp://127.0.0.1" in lines[0] and "is back after" in lines[1]
