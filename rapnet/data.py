@@ -3,7 +3,9 @@
 Every supported layout is decoded once into a uint8 (N, H, W, 3) RGB array at the requested size and cached as
 an .npy file, written row by row while decoding and memory-mapped when loaded, so memory use does not grow with
 the split's size and later runs start in well under a second. What is decoded is bounded first: an archive
-member's or file's size, and an image's pixel count read from its header.
+member's or file's size, and an image's pixel count and decoded bytes (its bit depth and channels) read from its
+header; an image whose header this module cannot read is not decoded. A CIFAR pickle must hold its pixels as a
+uint8 array, so a few bytes of shared references cannot expand into a large cache.
 
 A dataset with train and val splits only (Imagenette) uses val as its test split; the validation split for
 calibration is carved from train, as for every dataset.
@@ -356,19 +358,40 @@ def _too_many_pixels(what: str, width: int, height: int, limit: int) -> DatasetE
     )
 
 
+def _decoding_bytes_per_pixel(data: bytes) -> int:
+    """Bytes per pixel the decoder works in: a PNG's channels x sample bytes from its header (16-bit RGBA: 8),
+    at least the 3 of the RGB result; 3 for the other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 26:
+        depth, colour = data[24], data[25]
+        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
+        return max(3, channels * (2 if depth == 16 else 1))
+    return 3
+
+
 def _decode(data: bytes, what: str) -> np.ndarray:
-    """Decode image bytes into an RGB uint8 array, refusing images above max_image_pixels() from their header."""
+    """Decode image bytes into an RGB uint8 array. Refused before decoding: an image whose size its header does not
+    tell, above max_image_pixels(), or whose decoding works in more bytes than an 8-bit RGB image at that limit."""
     limit = max_image_pixels()
     size = image_header_size(data)
-    if size is not None and size[0] * size[1] > limit:
+    if size is None:
+        raise DatasetError(
+            f"Image {what}: its size cannot be read from its header (not a PNG, JPEG, BMP, WebP or TIFF file, or a "
+            "damaged one), so it is not decoded. Delete or replace that file, or convert it to PNG or JPEG.")
+    if size[0] * size[1] > limit:
         raise _too_many_pixels(what, size[0], size[1], limit)
+    per_pixel = _decoding_bytes_per_pixel(data)
+    if size[0] * size[1] * per_pixel > 3 * limit:
+        raise DatasetError(
+            f"Image {what} is {size[0]}x{size[1]} px at {per_pixel} bytes per pixel while decoding "
+            f"({size[0] * size[1] * per_pixel:,} bytes), above the {3 * limit:,} bytes an 8-bit RGB image at the pixel "
+            f"limit takes. Convert it to 8-bit RGB, or raise ${MAX_IMAGE_PIXELS_ENV} if it is a genuine image.")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(
             f"Could not decode image {what}: it is not a valid JPEG/PNG/BMP (corrupt, truncated or "
             "mislabelled). Delete or replace that file, or re-download the dataset."
         )
-    if img.shape[0] * img.shape[1] > limit:  # a header this module does not read
+    if img.shape[0] * img.shape[1] > limit:  # a header that understated the size
         raise _too_many_pixels(what, img.shape[1], img.shape[0], limit)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
@@ -696,8 +719,20 @@ def _plan_cifar_pickles(root: Path, fmt: str, split: str) -> _Plan:
     data, labels = [], []
     for name in files:
         d = _unpickle(root / name)
-        x = np.asarray(_get(d, "data", root / name), dtype=np.uint8)
-        y = np.asarray(_get(d, label_key, root / name), dtype=np.int64)
+        x, y = _get(d, "data", root / name), _get(d, label_key, root / name)
+        # Checked before any conversion: a pickle can repeat one row by reference, so a list of rows a few bytes
+        # long each would expand into an array (and a cache file) far larger than the file. The real files hold
+        # the pixels as one uint8 array, which is as large on disk as in memory.
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+            raise DatasetError(
+                f"CIFAR pickle {root / name} holds its pixels as {type(x).__name__}"
+                f"{' of ' + str(x.dtype) if isinstance(x, np.ndarray) else ''}, not one uint8 array (N, 3072) as the "
+                "real files do. The file is corrupt or not a CIFAR file; re-download it.")
+        if not (isinstance(y, np.ndarray) and y.ndim == 1) and not (
+                isinstance(y, list) and len(y) == len(x) and all(isinstance(v, int) for v in y)):
+            raise DatasetError(f"CIFAR pickle {root / name} holds its labels as {type(y).__name__}, not one whole number "
+                               "per image. The file is corrupt; re-download it.")
+        x, y = np.asarray(x, dtype=np.uint8), np.asarray(y, dtype=np.int64)
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.shape[0] != y.shape[0]:
             raise DatasetError(
                 f"CIFAR pickle {root / name} has data of shape {x.shape} for {y.shape[0]} labels; expected "
