@@ -39,7 +39,7 @@ from rapnet.config import ModelConfig  # noqa: E402
 from rapnet.costs import measure_costs  # noqa: E402
 from orchestration.planner import DEFAULT_PRICE  # noqa: E402
 from rapnet.exit_rules import predictor_exits, priced_exits, relative_exit_costs  # noqa: E402
-from rapnet.preprocess import to_model_input  # noqa: E402
+from rapnet.preprocess import to_model_array, to_model_input  # noqa: E402
 
 TOKEN = "edge-test-token-" + "y" * 24
 N_FRAMES = 48
@@ -367,14 +367,15 @@ def test_end_to_end_equals_offline_policy(cloud, checkpoint, dataset, mixed_pric
     assert [r["frame"] for r in lines] == list(range(n))  # every frame answered, in order
     assert not any(r["degraded"] for r in lines)
 
-    # Offline: the same decision function (the agent's planner, same conditions) + monolithic run_to_exit.
+    # Offline: the same decision function (the agent's planner, same conditions) + monolithic run_to_exit, on the
+    # agent's runtime (app.model, rapnet.execution: numpy in and out).
     model = app.model
     frames = list(DatasetSource(dataset, model.config.image_size))
     offload, correct, exits, classes = [], [], [], []
     with torch.no_grad():
         for f in frames:
-            x = to_model_input(f.pixels)
-            plan = app.decider.plan(model.exit_scores(x).numpy()[0], app.decider.conditions())
+            x = to_model_array(f.pixels)
+            plan = app.decider.plan(model.exit_scores(x)[0], app.decider.conditions())
             cls = int(model.run_to_exit(x, plan.exit_index).argmax(1)[0])
             offload.append(plan.offload)
             exits.append(plan.exit_index)
@@ -417,8 +418,8 @@ def test_slow_device_lets_the_cloud_pick_the_exit(cloud, checkpoint, dataset, wo
     model = app.model
     costs = app.decider.planner.relative_costs
     with torch.no_grad():
-        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=12))]
-        exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, costs)[0]) for x in xs]
+        xs = [to_model_array(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=12))]
+        exits = [int(priced_exits(model.exit_scores(x), 0.05, costs)[0]) for x in xs]
         classes = [int(model.run_to_exit(x, k).argmax(1)[0]) for x, k in zip(xs, exits)]
     assert [r["exit"] for r in lines] == exits and [r["class"] for r in lines] == classes
     assert app.summary["exit_picked_by_cloud"] == 12
@@ -604,8 +605,8 @@ def test_cloud_down_when_the_cloud_was_to_pick_the_exit(checkpoint, dataset, wor
     assert any(r["where"] == "edge-fallback" for r in lines)  # sent without the predictor, then fell back
     model = app.model
     with torch.no_grad():
-        xs = [to_model_input(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=10))]
-        exits = [int(priced_exits(model.exit_scores(x).numpy(), 0.05, app.decider.planner.relative_costs)[0])
+        xs = [to_model_array(f.pixels) for f in list(DatasetSource(dataset, model.config.image_size, limit=10))]
+        exits = [int(priced_exits(model.exit_scores(x), 0.05, app.decider.planner.relative_costs)[0])
                  for x in xs]
     assert [r["exit"] for r in lines] == exits
 
