@@ -137,25 +137,32 @@ def _serve(args) -> int:
         return 2
 
     stop = threading.Event()
+    state = {"started": False}
 
     def on_signal(signum, _frame) -> None:
         log.info("signal", extra=logs.fields(signal=signal.Signals(signum).name))
+        first = not stop.is_set()
         stop.set()
-
-    try:
-        server.start()
-    except StartError as err:
-        print(f"rapnet-cloud: {err}", file=sys.stderr)
-        return 1
-    # After start: ray.init installs its own SIGTERM handler, which would skip the clean shutdown below.
+        if first and not state["started"]:
+            raise KeyboardInterrupt  # abandon start(); server.stop() below stops what it had started
+    # Before start, so that a signal while Ray starts or the app deploys still ends in server.stop(): Ray's own
+    # handler would exit at once and leave its helper processes behind (ensure_ray keeps this one in place).
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"serving rapnet.v1.Inference on {server.address} (tls={'on' if tls else 'off'}"
-          f"{', metrics on ' + str(config.metrics.host) + ':' + str(server.metrics_port) if server.metrics_port else ''})",
-          flush=True)
     try:
+        try:
+            server.start()
+        except StartError as err:
+            print(f"rapnet-cloud: {err}", file=sys.stderr)
+            return 1
+        state["started"] = True
+        print(f"serving rapnet.v1.Inference on {server.address} (tls={'on' if tls else 'off'}"
+              f"{', metrics on ' + str(config.metrics.host) + ':' + str(server.metrics_port) if server.metrics_port else ''})",
+              flush=True)
         while not stop.is_set() and server.running:
             stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
     finally:
         server.stop()
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
+from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
 
 
 REPLICA_TRANSPORTS = ("grpc", "ray")
@@ -111,6 +111,9 @@ class ReplicaSettings:
             raise ValueError("replica: num_cpus and num_gpus must be >= 0 and torch_threads >= 1")
         if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in dict(self.env_vars).items()):
             raise ValueError("replica.env_vars must map names to strings (quote numbers in YAML: '0')")
+        if TOKEN_ENV in self.env_vars:
+            raise ValueError(f"replica.env_vars must not hold {TOKEN_ENV}: replicas never need the bearer token, and "
+                             "every process of the replica's runtime environment would carry it")
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,9 @@ class FrontSettings:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # receive and send limit; a batch-1 CIFAR request is < 30 KB
+    # Send limit, and cap on the receive limit, which is the served model's largest legitimate request
+    # (rapnet.codec.budget: 41 KB for the shipped CIFAR-10 model).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_in_flight: int = 256  # samples admitted at once (unary + stream); beyond: RESOURCE_EXHAUSTED
     request_timeout_s: float = 30.0  # cap for requests that carry no gRPC deadline
     retries: int = 1  # retries of a request whose replica died under it

@@ -4,22 +4,28 @@ Per call: bearer token (UNAUTHENTICATED), admission against a bound on samples i
 (RESOURCE_EXHAUSTED, answered at once), bounded decoding with rapnet.codec (CodecError.status, i.e.
 INVALID_ARGUMENT or FAILED_PRECONDITION), a deadline (the gRPC deadline, InferRequest.deadline_ms and
 FrontSettings.request_timeout_s, whichever ends first: DEADLINE_EXCEEDED), then the deployment handle. A
-replica that dies under a request is retried `retries` times, then answered UNAVAILABLE; nothing waits
-forever. Requests arrive as raw bytes (identity deserializer) so that undecodable bytes are the codec's
-INVALID_ARGUMENT rather than gRPC's generic deserialization error.
+replica that dies under a request is retried `retries` times on another one, then answered UNAVAILABLE; while no
+replica runs, waiting and new samples are answered UNAVAILABLE at once; nothing waits forever. Scores that are not
+finite are never answered OK (INTERNAL). Requests arrive as raw bytes (identity deserializer) so that undecodable
+bytes are the codec's INVALID_ARGUMENT rather than gRPC's generic deserialization error, and so that the request
+budget (size and field count of the largest legitimate request, rapnet.codec.budget) is checked before protobuf
+parses them: parsing runs on the front's one event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
+import numpy as np
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from protos.rapnet.v1 import inference_pb2 as pb
-from rapnet.codec import CodecError, DecodeLimits, ModelContract, build_response, parse_request_bytes
+from rapnet.codec import (CodecError, DecodeLimits, ModelContract, build_response, clip, parse_request_bytes,
+                          request_budget)
 from rapnet.transport import BearerToken
 
 from .batching import Sample, SampleResult
@@ -30,14 +36,24 @@ from .metrics import FrontMetrics
 SERVICE = "rapnet.v1.Inference"
 Code = grpc.StatusCode
 _RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+# Status details travel in gRPC metadata (8 KiB in all by default: longer ones turn the status into
+# RESOURCE_EXHAUSTED) and into the log: client strings in them are clipped (rapnet.codec.clip), and the whole is capped.
+MAX_DETAILS_CHARS = 1024
 
 
 class Refusal(Exception):
-    """A call ends with this status; `details` is safe to send and to log."""
+    """A call ends with this status; `details` is safe to send and to log (capped at MAX_DETAILS_CHARS)."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
+        if len(details) > MAX_DETAILS_CHARS:
+            details = details[: MAX_DETAILS_CHARS - 20] + f"... ({len(details)} chars)"
         super().__init__(details)
         self.code, self.details = code, details
+
+
+def _no_replica() -> Refusal:
+    return Refusal(Code.UNAVAILABLE, "no replica of the cloud stages is running (one died and Serve is replacing "
+                                     "it); retry shortly")
 
 
 @dataclass
@@ -53,6 +69,9 @@ class InferenceFront:
         self.contract, self.handle, self.settings, self.token, self.metrics = contract, handle, settings, token, metrics
         # One sample per request: the response describes one image.
         self.limits = limits or DecodeLimits(max_batch=1)
+        # The largest legitimate request for this model, checked on the raw bytes before they are parsed (the
+        # server also sets gRPC's receive limit from it).
+        self.budget = request_budget(contract, self.limits)
         self.in_flight = 0
         self.log = get_logger("rapnet.cloud.front")
         self.coalescer = Coalescer(handle, settings, metrics, max_chunk)
@@ -148,7 +167,7 @@ class InferenceFront:
     async def _answer_admitted(self, raw: bytes, context, call: _Call) -> pb.InferResponse:
         deadline = self._deadline(context)
         try:
-            parsed = parse_request_bytes(raw, self.contract, self.limits)
+            parsed = parse_request_bytes(raw, self.contract, self.limits, budget=self.budget)
         except CodecError as err:
             raise Refusal(err.status, str(err)) from None
         call.request_id, call.split, call.exit = parsed.request_id, parsed.split, parsed.exit
@@ -163,6 +182,9 @@ class InferenceFront:
         result = await self._dispatch(sample, deadline)
         if result.error is not None or result.logits is None:
             raise Refusal(Code.INTERNAL, f"the replica failed on this request ({result.error})")
+        if not np.isfinite(result.logits).all():  # never an OK whose scores are NaN
+            raise Refusal(Code.INTERNAL, f"the model's scores for this request are not finite (exit {result.exit}, "
+                                         f"split {parsed.split}): the checkpoint misbehaves on this input")
         self._record_batch(result, split)
         call.exit = result.exit
         return build_response(parsed.request_id, result.logits, result.exit, self.contract, parsed.split,
@@ -201,7 +223,7 @@ class InferenceFront:
             self.metrics.latency.labels(str(call.split)).observe(seconds)
             return
         self.log.info("refused", extra=fields(
-            method=method, code=code.name, details=details, request_id=call.request_id, split=call.split,
+            method=method, code=code.name, details=details, request_id=clip(call.request_id), split=call.split,
             exit=call.exit, ms=round(seconds * 1e3, 3), peer=context.peer(),
         ))
 
@@ -214,7 +236,10 @@ class Coalescer:
     `pipeline_per_replica x running replicas` calls outstanding: a sample that arrives while a call slot is
     free leaves at once (no added latency when idle); under load samples wait for a slot and leave together,
     up to `max_chunk` per call. Replicas then merge chunks with @serve.batch. A chunk whose replica died is
-    re-sent `retries` times (only its samples that are still waiting), then its samples get UNAVAILABLE.
+    re-sent `retries` times to another replica (only its samples that are still waiting), then its samples get
+    UNAVAILABLE, at once where no other replica runs. The server's health watcher reports the running replicas
+    (`set_replicas`; `on_replica_lost` asks it to look at once): while none runs, waiting samples and new ones are
+    answered UNAVAILABLE rather than held by Serve's router past their deadline.
 
     While every replica has a chunk to work on, a partial chunk waits for company: up to the replicas' recent
     compute time per batch (by then a replica is free to take it, so the wait costs little latency), never longer
@@ -223,18 +248,37 @@ class Coalescer:
 
     def __init__(self, handle, settings: FrontSettings, metrics: FrontMetrics, max_chunk: int):
         self.handle, self.settings, self.metrics, self.max_chunk = handle, settings, metrics, max_chunk
-        self.replicas = 1  # running replicas; the server's health watcher keeps it current
+        self.replicas = 1  # running replicas; the server's health watcher keeps it current (set_replicas)
         self.pending: list[tuple[Sample, float, asyncio.Future]] = []  # (sample, arrival, caller's future)
         self.outstanding = 0
+        self.sending: dict[asyncio.Task, list[tuple[Sample, asyncio.Future]]] = {}  # handle calls in flight
+        self.on_replica_lost: Callable[[], None] | None = None  # a call saw its replica die
         self.hold_timer: asyncio.TimerHandle | None = None
         self.batch_compute_s = 0.0  # moving average of the replicas' compute time per batch
         self.log = get_logger("rapnet.cloud.front")
 
     def submit(self, sample: Sample) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
+        if self.replicas == 0:
+            future.set_exception(_no_replica())
+            return future
         self.pending.append((sample, time.monotonic(), future))
         self._flush()
         return future
+
+    def set_replicas(self, running: int) -> None:
+        """How many replicas run now. With none, every waiting sample is answered UNAVAILABLE now (and new ones
+        at once until one runs again): Serve's router would hold their calls until a replica is back."""
+        self.replicas = running
+        if running > 0:
+            self._flush()
+            return
+        refusal = _no_replica()
+        pending, self.pending = self.pending, []
+        _fail([(sample, future) for sample, _, future in pending], refusal)
+        for task, chunk in list(self.sending.items()):
+            _fail(chunk, refusal)
+            task.cancel()
 
     def _flush(self) -> None:
         limit = self.settings.pipeline_per_replica * max(1, self.replicas)
@@ -258,12 +302,14 @@ class Coalescer:
         self._flush()
 
     async def _send(self, chunk: list[tuple[Sample, asyncio.Future]]) -> None:
+        task = asyncio.current_task()
         try:
             attempt = 0
             while True:
                 chunk = [(s, f) for s, f in chunk if not f.done()]  # drop samples whose callers gave up
                 if not chunk:
                     return
+                self.sending[task] = chunk
                 now = time.time()
                 for sample, _ in chunk:
                     sample.enqueued_unix = now
@@ -279,7 +325,9 @@ class Coalescer:
                 except Exception as err:  # noqa: BLE001 - sorted here; every waiting sample gets a status
                     if not _is_replica_loss(err):
                         return _fail(chunk, Refusal(Code.INTERNAL, f"replica error: {err.__class__.__name__}"))
-                    if attempt >= self.settings.retries:
+                    if self.on_replica_lost is not None:
+                        self.on_replica_lost()
+                    if attempt >= self.settings.retries or self.replicas <= 1:  # no other replica to try
                         return _fail(chunk, Refusal(
                             Code.UNAVAILABLE, f"the replica serving this request died ({attempt + 1} attempt(s)); retry"))
                     attempt += 1
@@ -294,6 +342,7 @@ class Coalescer:
                 if not future.done():
                     future.set_result(result)
         finally:
+            self.sending.pop(task, None)
             self.outstanding -= 1
             self._flush()
 

@@ -11,7 +11,9 @@ The front runs a grpc.aio server on its own event loop in a background thread of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rapnet.runtime import freeze_startup_heap, prefer_throughput_scheduling, set_thread_scheduling
-from rapnet.transport import BearerToken, channel_options
+from rapnet.transport import TOKEN_ENV, BearerToken
 
 from .config import CloudConfig, RaySettings
 from .logs import fields, get_logger
@@ -31,6 +33,9 @@ log = get_logger("rapnet.cloud.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAMES = ("", "rapnet.v1.Inference")
+# Environment variables that hold secrets: every process Ray starts inherits this process's environment, so they
+# are withheld while Ray starts (the token is read once, at start-up, and lives in this process only).
+SECRET_ENV = (TOKEN_ENV,)
 
 
 class StartError(RuntimeError):
@@ -50,10 +55,35 @@ def local_ray_environment() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+@contextlib.contextmanager
+def _secrets_withheld():
+    """SECRET_ENV out of os.environ meanwhile, so that the processes started now (Ray's) do not inherit them."""
+    saved = {name: os.environ.pop(name) for name in SECRET_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _callers_sigterm_handler_kept():
+    """ray.init installs its own SIGTERM handler (exit at once); a handler this process installed before (the CLI's,
+    which stops the front, deletes the app and shuts Ray down in order) is put back afterwards."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
 def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
     """Connect to Ray: the running instance, the cluster at `address`, or a new local one bound to
     127.0.0.1 (num_cpus, capped object store, no dashboard, workers at `worker_niceness`). When this call starts
-    or joins Ray, this process inlines call arguments up to `inline_args_bytes`. Returns True when it started Ray."""
+    or joins Ray, this process inlines call arguments up to `inline_args_bytes`. Secrets (SECRET_ENV) stay out of
+    the environment of the processes it starts; a SIGTERM handler the caller installed stays in place. Returns
+    True when it started Ray."""
     address = address or settings.address
     if address is None:
         local_ray_environment()
@@ -65,20 +95,22 @@ def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address is not None:
-        ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
+        with _secrets_withheld(), _callers_sigterm_handler_kept():
+            ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
         return False
     kwargs = {}
     if settings.temp_dir:
         kwargs["_temp_dir"] = settings.temp_dir
-    ray.init(
-        num_cpus=settings.num_cpus,
-        object_store_memory=settings.object_store_bytes,
-        include_dashboard=False,
-        namespace=settings.namespace,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        **kwargs,
-    )
+    with _secrets_withheld(), _callers_sigterm_handler_kept():
+        ray.init(
+            num_cpus=settings.num_cpus,
+            object_store_memory=settings.object_store_bytes,
+            include_dashboard=False,
+            namespace=settings.namespace,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            **kwargs,
+        )
     return True
 
 
@@ -103,6 +135,7 @@ class CloudServer:
         self.metrics = FrontMetrics()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.max_receive_bytes: int | None = None  # gRPC's receive limit once started (the model's request budget)
         self.identity: str | None = None
         self._owns_ray = False
         self._thread: threading.Thread | None = None
@@ -264,11 +297,16 @@ class CloudServer:
 
         front_cfg = self.config.front
         self._stop_event = asyncio.Event()
-        server = grpc.aio.server(options=channel_options(front_cfg.max_message_bytes) + [("grpc.so_reuseport", 0)])
         front = InferenceFront(contract, replica_handle(self._handle, front_cfg.replica_transport), front_cfg,
                                self._token, self.metrics, max_chunk=self.config.batch.max_batch_size)
         front.coalescer.replicas = self.config.autoscaling.min_replicas
         self._front = front
+        # gRPC refuses a larger message (RESOURCE_EXHAUSTED) before reading it into a buffer for the front: the
+        # largest legitimate request for this model (rapnet.codec.budget), capped by front.max_message_bytes.
+        self.max_receive_bytes = min(front_cfg.max_message_bytes, front.budget.max_bytes)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_receive_bytes),
+                                          ("grpc.max_send_message_length", front_cfg.max_message_bytes),
+                                          ("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((front.generic_handler(),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -297,19 +335,28 @@ class CloudServer:
             await self._health.set(name, NOT_SERVING)
         await server.stop(front_cfg.grace_s)
 
-    async def _watch_replicas(self, period_s: float = 2.0) -> None:
-        """Keep health in step with the deployment: NOT_SERVING while no replica is running."""
+    async def _watch_replicas(self, period_s: float = 2.0, quick_s: float = 0.25, quick_for_s: float = 10.0) -> None:
+        """Keep health and the front's replica count in step with the deployment: NOT_SERVING while no replica is
+        running, and then the front answers UNAVAILABLE at once. Polls every `period_s`; every `quick_s` for
+        `quick_for_s` after a call saw its replica die (Serve notices within a second or two) and while none runs."""
         loop = asyncio.get_running_loop()
-        last = SERVING
+        coalescer = self._front.coalescer
+        lost = asyncio.Event()
+        coalescer.on_replica_lost = lost.set
+        last, quick_until = SERVING, 0.0
         while True:
-            await asyncio.sleep(period_s)
+            quick = last != SERVING or time.monotonic() < quick_until
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(lost.wait(), quick_s if quick else period_s)
+            if lost.is_set():
+                lost.clear()
+                quick_until = time.monotonic() + quick_for_s
             try:
                 running = await loop.run_in_executor(None, self.running_replicas)
             except Exception as err:  # noqa: BLE001 - a failed status poll must not kill the front
                 log.warning("status poll failed", extra=fields(error=str(err)))
                 continue
-            if running > 0:
-                self._front.coalescer.replicas = running
+            coalescer.set_replicas(running)
             state = SERVING if running > 0 else NOT_SERVING
             if state != last:
                 for name in SERVICE_NAMES:
