@@ -1,12 +1,15 @@
 """Wire-codec benchmark: bytes on the wire, test accuracy and encode/decode time per split point x encoding.
 
     python benchmarks/codec_bench.py --checkpoint models/rapnet-cifar10.pt [--n 2000] [--n-timing 200]
+    python benchmarks/codec_bench.py --checkpoint models/rapnet-imagenette.pt --dataset imagenette --n 1000 \
+        --out benchmarks/results/codec-imagenette.json
 
 For every split point and feature encoding (fp32, fp16, int8, int4; without and with zstd; quantisation
 parameters as repeated float32 or compact float16 + uint8 ("f16p"); per channel or one scale per tensor;
 zstd levels 1/3/19; a zstd dictionary trained on features) and for the cloud-only baseline (the image as
-PNG, JPEG at several qualities, raw + zstd) it builds the real InferRequest for each of N CIFAR-10 test
-images, serializes it, parses it back on the "cloud" side and records:
+PNG, JPEG at several qualities, raw + zstd) it builds the real InferRequest for each of N test images (a
+sample stratified over the classes, fitted to the model's input size by its own preprocessing), serializes
+it, parses it back on the "cloud" side and records:
   * bytes: len(request.SerializeToString()) over all N images, image payload included where the split needs it;
   * test accuracy at the final exit vs the labels, on the decoded features, and its change vs fp32 features
     (= the monolithic model). The cloud part runs batched over the N decoded carries. zstd and dictionaries
@@ -14,8 +17,11 @@ images, serializes it, parses it back on the "cloud" side and records:
     decoded tensors are identical and runs the cloud part once per distinct quantisation;
   * encode (build_request + SerializeToString) and decode (FromString + parse_request) time per sample at
     batch 1 on the first --n-timing images, median of --repeats repeats, configuration order shuffled each time.
-Without --checkpoint the model is untrained (BatchNorm statistics calibrated on training images) and the
-accuracy column is meaningless. Writes benchmarks/results/codec.json and prints a markdown table
+The frame as WebP (not a wire format) is measured beside them: its bytes are the WebP file plus the same
+request envelope as the JPEG request's, its accuracy the model's on the decoded WebP. The verdict compares the
+smallest feature request within --max-frame-loss-pts of the lossless answer with the smallest JPEG (and WebP)
+frame that is at least as accurate. Without --checkpoint the model is untrained (BatchNorm statistics
+calibrated on training images) and the accuracy column is meaningless. Writes benchmarks/results/codec.json and prints a markdown table
 (docs/wire.md copies it), the recommended encoding per split and the verdict per target. The recommendation is
 what rapnet.codec.menu.RECOMMENDED_ENCODINGS holds (tests/test_codec.py checks the two agree).
 """
@@ -126,6 +132,60 @@ def image_configs(qualities: list[int], level: int) -> list[Config]:
     return configs
 
 
+def _jpeg_envelope(contract, pixels: np.ndarray, last: int) -> int:
+    """Bytes of a cloud-only JPEG request beyond its JPEG file: what any frame format would pay on the wire."""
+    carry = {codec.IMAGE_KEY: codec.pixels_to_tensor(pixels[0])}
+    request = codec.build_request(contract, carry, 0, last, EncodeOptions(image_format="jpeg", jpeg_quality=75),
+                                  image=pixels[0])
+    return len(request.SerializeToString()) - len(request.image.data)
+
+
+def webp_rows(model, pixels: np.ndarray, labels: np.ndarray, last: int, qualities: list[int], envelope: int) -> list[dict]:
+    """The frame as WebP at each quality: mean bytes (file + envelope) and the model's accuracy on the decoded frames."""
+    import cv2
+
+    rows = []
+    for quality in qualities:
+        sizes, decoded = [], []
+        for p in pixels:
+            ok, buf = cv2.imencode(".webp", np.ascontiguousarray(p[..., ::-1]), [cv2.IMWRITE_WEBP_QUALITY, quality])
+            assert ok, "OpenCV could not encode WebP"
+            sizes.append(len(buf) + envelope)
+            decoded.append(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+        images = torch.cat([codec.pixels_to_tensor(np.ascontiguousarray(d)) for d in decoded])
+        pred = torch.cat(batched(model, images, lambda x: model.run_to_exit(x, last))).argmax(1).numpy()
+        rows.append({"format": "webp", "quality": quality, "bytes_mean": float(np.mean(sizes)),
+                     "accuracy": float((pred == labels).mean())})
+    return rows
+
+
+def frame_verdict(rows: list[dict], webp: list[dict], max_loss_pts: float) -> dict:
+    """The smallest deployable feature request within max_loss_pts of the lossless answer, against the smallest
+    JPEG (and WebP) frame that is at least as accurate."""
+    features = [r for r in rows if r["split"] > 0 and r["deployable"] and r["accuracy_change_pts"] >= -max_loss_pts - 1e-9]
+    best = min(features, key=lambda r: r["bytes_mean"])
+    jpegs = [r for r in rows if r["split"] == 0 and r["options"]["image_format"] == "jpeg" and r["accuracy"] >= best["accuracy"]]
+    webps = [r for r in webp if r["accuracy"] >= best["accuracy"]]
+    jpeg = min(jpegs, key=lambda r: r["bytes_mean"]) if jpegs else None
+    webp_best = min(webps, key=lambda r: r["bytes_mean"]) if webps else None
+    verdict = {
+        "feature": {k: best[k] for k in ("split", "encoding", "bytes_mean", "accuracy", "accuracy_change_pts")},
+        "jpeg_same_accuracy": {k: jpeg[k] for k in ("encoding", "bytes_mean", "accuracy")} if jpeg else None,
+        "webp_same_accuracy": webp_best,
+        "jpeg_over_feature_bytes": jpeg["bytes_mean"] / best["bytes_mean"] if jpeg else None,
+        "webp_over_feature_bytes": webp_best["bytes_mean"] / best["bytes_mean"] if webp_best else None,
+    }
+    jpeg_text = (f"{jpeg['encoding']} ({jpeg['bytes_mean']:.0f} B, {100 * jpeg['accuracy']:.2f}%): "
+                 f"{verdict['jpeg_over_feature_bytes']:.2f}x the feature bytes") if jpeg else \
+        "no JPEG quality tried is as accurate"
+    webp_text = (f"WebP q{webp_best['quality']} ({webp_best['bytes_mean']:.0f} B): "
+                 f"{verdict['webp_over_feature_bytes']:.2f}x") if webp_best else "no WebP quality tried is as accurate"
+    verdict["summary"] = (f"split {best['split']} {best['encoding']}: {best['bytes_mean']:.0f} B at "
+                          f"{100 * best['accuracy']:.2f}% ({best['accuracy_change_pts']:+.2f} pts vs lossless); the "
+                          f"smallest frame at least as accurate: {jpeg_text}; {webp_text}")
+    return verdict
+
+
 def batched(model, images: torch.Tensor, fn, chunk: int = 250):
     with torch.no_grad():
         return [fn(images[i:i + chunk]) for i in range(0, len(images), chunk)]
@@ -160,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="trained model (e.g. models/rapnet-cifar10.pt); default: an untrained model, "
                                          "whose accuracy column means nothing")
-    ap.add_argument("--data", help="CIFAR-10 location (default: rapnet.data's search path)")
+    ap.add_argument("--data", help="dataset archive or folder (default: rapnet.data's search for --dataset)")
+    ap.add_argument("--dataset", default="cifar10", help="dataset name the default search looks for (default: %(default)s)")
+    ap.add_argument("--split", default="test", help="split measured on; a dataset with only train and val serves test "
+                                                    "from val (default: %(default)s)")
     ap.add_argument("--n", type=int, default=2000, help="test images for bytes and accuracy (default: %(default)s)")
     ap.add_argument("--n-timing", type=int, default=200,
                     help="of those, images timed at batch 1 (default: %(default)s)")
@@ -170,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zstd-level", type=int, default=3, help="zstd level of the main rows (default: %(default)s)")
     ap.add_argument("--zstd-levels", type=int, nargs="*", default=[1, 19],
                     help="extra zstd levels tried (default: 1 19)")
-    ap.add_argument("--jpeg-qualities", type=int, nargs="+", default=[50, 75, 90, 95],
-                    help="JPEG qualities of the cloud-only rows (default: 50 75 90 95)")
+    ap.add_argument("--jpeg-qualities", type=int, nargs="+", default=[10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95],
+                    help="JPEG (and WebP) qualities of the cloud-only rows (default: 10 to 95)")
+    ap.add_argument("--max-frame-loss-pts", type=float, default=0.5,
+                    help="the verdict's feature request may lose this much accuracy against the lossless answer "
+                         "(default: %(default)s)")
     ap.add_argument("--dict-train", type=int, default=1000,
                     help="training images for the zstd dictionaries, 0 to skip them (default: %(default)s)")
     ap.add_argument("--dict-size", type=int, default=4096, help="zstd dictionary size in bytes (default: %(default)s)")
@@ -189,12 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     torch.set_num_threads(args.threads)
-    from rapnet.data import load_dataset
+    from rapnet.data import load_dataset, locate_dataset, stratified_sample
 
-    test = load_dataset(args.data, "test")
-    train = load_dataset(args.data, "train")
+    size = None
+    if args.checkpoint:
+        from rapnet.checkpoint import InputContract, load_model as load
+
+        checkpoint_model, checkpoint_meta = load(args.checkpoint)
+        size = InputContract.of(checkpoint_model.config, checkpoint_meta, args.checkpoint).image_size
+    data = locate_dataset(args.data, args.dataset)
+    test = load_dataset(data, args.split, image_size=size)
+    train = load_dataset(data, "train", image_size=size)
     rng = np.random.default_rng(0)
-    test = test.subset(rng.choice(len(test), args.n, replace=False))
+    test = test.subset(stratified_sample(test.labels, min(args.n, len(test)), seed=0))
+    args.n = len(test)
     train_idx = rng.choice(len(train), max(args.dict_train, 512), replace=False)
     model, model_info = load_model(args.checkpoint, train.images[train_idx[:512]])
     contract = codec.ModelContract.from_model(model)
@@ -275,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             stats[i]["dec"].append((t2 - t1) / nt)
         log(f"timing repeat {r + 1}/{args.repeats} done")
 
+    frames = webp_rows(model, test.images, labels, last, args.jpeg_qualities,
+                       envelope=_jpeg_envelope(contract, test.images, last))
+    log("WebP frames done")
+
     png_bytes = results[0]["bytes_mean"]
     rows = []
     for i, cfg in enumerate(configs):
@@ -323,14 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         "png_request_bytes_mean": png_bytes,
         "feature_requests_smaller_than_png_request_within_budget": smaller,
     }
+    targets["frame_verdict"] = frame_verdict(rows, frames, args.max_frame_loss_pts) if trained else None
     out = {
-        "benchmark": "codec", "machine": machine_info(args.threads), "model": model_info,
+        "benchmark": "codec", "machine": machine_info(args.threads), "model": model_info, "webp_frames": frames,
         "settings": {"n_test_images": args.n, "n_timing_images": nt, "repeats": args.repeats,
                      "zstd_level": args.zstd_level, "zstd_levels_tried": args.zstd_levels,
                      "dict_train_images": args.dict_train, "dict_size": args.dict_size, "exit": last,
-                     "max_loss_pts": budget, "dataset": test.source, "wall_seconds": time.perf_counter() - t_start,
-                     "dataset_note": "shared CIFAR-10 archive is a JPEG (q75) export: accuracy comparable "
-                                     "within this project, not digit-for-digit with published tables"},
+                     "max_loss_pts": budget, "dataset": test.source, "split": args.split,
+                     "image_size": int(test.images.shape[1]), "wall_seconds": time.perf_counter() - t_start,
+                     "dataset_note": ("shared CIFAR-10 archive is a JPEG (q75) export: accuracy comparable "
+                                      "within this project, not digit-for-digit with published tables")
+                                     if args.dataset == "cifar10" else ""},
         "fp32_accuracy": fp32_acc, "targets": targets, "recommended": recommended, "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +442,8 @@ def markdown(out: dict) -> str:
     cpu, cores = m.get("cpu", m.get("cpu_model")), m.get("cores", m.get("nproc"))  # rapnet.machine's keys, or lscpu's
     lines.append(f"Machine: {cpu}, {cores} cores, torch threads {m['torch_threads']}, "
                  f"commit {m.get('git_commit', 'n/a')[:10]}{' (dirty)' if m.get('git_dirty') else ''}; "
-                 f"{out['settings']['n_test_images']} CIFAR-10 test images for bytes and accuracy "
+                 f"{out['settings']['n_test_images']} {out['settings'].get('split', 'test')} images at "
+                 f"{out['settings'].get('image_size', 32)} px for bytes and accuracy "
                  f"(fp32 {100 * out['fp32_accuracy']:.2f}%), {out['settings']['n_timing_images']} timed, median of "
                  f"{out['settings']['repeats']} interleaved repeats; {out['settings']['wall_seconds']:.0f} s.")
     lines.append("")
@@ -369,6 +451,14 @@ def markdown(out: dict) -> str:
     for split, r in out["recommended"].items():
         lines.append(f"- split {split}: {r['encoding']}: {r['bytes_mean']:.0f} B ({r['bytes_vs_png_request']:.2f}x PNG), "
                      f"{r['accuracy_change_pts']:+.2f} pts, {r['encode_plus_decode_us']:.0f} µs")
+    if out.get("webp_frames"):
+        lines.append("")
+        lines.append("The frame as WebP (file + the JPEG request's envelope): " + ", ".join(
+            f"q{r['quality']} {r['bytes_mean']:.0f} B {100 * r['accuracy']:.2f}%" for r in out["webp_frames"]))
+    verdict = out["targets"].get("frame_verdict")
+    if verdict:
+        lines.append("")
+        lines.append(f"Verdict: {verdict['summary']}")
     lines.append("")
     lines.append(json.dumps(out["targets"], indent=1))
     return "\n".join(lines)
