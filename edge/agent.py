@@ -363,7 +363,8 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     except RuntimeSetupError as err:
         raise SetupError(str(err)) from None
     model, metadata, contract = loaded.runtime, loaded.metadata, loaded.contract
-    log(f"model: {MODEL_NAMES.get(model.kind, model.kind)}, {contract.describe()}; {loaded.where}")
+    log(f"model: {MODEL_NAMES.get(model.kind, model.kind)}, {contract.describe()}")
+    log(f"runtime: {loaded.where}")
     stop = threading.Event()  # Ctrl-C: also ends a live source's reconnect loop
     try:  # every frame is fitted to the model's input size (rapnet.data.fit_image), whatever size it comes in
         source = _Peeked(open_source(config.source, contract.image_size, stop=stop, log=log),
