@@ -7,8 +7,8 @@ the process), or eager PyTorch on the checkpoint.
 ONNX Runtime reads its graphs and everything else it needs (config, identity, classes, cost table) from the export
 manifest (rapnet.export): beside the checkpoint (`rapnet-export CHECKPOINT`), in the rapnet cache, or --checkpoint
 naming the export folder itself. When there is none and this install has torch and onnx, the graphs are exported
-on the fly into the cache, in a child process, so the agent itself never imports torch; without them the error
-names the command to run.
+on the fly into the cache, in a child process, so the agent itself never imports torch (in-process where torch is
+loaded already); without them the error names the command to run.
 """
 from __future__ import annotations
 
@@ -125,17 +125,25 @@ def _open_onnx(checkpoint: Path, threads: int, log) -> LoadedModel:
 
 
 def _export_on_the_fly(checkpoint: Path, out: Path, log):
-    """Export into the cache in a child process (this process stays free of torch)."""
-    from rapnet.export import DeviceManifest
+    """Export into the cache: in a child process, so that this process stays free of torch, unless torch is loaded
+    here already (then the child would only import it a second time)."""
+    from rapnet.export import DeviceManifest, ExportError, export_device_graphs
 
     log(f"exporting {checkpoint} to ONNX for ONNX Runtime, once per checkpoint, into {out} (`rapnet-export "
         f"{checkpoint}` writes the graphs beside it instead; --runtime torch skips this)")
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "rapnet.export", str(checkpoint), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise RuntimeSetupError(f"exporting {checkpoint} to ONNX failed: {lines[-1] if lines else 'no message'} "
-                                f"(run `rapnet-export {checkpoint}` to see it all, or use --runtime torch)")
+    if "torch" in sys.modules:
+        try:
+            manifest = export_device_graphs(checkpoint, out)
+        except ExportError as err:
+            raise RuntimeSetupError(f"exporting {checkpoint} to ONNX failed: {err}") from None
+    else:
+        done = subprocess.run([sys.executable, "-m", "rapnet.export", str(checkpoint), "--out", str(out), "--quiet"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise RuntimeSetupError(f"exporting {checkpoint} to ONNX failed: {lines[-1] if lines else 'no message'} "
+                                    f"(run `rapnet-export {checkpoint}` to see it all, or use --runtime torch)")
+        manifest = DeviceManifest.load(out)
     log(f"exported in {time.perf_counter() - t0:.1f} s")
-    return DeviceManifest.load(out)
+    return manifest
