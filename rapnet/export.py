@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .help_format import DefaultsHelpFormatter
     from .shipped import default_checkpoint
 
-    p = argparse.ArgumentParser(prog="rapnet-export", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="rapnet-export", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=str(default_checkpoint("rapnet")),
                    help="checkpoint to export (default: the shipped CIFAR-10 RAPNet, %(default)s)")

@@ -303,27 +303,36 @@ def test_the_agent_on_onnx_runtime_runs_with_torch_ray_and_matplotlib_blocked(cl
 
 @pytest.mark.slow  # exports graphs: seconds
 def test_the_agent_exports_missing_graphs_on_the_fly(tmp_path):
-    """With torch installed, --runtime onnx on a checkpoint without graphs exports them into the cache (in a child
-    process) and runs."""
-    from edge.runtime import open_runtime
-
+    """With torch installed, --runtime onnx on a checkpoint without graphs exports them into the cache, in a child
+    process (the agent's own process never imports torch), and finds them there the next time."""
     torch.manual_seed(0)
     path = tmp_path / "fresh.pt"
     save_checkpoint(path, build_model(ModelConfig(width=0.25)).eval())
-    os.environ["RAPNET_CACHE"], old = str(tmp_path / "cache"), os.environ.get("RAPNET_CACHE")
-    try:
-        lines = []
-        loaded = open_runtime(path, "onnx", threads=1, log=lines.append)
-        assert loaded.runtime.name == "onnx" and str(tmp_path / "cache") in str(loaded.runtime.manifest.folder)
-        assert any("exporting" in line for line in lines) and not export_dir_beside(path).exists()
-        again = []
-        assert open_runtime(path, "onnx", log=again.append).runtime.identity == loaded.runtime.identity
-        assert not any("exporting" in line for line in again)  # found in the cache
-    finally:
-        if old is None:
-            os.environ.pop("RAPNET_CACHE")
-        else:
-            os.environ["RAPNET_CACHE"] = old
+    script = textwrap.dedent(f"""
+        import sys
+        from edge.runtime import open_runtime
+        loaded = open_runtime({str(path)!r}, "onnx", threads=1, log=print)
+        print("RUNTIME", loaded.runtime.name, loaded.runtime.manifest.folder, "torch" in sys.modules)
+    """)
+    env = dict(os.environ, RAPNET_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    first, again = (subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                                   cwd=tmp_path, timeout=600) for _ in range(2))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "exporting" in first.stdout and f"RUNTIME onnx {tmp_path / 'cache'}" in first.stdout
+    assert first.stdout.rstrip().endswith("False")  # torch stayed in the child that exported
+    assert "exporting" not in again.stdout and "RUNTIME onnx" in again.stdout  # found in the cache
+    assert not export_dir_beside(path).exists()  # nothing written beside a checkpoint the agent only reads
+
+
+def test_rapnet_export_refuses_what_it_cannot_export(tmp_path, capsys):
+    from rapnet.export import main
+
+    assert main([str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    assert main([str(tmp_path / "text.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "Use a checkpoint written by rapnet-train" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main([str(tmp_path / "text.pt"), "--out", str(tmp_path / "o"), "--cache"]) == 2
 
 
 # --- the edge install ------------------------------------------------------------------------------------------
