@@ -80,7 +80,7 @@ def clip(value, limit: int = 64) -> str:
     text = repr(value)
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}... ({len(value) if hasattr(value, '__len__') else len(text)} chars)"
+    return f"{text[:limit]}... ({len(value) if isinstance(value, (str, bytes)) else len(text)} chars)"
 
 
 def enum_name(enum, value: int) -> str:
