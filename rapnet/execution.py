@@ -10,7 +10,7 @@ The API mirrors rapnet.network.MultiExitNetwork (run_to_exit, edge_part, cloud_p
 run_until_confident, local_exit_logits, exit_scores), on numpy: the control flow (which stages and heads run, a
 confident exit stopping early) lives once, in Runtime, on two primitives a runtime supplies: run one stage on the
 carry, run one exit head. TorchRuntime runs the model's own modules; OnnxRuntime runs the exported graphs (one
-InferenceSession per graph, batch 1: a batch runs sample by sample). Both answer the same within
+InferenceSession per graph, batch 1: a batch runs sample by sample; run_to_exit in one image-to-exit graph). Both answer the same within
 rapnet.export.EXPORT_TOLERANCE (tests/edge/test_onnx_runtime.py).
 
 Besides the API a runtime tells the planner what it needs: the cost table, the wire contract, the model identity,
@@ -265,6 +265,7 @@ class OnnxRuntime(Runtime):
         self._predictor = session(manifest.predictor) if manifest.predictor is not None else None
         self._stages = [session(g) for g in manifest.stages]
         self._exits = [session(g) for g in manifest.exits]
+        self._to_exit = [session(g) for g in manifest.to_exit]
         stage_io = [(tuple(key for _, key, _ in g.inputs), g.outputs[0][1]) for g in manifest.stages]
         graphs = (1,) * len(manifest.stages), (1,) * len(manifest.exits), int(manifest.predictor is not None)
         self.identity, self.costs = manifest.identity, CostTable.from_dict(manifest.costs)
@@ -281,6 +282,11 @@ class OnnxRuntime(Runtime):
             return sess.run(output, {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(names, arrays)})[0]
         return np.concatenate([sess.run(output, {n: np.ascontiguousarray(a[i:i + 1], dtype=np.float32)
                                                  for n, a in zip(names, arrays)})[0] for i in range(batch)])
+
+    def run_to_exit(self, x, exit_index):
+        """One graph from the image to the exit (rapnet.export), not a chain of stage graphs."""
+        self._check_exit(exit_index)
+        return self._run(self._to_exit[exit_index], [x])
 
     def run_stage(self, s, carry):
         graph = self._stages[s]

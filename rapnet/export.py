@@ -6,8 +6,11 @@
 One graph per piece of the network's execution API (rapnet.network): the exit predictor (the image to the
 predictor's per-exit probabilities), every stage (the carry entries it reads to the one it writes) and every exit
 head (its stage's output to the logits). Every stage, so the device may split anywhere and continue a carry
-locally when the cloud is out of reach. No graph holds control flow: which stages and heads run, and when a
-confident exit stops, stays in the caller's loop (rapnet.execution). Batch size 1, static shapes.
+locally when the cloud is out of reach. Besides, one graph per exit from the image straight to its logits (its
+stages and head in one graph, MultiExitNetwork.run_to_exit): the device's most common call, a quarter faster in
+one graph than as a chain of its pieces, since ONNX Runtime then plans and fuses across the stage boundaries.
+No graph holds control flow: which stages and heads run, and when a confident exit stops, stays in the caller's
+loop (rapnet.execution). Batch size 1, static shapes.
 
 The folder's manifest.json holds what the edge needs without torch: the model's identity, config and checkpoint
 metadata (classes, normalisation, per-exit accuracy), the cost table (rapnet.costs), each graph's inputs and
@@ -104,6 +107,7 @@ class DeviceManifest:
     predictor: GraphSpec | None
     stages: tuple[GraphSpec, ...]
     exits: tuple[GraphSpec, ...]
+    to_exit: tuple[GraphSpec, ...]  # per exit: the image to its logits in one graph
     checkpoint_sha256: str
     opset: int
     versions: dict
@@ -128,6 +132,7 @@ class DeviceManifest:
                            GraphSpec.from_dict(graphs["predictor"]) if graphs.get("predictor") else None,
                            tuple(GraphSpec.from_dict(g) for g in graphs["stages"]),
                            tuple(GraphSpec.from_dict(g) for g in graphs["exits"]),
+                           tuple(GraphSpec.from_dict(g) for g in graphs["to_exit"]),
                            data["checkpoint"]["sha256"], int(data["opset"]), data["versions"])
         except (KeyError, TypeError, ValueError) as err:
             raise ExportError(f"{path} lacks or garbles {err}: export the checkpoint again with rapnet-export") from None
@@ -137,7 +142,7 @@ class DeviceManifest:
         return manifest
 
     def graphs(self) -> list[GraphSpec]:
-        return ([self.predictor] if self.predictor else []) + list(self.stages) + list(self.exits)
+        return ([self.predictor] if self.predictor else []) + list(self.stages) + list(self.exits) + list(self.to_exit)
 
     def image_size(self) -> int:
         return int(self.config["image_size"])
@@ -183,7 +188,15 @@ def _graph_modules(model):
         def forward(self, image):
             return torch.sigmoid(self.predictor(image))
 
-    return StageGraph, ScoresGraph
+    class ToExitGraph(nn.Module):  # MultiExitNetwork.run_to_exit
+        def __init__(self, network, exit_index):
+            super().__init__()
+            self.network, self.exit_index = network, exit_index
+
+        def forward(self, image):
+            return self.network.run_to_exit(image, self.exit_index)
+
+    return StageGraph, ScoresGraph, ToExitGraph
 
 
 def export_device_graphs(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -209,7 +222,7 @@ def export_device_graphs(checkpoint: str | os.PathLike, out: str | os.PathLike |
     except CheckpointError as err:
         raise ExportError(str(err)) from None
     out = Path(out) if out is not None else export_dir_beside(checkpoint)
-    StageGraph, ScoresGraph = _graph_modules(model)
+    StageGraph, ScoresGraph, ToExitGraph = _graph_modules(model)
     size = model.config.image_size
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, size, size, generator=generator) * 4 - 2  # the range of normalised pixels
@@ -259,8 +272,10 @@ def export_device_graphs(checkpoint: str | os.PathLike, out: str | os.PathLike |
                 if s in model.exit_stages:  # its head reads this stage's output (a later stage may rewrite the key)
                     k, head = model.exit_stages.index(s), model.exits[model.exit_stages.index(s)]
                     exits.append(export(head, {"features": written}, {"logits": head(written)}, f"exit{k}.onnx"))
-            log(f"  {len(stages)} stages, {len(exits)} exit heads{', the predictor' if predictor else ''} exported and "
-                f"checked in {time.perf_counter() - t0:.1f} s")
+            to_exit = [export(ToExitGraph(model, k), {IMAGE: image}, {"logits": model.run_to_exit(image, k)},
+                              f"to_exit{k}.onnx") for k in range(model.num_exits)]
+            log(f"  {len(stages)} stages, {len(exits)} exit heads, {len(to_exit)} image-to-exit graphs"
+                f"{', the predictor' if predictor else ''} exported and checked in {time.perf_counter() - t0:.1f} s")
         costs = measure_costs(model)
         layers = {"stage_layers": [leaf_layers(s) for s in model.stages],
                   "exit_layers": [leaf_layers(e) for e in model.exits],
@@ -275,7 +290,8 @@ def export_device_graphs(checkpoint: str | os.PathLike, out: str | os.PathLike |
             "costs": costs.to_dict(),
             "leaf_layers": layers,
             "graphs": {"predictor": predictor.to_dict() if predictor else None,
-                       "stages": [g.to_dict() for g in stages], "exits": [g.to_dict() for g in exits]},
+                       "stages": [g.to_dict() for g in stages], "exits": [g.to_dict() for g in exits],
+                       "to_exit": [g.to_dict() for g in to_exit]},
             "opset": OPSET,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
         }

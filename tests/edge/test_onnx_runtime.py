@@ -105,7 +105,7 @@ def test_export_writes_a_manifest_an_edge_reads_without_torch(tiny):
     model, meta = load_model(path)
     assert manifest.identity == meta["identity"] and manifest.metadata["price"] == 0.1
     assert ModelConfig.from_dict(manifest.config) == model.config
-    assert len(manifest.stages) == model.num_stages and len(manifest.exits) == model.num_exits
+    assert len(manifest.stages) == model.num_stages and len(manifest.exits) == len(manifest.to_exit) == model.num_exits
     data = json.loads((manifest.folder / MANIFEST).read_text())
     assert data["opset"] == 17 and data["versions"]["torch"] == torch.__version__ and data["versions"]["onnx"]
     for s, (graph, stage) in enumerate(zip(manifest.stages, model.stages)):  # carry keys in and out
