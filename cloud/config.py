@@ -140,6 +140,10 @@ class FrontSettings:
     # wake-ups for every request do not preempt their compute threads. stop() restores the policy it found.
     sched_batch: bool = True
     grace_s: float = 2.0  # on shutdown, in-flight calls get this long to finish
+    # INVALID_ARGUMENT, UNAUTHENTICATED and FAILED_PRECONDITION are answered after this pause (within the call's
+    # deadline): a client sending malformed calls back to back cannot take the front's event loop from the others
+    # (benchmarks/hostile_clients.py). Waiting costs the front nothing; 0: answer at once.
+    refusal_delay_ms: float = 100.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -150,6 +154,8 @@ class FrontSettings:
             raise ValueError("front: max_in_flight, stream_window and pipeline_per_replica must be >= 1, retries >= 0")
         if not 0 <= self.chunk_hold_ms <= 1000:
             raise ValueError(f"front.chunk_hold_ms {self.chunk_hold_ms} is outside 0..1000")
+        if not 0 <= self.refusal_delay_ms <= 5000:
+            raise ValueError(f"front.refusal_delay_ms {self.refusal_delay_ms} is outside 0..5000")
         if self.replica_transport not in REPLICA_TRANSPORTS:
             raise ValueError(f"front.replica_transport {self.replica_transport!r} is not one of {REPLICA_TRANSPORTS}")
 

@@ -14,6 +14,7 @@ parses them: parsing runs on the front's one event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +40,8 @@ _RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError
 # Status details travel in gRPC metadata (8 KiB in all by default: longer ones turn the status into
 # RESOURCE_EXHAUSTED) and into the log: client strings in them are clipped (rapnet.codec.clip), and the whole is capped.
 MAX_DETAILS_CHARS = 1024
+# Refusals of the client's own making (its request or token), answered after FrontSettings.refusal_delay_ms.
+_PAUSED = frozenset({Code.INVALID_ARGUMENT, Code.UNAUTHENTICATED, Code.FAILED_PRECONDITION})
 
 
 class Refusal(Exception):
@@ -92,7 +95,9 @@ class InferenceFront:
             self._authorize(context)
             response = await self._answer(raw, context, call)
         except Refusal as refusal:
+            del raw  # nothing of the request is held while the refusal waits (_pause)
             self._finish("Infer", refusal.code, call, started, context, refusal.details)
+            await self._pause(refusal.code, context)
             await context.abort(refusal.code, refusal.details)
         self._finish("Infer", Code.OK, call, started, context)
         return response
@@ -104,6 +109,7 @@ class InferenceFront:
             self._authorize(context)
         except Refusal as refusal:
             self._finish("InferStream", refusal.code, _Call(), time.perf_counter(), context, refusal.details)
+            await self._pause(refusal.code, context)
             await context.abort(refusal.code, refusal.details)
         answers: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self.settings.stream_window)
@@ -139,6 +145,7 @@ class InferenceFront:
                 if answer is done:
                     break
                 if isinstance(answer, Refusal):
+                    await self._pause(answer.code, context)
                     await context.abort(answer.code, answer.details)
                 yield answer
             await reader  # surfaces a broken request stream
@@ -146,6 +153,19 @@ class InferenceFront:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    async def _pause(self, code: grpc.StatusCode, context) -> None:
+        """Answer a refusal of the client's own making after `refusal_delay_ms` (within its deadline): a client
+        that keeps sending malformed or unauthenticated calls back to back then gets at most one answer per pause
+        and call in flight, instead of taking the front's event loop from everyone else. Waiting costs nothing."""
+        if code not in _PAUSED or not self.settings.refusal_delay_ms:
+            return
+        pause = self.settings.refusal_delay_ms / 1e3
+        remaining = context.time_remaining()
+        if remaining is not None:
+            pause = min(pause, remaining - 0.05)
+        if pause > 0:
+            await asyncio.sleep(pause)
 
     # ---- one sample -----------------------------------------------------------------------------------
     def _authorize(self, context) -> None:
@@ -222,10 +242,11 @@ class InferenceFront:
         if code is Code.OK:
             self.metrics.latency.labels(str(call.split)).observe(seconds)
             return
-        self.log.info("refused", extra=fields(
-            method=method, code=code.name, details=details, request_id=clip(call.request_id), split=call.split,
-            exit=call.exit, ms=round(seconds * 1e3, 3), peer=context.peer(),
-        ))
+        if self.log.isEnabledFor(logging.INFO):  # a flood of refusals costs no log work unless logged
+            self.log.info("refused", extra=fields(
+                method=method, code=code.name, details=details, request_id=clip(call.request_id), split=call.split,
+                exit=call.exit, ms=round(seconds * 1e3, 3), peer=context.peer(),
+            ))
 
 
 class Coalescer:

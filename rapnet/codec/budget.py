@@ -15,9 +15,9 @@ The bound follows from the model contract (the carry at every split point) and t
     cloud exit, stop confidence);
 
 at the split whose carry is largest, for one sample (the cloud serves batch 1) or `batch`, plus a margin (a quarter
-and 4 KiB) for encoders that spend more bytes on varints than ours. Fields: the fields those entries need, with
-every repeated number sent unpacked (one field each), doubled, plus 64. The edge and the planner read the same
-numbers (one place).
+and 4 KiB) for encoders that spend more bytes on varints than ours. Fields: every field of the request and of each
+of those entries once (repeated numbers packed, as every proto3 encoder writes them by default), doubled, plus 32.
+The edge and the planner read the same numbers (one place).
 """
 from __future__ import annotations
 
@@ -66,11 +66,6 @@ def _image_bytes(shape: tuple[int, ...]) -> int:
     return 2 * math.prod(shape) + 2048 + 32
 
 
-def _tensor_fields(shape: tuple[int, ...], limits: DecodeLimits) -> int:
-    channels = shape[0] if shape else 1
-    return _TENSOR_FIELDS + limits.max_dims + 2 * channels
-
-
 def request_budget(contract, limits: DecodeLimits = DEFAULT_LIMITS, batch: int = 1) -> RequestBudget:
     """The budget of `contract` (a rapnet.codec.ModelContract): see the module docstring for what it counts."""
     from .contract import IMAGE_KEY
@@ -84,10 +79,10 @@ def request_budget(contract, limits: DecodeLimits = DEFAULT_LIMITS, batch: int =
             if name == IMAGE_KEY:
                 entry = max(entry, _image_bytes(tuple(shape)))
             nbytes += entry
-            fields += _tensor_fields(tuple(shape), limits)
+            fields += _TENSOR_FIELDS
         largest_bytes, largest_fields = max(largest_bytes, nbytes), max(largest_fields, fields)
     return RequestBudget(max_bytes=math.ceil(largest_bytes * (1 + MARGIN_FRACTION)) + MARGIN_BYTES,
-                         max_fields=2 * largest_fields + 64)
+                         max_fields=2 * largest_fields + 32)
 
 
 # ---- counting fields on the raw bytes -------------------------------------------------------------------------
