@@ -404,7 +404,8 @@ def plot(report: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rapnet-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=str(default_checkpoint()), help="RAPNet checkpoint (the shipped one, rapnet.shipped)")
+    p.add_argument("--checkpoint", help="RAPNet checkpoint (default: the shipped one for --dataset, "
+                                        f"{default_checkpoint('rapnet', 'DATASET')})")
     p.add_argument("--sdn", help="SDN checkpoint (default: next to --checkpoint, 'rapnet' in its name replaced by 'sdn'; "
                                  "left out when absent)")
     p.add_argument("--static", help="static-network checkpoint (default: next to --checkpoint, 'rapnet' in its name "
@@ -437,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.checkpoint = args.checkpoint or str(default_checkpoint("rapnet", args.dataset))
     if args.image_size is not None and args.image_size <= 0:
         raise SystemExit(f"rapnet-eval: --image-size {args.image_size} is not a positive number of pixels")
     try:
