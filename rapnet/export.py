@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = "rapnet-onnx/1"
+FORMAT = "rapnet-onnx/2"
 MANIFEST = "manifest.json"
 OPSET = 17
 EXPORT_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| on any output at export
@@ -150,8 +150,9 @@ class DeviceManifest:
 
 def find_export(checkpoint: str | os.PathLike) -> DeviceManifest | None:
     """The exported graphs of `checkpoint`: the checkpoint itself when it names an export folder (or its
-    manifest), else the folder beside it or in the cache whose manifest records this checkpoint file's sha256;
-    None when there is none. ExportError for a folder that is there but unusable."""
+    manifest; ExportError when that is unusable), else the folder beside it or in the cache whose manifest records
+    this checkpoint file's sha256; None when there is none (a folder there from another checkpoint, another
+    version or half copied counts as none: exporting again replaces it)."""
     path = Path(checkpoint)
     if path.is_dir() or path.name == MANIFEST:
         return DeviceManifest.load(path if path.is_dir() else path.parent)
@@ -159,10 +160,12 @@ def find_export(checkpoint: str | os.PathLike) -> DeviceManifest | None:
         return None
     sha = file_sha256(path)
     for folder in (export_dir_beside(path), cache_export_dir(path)):
-        if (folder / MANIFEST).is_file():
-            manifest = DeviceManifest.load(folder)
-            if manifest.checkpoint_sha256 == sha:
-                return manifest
+        try:
+            manifest = DeviceManifest.load(folder) if (folder / MANIFEST).is_file() else None
+        except ExportError:
+            continue
+        if manifest is not None and manifest.checkpoint_sha256 == sha:
+            return manifest
     return None
 
 

@@ -24,7 +24,7 @@ from rapnet.config import ModelConfig
 from rapnet.costs import measure_costs
 from rapnet.data import fit_image, load_dataset, locate_dataset, stratified_sample
 from rapnet.execution import OnnxRuntime, TorchRuntime, leaf_layers
-from rapnet.export import (MANIFEST, DeviceManifest, export_device_graphs, export_dir_beside, find_export)
+from rapnet.export import MANIFEST, ExportError, export_device_graphs, export_dir_beside, find_export
 from rapnet.preprocess import to_model_array, to_model_input
 from rapnet.shipped import default_checkpoint
 
@@ -128,6 +128,12 @@ def test_an_edited_checkpoint_is_not_served_by_its_old_graphs(tiny, tmp_path):
     torch.manual_seed(1)
     save_checkpoint(copy, build_model(ModelConfig(width=0.25)).eval())
     assert find_export(copy) is None  # other bytes: the manifest's sha256 no longer matches
+    os.unlink(export_dir_beside(copy))
+    export_dir_beside(copy).mkdir()
+    (export_dir_beside(copy) / MANIFEST).write_text('{"format": "rapnet-onnx/0"}')
+    assert find_export(copy) is None  # another version's folder: exported again, not an error
+    with pytest.raises(ExportError, match="rapnet-export"):
+        find_export(export_dir_beside(copy))  # named as the model itself: an error that says what to run
 
 
 @pytest.mark.slow  # exports graphs: seconds
