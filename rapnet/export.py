@@ -7,8 +7,8 @@ One graph per piece of the network's execution API (rapnet.network): the exit pr
 predictor's per-exit probabilities), every stage (the carry entries it reads to the one it writes) and every exit
 head (its stage's output to the logits). Every stage, so the device may split anywhere and continue a carry
 locally when the cloud is out of reach. Besides, one graph per exit from the image straight to its logits (its
-stages and head in one graph, MultiExitNetwork.run_to_exit): the device's most common call, a quarter faster in
-one graph than as a chain of its pieces, since ONNX Runtime then plans and fuses across the stage boundaries.
+stages and head in one graph, MultiExitNetwork.run_to_exit): the device's most common call, which ONNX Runtime
+then plans and fuses across the stage boundaries instead of running a chain of its pieces.
 No graph holds control flow: which stages and heads run, and when a confident exit stops, stays in the caller's
 loop (rapnet.execution). Batch size 1, static shapes.
 
