@@ -33,6 +33,7 @@ from typing import Callable
 
 import grpc
 
+from protos.rapnet.v1 import inference_pb2 as pb
 from rapnet.transport import health_status
 
 from .link import INFER_METHOD, CloudLink
@@ -122,8 +123,6 @@ class CloudCheck:
         except grpc.RpcError as err:
             code, details = _grpc_error(err)
             return self._refused(code, details, health)
-        from protos.rapnet.v1 import inference_pb2 as pb
-
         response = pb.InferResponse.FromString(raw)
         if response.model_identity and response.model_identity != self.contract.identity:
             return self._other_model(f"it answered for model {response.model_identity[:12]}")
