@@ -217,14 +217,17 @@ def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> 
     # The network is laid out on the meta device (shapes only, no memory) and checked against the weights the file
     # holds before any of it is real: a config that claims a huge network costs nothing, and the weights then
     # become the network's own tensors (assign), so loading allocates no more than the file holds.
+    weights = payload.get("state_dict")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors: the file is damaged")
     try:
         with torch.device("meta"):
             model = build_model(config)
     except Exception as err:  # noqa: BLE001 - a config that passed its bounds but still builds no network
         raise CheckpointError(f"{path}: its model config builds no network ({err.__class__.__name__}: "
                               f"{str(err)[:200]})") from None
-    check_state_dict(model.state_dict(), payload.get("state_dict"), str(path))
-    model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+    check_state_dict(model.state_dict(), weights, str(path))
+    model.load_state_dict(weights, strict=True, assign=True)
     identity = model_identity(model)
     if identity != payload.get("identity"):
         raise CheckpointError(f"{path}: content hash mismatch, the file is damaged or was edited")
