@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="live source: the reconnect backoff starts at 0.5 s and doubles up to S (with jitter)")
 
     m = p.add_argument_group("model and exit rule")
-    m.add_argument("--checkpoint", default=default_checkpoint(),
-                   help="RAPNet checkpoint, run on the edge and in the embedded cloud (default: the shipped CIFAR-10 "
-                        "model, %(default)s)")
+    m.add_argument("--checkpoint", default=None,
+                   help="RAPNet checkpoint, run on the edge and in the embedded cloud (default: the shipped model for "
+                        f"--dataset where one ships, else the camera-resolution model, {default_checkpoint()})")
     rule = m.add_mutually_exclusive_group()
     rule.add_argument("--price", type=float, default=DecisionSettings.price, metavar="Q",
                       help="the priced rule: the exit maximising predictor score - Q x relative cost (default: the "

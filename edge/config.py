@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from rapnet.codec.menu import DEFAULT_ENCODINGS, ENCODING_NAMES
 from rapnet.exit_rules import check_rule
-from rapnet.shipped import default_checkpoint as shipped_checkpoint
+from rapnet.shipped import model_for as shipped_model_for
 from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 SOURCE_KINDS = ("camera", "stream", "video", "images", "dataset")
@@ -55,9 +55,10 @@ def _require(ok: bool, key: str, flag: str | None, value, what: str) -> None:
         raise ConfigError(f"{named} = {value!r}: {what}")
 
 
-def default_checkpoint() -> str:
-    """The shipped CIFAR-10 RAPNet checkpoint (rapnet.shipped)."""
-    return str(shipped_checkpoint("rapnet", "cifar10"))
+def default_checkpoint(dataset: str | None = None) -> str:
+    """The shipped RAPNet for a dataset source's images (its own set where one ships), else the camera-resolution
+    model (rapnet.shipped.model_for)."""
+    return str(shipped_model_for(dataset))
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ class EdgeConfig:
     """Everything one edge-agent run is configured with."""
 
     source: SourceSettings
-    checkpoint: str = field(default_factory=default_checkpoint)  # RAPNet checkpoint (edge and embedded cloud)
+    checkpoint: str | None = None  # RAPNet checkpoint (edge and embedded cloud); None: default_checkpoint(dataset)
     torch_threads: int = 1  # intra-op threads of the agent's runtime (ONNX Runtime or PyTorch)
     runtime: str | None = None  # "onnx" or "torch"; None: onnx where onnxruntime is installed (edge.runtime)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
@@ -291,6 +292,8 @@ class EdgeConfig:
     output: OutputSettings = field(default_factory=OutputSettings)
 
     def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            object.__setattr__(self, "checkpoint", default_checkpoint(self.source.dataset))
         _require(self.torch_threads >= 1, "torch_threads", "--torch-threads", self.torch_threads,
                  "give at least one thread")
         _require(self.runtime in (None, "onnx", "torch"), "runtime", "--runtime", self.runtime,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 MODELS_ENV = "RAPNET_MODELS"
 KINDS = ("rapnet", "sdn", "static")
+# The camera-resolution set: what cameras, streams, videos and folders of photographs are classified with.
+CAMERA_DATASET = "imagenette"
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -48,3 +50,13 @@ def default_checkpoints(dataset: str = "cifar10", folder: str | os.PathLike | No
     """Every kind's checkpoint for this dataset: the shipped ones, or those in `folder` when given."""
     base = Path(folder) if folder is not None else models_dir()
     return {kind: base / f"{kind}-{dataset}.pt" for kind in KINDS}
+
+
+def model_for(dataset: str | None = None, kind: str = "rapnet") -> Path:
+    """The shipped checkpoint for a dataset's images: the dataset's own set where one ships, else the
+    camera-resolution set (CAMERA_DATASET), which is also the model for cameras, streams and other images."""
+    if dataset:
+        own = default_checkpoint(kind, dataset)
+        if own.exists():
+            return own
+    return default_checkpoint(kind, CAMERA_DATASET)

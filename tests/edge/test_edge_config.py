@@ -31,7 +31,7 @@ def test_defaults_of_the_flags_are_the_configs():
     only, and the parser reads them from there."""
     assert config() == EdgeConfig.from_mapping({"source": {"dataset": "cifar10"}})
     c = config()
-    assert c.checkpoint == default_checkpoint() == str(shipped_checkpoint("rapnet", "cifar10"))
+    assert c.checkpoint == default_checkpoint("cifar10") == str(shipped_checkpoint("rapnet", "cifar10"))
     assert c.decision.device_gflops is None and c.decision.encodings is None  # auto
     assert c.decision.menu == DEFAULT_ENCODINGS and c.decision.cloud_exit and c.cloud.embedded
 
@@ -172,7 +172,7 @@ def test_help_shows_every_options_true_default():
         if action.nargs != 0:  # on/off flags say in words which way is the default, where it is not plain off
             assert "default:" in entries[option], f"{option} does not show its default: {entries[option]}"
     assert "(default: auto)" in entries["--device-gflops"] and "(default: auto)" in entries["--encoding"]
-    assert "the shipped CIFAR-10 model" in entries["--checkpoint"] and default_checkpoint() in text.replace("\n", "")
+    assert "the camera-resolution model" in entries["--checkpoint"] and default_checkpoint() in text.replace("\n", "")
     from orchestration.planner import DEFAULT_PRICE
 
     assert f"else {DEFAULT_PRICE:g}" in entries["--price"]

@@ -69,3 +69,14 @@ def test_machine_info():
         assert key in info
     if (ROOT / ".git").exists():
         assert len(info["git_commit"]) == 40 and isinstance(info["git_dirty"], bool)
+
+
+def test_a_dataset_gets_its_own_shipped_set_and_everything_else_the_camera_model(tmp_path, monkeypatch):
+    from rapnet import shipped
+
+    monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path))
+    (tmp_path / "rapnet-cifar10.pt").write_bytes(b"")
+    assert shipped.model_for("cifar10") == tmp_path / "rapnet-cifar10.pt"
+    camera = tmp_path / f"rapnet-{shipped.CAMERA_DATASET}.pt"
+    assert shipped.model_for(None) == shipped.model_for("tinyimagenet") == camera
+    assert shipped.model_for("cifar10", kind="sdn") == tmp_path / f"sdn-{shipped.CAMERA_DATASET}.pt"
