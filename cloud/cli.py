@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help=f"address to bind ({default(FrontSettings.host)})")
     serve.add_argument("--port", type=int, default=None,
                        help=f"gRPC port, 0 picks a free one ({default(FrontSettings.port)})")
-    serve.add_argument("--address", default=None,
-                       help="Ray cluster to attach to ('auto' on a cluster node) (default: the --config value, else "
-                            "start Ray on 127.0.0.1)")
+    serve.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="Ray cluster to attach to: its GCS address, e.g. the head's IP:6379 ('auto' takes the "
+                            "newest Ray instance on this host); the front stops when that cluster goes away "
+                            "(default: the --config value, else start Ray on 127.0.0.1)")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (default: none, plaintext, which "
                                                          "only a loopback address or --insecure allows)")
     serve.add_argument("--tls-key", metavar="PEM", help="server private key, with --tls-cert (default: none)")
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra DNS name or IP for the server cert, repeatable (default: none, 127.0.0.1 and "
                            "localhost only)")
 
+    check = sub.add_parser("health", help="wait until a front reports SERVING over gRPC health (exit 0), else exit 1",
+                           formatter_class=DefaultsHelpFormatter)
+    check.add_argument("--target", required=True, metavar="HOST:PORT", help="the front's address")
+    check.add_argument("--tls-ca", metavar="PEM", help="CA that signed the front's certificate (default: none, "
+                                                       "plaintext, loopback only)")
+    check.add_argument("--wait", type=float, default=0.0, metavar="S",
+                       help="keep asking, once a second, for up to S seconds (0: ask once)")
+    check.add_argument("--while-pid", type=int, default=None, metavar="PID",
+                       help="give up at once when this process (the front) exits (default: none)")
+
     token = sub.add_parser("make-token", help="write a random bearer token (mode 600)",
                            formatter_class=DefaultsHelpFormatter)
     token.add_argument("--out", required=True, metavar="FILE", help="file to write the token to")
@@ -100,7 +111,54 @@ def main(argv: list[str] | None = None) -> int:
             f.write(BearerToken.generate().value + "\n")
         print(f"token written to {out}")
         return 0
+    if args.command == "health":
+        return _health(args)
     return _serve(args)
+
+
+def _health(args) -> int:
+    """Ask grpc.health.v1 until SERVING or `--wait` runs out; says each change of answer on stderr."""
+    import time
+
+    import grpc
+
+    from rapnet.transport import health_status, open_channel
+
+    deadline = time.monotonic() + args.wait
+    last = None
+    try:
+        channel = open_channel(args.target, ca=args.tls_ca)
+    except ValueError as err:
+        print(f"rapnet-cloud health: {err}", file=sys.stderr)
+        return 2
+    with channel:
+        while True:
+            try:
+                answer = health_status(channel, timeout=2.0)
+            except grpc.RpcError as err:
+                answer = f"{err.code().name}: {err.details()}"
+            if answer == "SERVING":
+                print(f"{args.target}: SERVING")
+                return 0
+            if answer != last:
+                print(f"{args.target}: {answer}", file=sys.stderr)
+                last = answer
+            gone = args.while_pid is not None and not _alive(args.while_pid)
+            if gone or time.monotonic() >= deadline:
+                why = f"process {args.while_pid} exited" if gone else f"not SERVING after {args.wait:g} s"
+                print(f"rapnet-cloud health: {args.target} {why} (last answer: {answer})", file=sys.stderr)
+                return 1
+            time.sleep(1.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _serve(args) -> int:
@@ -165,6 +223,9 @@ def _serve(args) -> int:
         pass
     finally:
         server.stop()
+    if server.cluster_lost:
+        print("rapnet-cloud: the Ray cluster went away (ray stop / ray down); the front stopped", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -148,6 +148,8 @@ class CloudServer:
         self._front = None
         self._stopped = False
         self._policy_before: int | None = None  # the process's scheduling policy before start() changed it
+        self.cluster_lost = False  # set when the Ray cluster this server attached to went away (the front stopped)
+        self._gcs_address: str | None = None  # host:port of the attached cluster's GCS, which the front watches
 
     # ---- public ---------------------------------------------------------------------------------------
     @property
@@ -200,6 +202,10 @@ class CloudServer:
         contract = ModelContract.from_model(model, self.identity)
         del model
         self._owns_ray = ensure_ray(self.config.ray)
+        if not self._owns_ray:
+            import ray
+
+            self._gcs_address = ray.get_runtime_context().gcs_address
         cfg = self.config
         t0 = time.perf_counter()
         try:
@@ -240,11 +246,11 @@ class CloudServer:
         if self._stopped:
             return
         self._stopped = True
-        if self._loop is not None and self._stop_event is not None and self._thread is not None:
+        if self._loop is not None and self._stop_event is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop_event.set)
             self._thread.join(timeout=self.config.front.grace_s + 10)
         self.metrics.stop()
-        if self.deploy:
+        if self.deploy and not self.cluster_lost:  # with the cluster gone there is no app left to delete
             try:
                 from ray import serve
 
@@ -328,9 +334,12 @@ class CloudServer:
         for name in SERVICE_NAMES:
             await self._health.set(name, SERVING)
         self._ready.set()
-        watcher = asyncio.create_task(self._watch_replicas())
+        watchers = [asyncio.create_task(self._watch_replicas())]
+        if self._gcs_address is not None:
+            watchers.append(asyncio.create_task(self._watch_cluster(self._gcs_address)))
         await self._stop_event.wait()
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         for name in SERVICE_NAMES:
             await self._health.set(name, NOT_SERVING)
         await server.stop(front_cfg.grace_s)
@@ -363,6 +372,24 @@ class CloudServer:
                     await self._health.set(name, state)
                 log.info("health", extra=fields(serving=state == SERVING, running_replicas=running))
                 last = state
+
+    async def _watch_cluster(self, gcs_address: str, period_s: float = 2.0, misses: int = 3) -> None:
+        """Stop the front when the Ray cluster it attached to is gone (`ray stop` or `ray down` on the head):
+        the GCS port refuses `misses` connections in a row. A front left behind would report SERVING while every
+        call fails, and hold its port."""
+        host, _, port = gcs_address.rpartition(":")
+        missed = 0
+        while missed < misses:
+            await asyncio.sleep(period_s)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), period_s)
+                writer.close()
+                missed = 0
+            except (OSError, asyncio.TimeoutError):
+                missed += 1
+        log.error("ray cluster gone, stopping", extra=fields(gcs_address=gcs_address))
+        self.cluster_lost = True
+        self._stop_event.set()
 
     def running_replicas(self) -> int:
         """How many replicas of the deployment Serve reports RUNNING."""

@@ -15,7 +15,7 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 def test_every_option_has_help_and_its_true_default():
     commands = subparsers(cli.build_parser())
-    assert set(commands) == {"serve", "make-dev-cert", "make-token"}
+    assert set(commands) == {"serve", "make-dev-cert", "make-token", "health"}
     for name, parser in commands.items():
         text = " ".join(parser.format_help().split())
         assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
@@ -36,3 +36,16 @@ def test_serve_defaults_to_the_shipped_model():
     args = cli.build_parser().parse_args(["serve"])
     assert args.checkpoint == str(default_checkpoint()) and args.port is None  # None: the --config value
     assert cli.build_parser().parse_args(["make-dev-cert", "--out", "d"]).name is None
+
+
+def test_health_fails_loudly_where_no_front_serves(capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["health", "--target", f"127.0.0.1:{port}", "--wait", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "not SERVING after 0 s" in err
+    assert cli.main(["health", "--target", "10.1.2.3:50051"]) == 2  # plaintext to another host: refused
+    assert "--tls-ca" in capsys.readouterr().err
