@@ -691,9 +691,15 @@ def test_cluster_files_match_rays_schema(name):
         config = yaml.safe_load(f)
     jsonschema.validate(config, schema)
     start = " ".join(config["head_start_ray_commands"])
-    assert "ray start --head" in start and "rapnet-cloud serve --address auto" in start
+    assert "ray start --head" in start and "rapnet-cloud serve --address $NODE_IP:6379" in start  # not `auto`
     assert "--tls-cert" in start and "--token-file" in start
+    assert "rapnet-cloud health" in start and "--wait" in start and "exit 1" in start  # `ray up` waits for SERVING
     assert any("torch==2.13.0" in c for c in config["setup_commands"])
+    # `ray down` runs a bare `ray stop` in a shell that sourced ~/.bashrc: the venv's bin is put on PATH there first.
+    assert "venv/bin" in config["setup_commands"][0] and "~/.bashrc" in config["setup_commands"][0]
+    mounted = {Path(local).name for local in config["file_mounts"].values()}
+    assert {"server.pem", "server.key", "ca.pem", "token.txt"} <= mounted and "ca.key" not in mounted
+    assert "~/rapnet" not in config["file_mounts"]  # the checkout there would shadow the rapnet package
     if name == "onprem.yaml":
         assert config["provider"]["type"] == "local" and config["provider"]["worker_ips"]
 
