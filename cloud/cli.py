@@ -224,8 +224,10 @@ def _serve(args) -> int:
     finally:
         server.stop()
     if server.cluster_lost:
-        print("rapnet-cloud: the Ray cluster went away (ray stop / ray down); the front stopped", file=sys.stderr)
-        return 1
+        print("rapnet-cloud: the Ray cluster went away (ray stop / ray down); the front stopped", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # Ray's exit hooks would wait on the cluster that is gone: the process would stay
     return 0
 
 
