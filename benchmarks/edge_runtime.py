@@ -63,6 +63,7 @@ FLAG_QUOTIENT = 1.3
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=str(default_checkpoint("rapnet")), help="RAPNet checkpoint")
+    p.add_argument("--dataset", default="cifar10", help="test images (fitted to the model's input size) of this dataset")
     p.add_argument("--rounds", type=int, default=300, help="timed rounds (each times every call once)")
     p.add_argument("--warmup", type=int, default=30, help="untimed rounds first")
     p.add_argument("--edge-venv", type=Path, default=None,
@@ -223,7 +224,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         manifest = find_export(args.checkpoint) or export_device_graphs(args.checkpoint, tmp / "graphs")
         run = OnnxRuntime(manifest, threads=1)
-        test = load_dataset(locate_dataset(None, "cifar10"), "test")
+        test = load_dataset(locate_dataset(None, args.dataset), "test", image_size=model.config.image_size)
         images = np.ascontiguousarray(test.images[stratified_sample(test.labels, max(args.frames, 10), seed=0)])
         log(f"latency: {args.rounds} rounds of {2 * (model.num_exits + 2)} calls, batch 1, 1 thread")
         latency = measure_latency(model, run, images, args.rounds, args.warmup)
