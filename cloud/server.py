@@ -103,6 +103,7 @@ def ensure_ray(settings: RaySettings, address: str | None = None) -> bool:
         kwargs["_temp_dir"] = settings.temp_dir
     with _secrets_withheld(), _callers_sigterm_handler_kept():
         ray.init(
+            address="local",  # a Ray of its own: never attach to another instance running on this host
             num_cpus=settings.num_cpus,
             object_store_memory=settings.object_store_bytes,
             include_dashboard=False,
