@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError("tests that start Ray must be marked @pytest.mark.slow:\n  " + "\n  ".join(unmarked))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def rapnet_cache(tmp_path_factory):
+    """$RAPNET_CACHE in a folder of this session's: decoded datasets, ONNX exports and trace caches the tests (and
+    the commands they start) write stay out of the user's ~/.cache/rapnet, and each is made once per session."""
+    path = tmp_path_factory.mktemp("rapnet-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAPNET_CACHE", str(path))
+    yield path
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     """One small Ray instance per test module (starting Ray costs seconds), torn down with Serve."""

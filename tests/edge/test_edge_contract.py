@@ -48,7 +48,8 @@ def _image_folder(root: Path, classes, per_class: int = 2, size: tuple[int, int]
 
 def _flags(checkpoint: str, *source: str) -> list[str]:
     return [*source, "--checkpoint", checkpoint, "--cloud", f"127.0.0.1:{_free_port()}", "--fixed-network",
-            "--device-gflops", "10", "--calibration-frames", "2", "--deadline-ms", "300", "--quiet"]
+            "--device-gflops", "10", "--calibration-frames", "2", "--deadline-ms", "300", "--quiet",
+            "--runtime", "torch"]  # the runtime is not what these tests are about: no ONNX export of their checkpoints
 
 
 @pytest.mark.parametrize("folders, expected", [
