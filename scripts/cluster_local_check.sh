@@ -136,10 +136,12 @@ echo "on the node: $(ls "$HOME_DIR/rapnet-secrets" | xargs)"
 
 log "health and one edge-agent run against 127.0.0.1:50051 (TLS, token)"
 .venv/bin/rapnet-cloud health --target 127.0.0.1:50051 --tls-ca "$WORK/secrets/ca.pem"
+# A slow device and price 0 (the deepest exit) make the planner offload: the frames go to the cluster.
 .venv/bin/edge-agent --cloud 127.0.0.1:50051 --tls-ca "$WORK/secrets/ca.pem" --token-file "$WORK/secrets/token.txt" \
-    --runtime torch --dataset cifar10 --limit 20 2>&1 | tail -n 6
+    --runtime torch --dataset cifar10 --limit 20 --device-gflops 0.5 --price 0 --quiet 2>&1 | tee "$WORK/agent.log" | tail -n 12
 AGENT_RC=${PIPESTATUS[0]}
-log "edge-agent exit code $AGENT_RC"
+CLOUD_CALLS=$(grep -o 'cloud queue [0-9.]* ms ([0-9]* calls)' "$WORK/agent.log" | grep -o '([0-9]*' | tr -d '(')
+log "edge-agent exit code $AGENT_RC, ${CLOUD_CALLS:-no} calls to the cluster"
 
 log "ray down"
 .venv/bin/ray down -y "$WORK/cluster.yaml" 2>&1 | tee "$WORK/ray_down.log" | grep -E "Stopped|stopped|Destroying|remaining|command not found" | tail -n 8
@@ -156,4 +158,5 @@ fi
 echo "none"
 tail -n 3 "$HOME_DIR/rapnet-cloud.log"
 [[ $AGENT_RC == 0 ]] || { echo "FAIL: edge-agent exit code $AGENT_RC" >&2; exit 1; }
+[[ ${CLOUD_CALLS:-0} -gt 0 ]] || { echo "FAIL: the edge-agent sent nothing to the cluster" >&2; exit 1; }
 log "PASS"
