@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.node_failure import LocalCluster, run_scenario
+from benchmarks.node_failure import run_scenario
 from rapnet.shipped import default_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -22,34 +22,3 @@ def test_losing_a_node_loses_no_frame_and_service_comes_back():
     assert frames["cloud"] > 0 and result["cloud_answers_after_kill"] > 0, result  # served on through the loss
     # Failed calls end in a status the edge falls back on, never a hang past the deadline or a client error.
     assert set(frames["codes"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CIRCUIT_OPEN", "RESOURCE_EXHAUSTED"}, frames
-
-
-def test_the_front_stops_with_its_cluster_and_nothing_is_left():
-    """`ray down` is `ray stop` on the head: a front left behind would report SERVING while every call fails."""
-    import time
-
-    import ray
-
-    from cloud.config import CloudConfig
-    from cloud.server import CloudServer
-
-    cluster = LocalCluster()
-    server = None
-    try:
-        cluster.start_node("head", head=True)
-        config = CloudConfig().with_overrides(front={"host": "127.0.0.1", "port": 0}, ray={"address": cluster.address},
-                                              autoscaling={"min_replicas": 1, "max_replicas": 1})
-        server = CloudServer(str(default_checkpoint()), config).start(timeout_s=180)
-        assert server.running and cluster.leftovers()
-        cluster.close()  # the head's processes end, as `ray stop` ends them
-        deadline = time.monotonic() + 30
-        while server.running and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not server.running and server.cluster_lost
-    finally:
-        if server is not None:
-            server.stop()
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.close()
-    assert cluster.leftovers() == []
