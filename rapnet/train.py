@@ -467,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the data order")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
-    p.add_argument("--jobs", type=int, default=1, help="train the models in this many parallel processes (GPU)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train the models in parallel processes, one per kind (with --teacher static the static "
+                        "network first, alone); on a 2-core CPU pair --jobs 2 with --threads 1")
     p.add_argument("--teacher", metavar="CHECKPOINT",
                    help="distil every exit from this trained network's last exit (same seed and split as this run); "
                         "'static': from this run's static network, trained first (OUT/static.pt when --models has no "
