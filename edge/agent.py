@@ -387,7 +387,8 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
 
         t0 = time.perf_counter()
         try:
-            app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), decision, metadata)
+            app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), decision, metadata,
+                                        max_request_bytes=config.cloud.max_message_bytes)
         except ValueError as err:  # settings that cannot work together, e.g. a per-layer cost above the measured time
             raise SetupError(str(err)) from None
         measured = " (measured)" if decision.device_gflops is None else ""

@@ -132,11 +132,11 @@ class Decider:
 
 
 def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSettings,
-                  metadata: dict | None = None) -> Decider:
+                  metadata: dict | None = None, max_request_bytes: int | None = None) -> Decider:
     """The planner for `model` (a rapnet.execution runtime, or a MultiExitNetwork run by PyTorch) on the runtime the
     agent uses (orchestration.calibration: its cost table and calls, real request sizes on `sample_pixels`, or the
     trace cache `settings.traces` holding this model; the device's speed timed on it) behind the agent's settings
-    (validated when they were built)."""
+    (validated when they were built). `max_request_bytes`: the link's message limit, which no plan exceeds."""
     from orchestration.calibration import jpeg_stop_confidence, planner_for_model
 
     model = as_runtime(model, (metadata or {}).get("identity"))
@@ -151,7 +151,7 @@ def build_decider(model, sample_pixels: np.ndarray | None, settings: DecisionSet
     planner = planner_for_model(model, sample_pixels, threshold=settings.threshold, price=price,
                                 exit_accuracy=accuracy, encodings=settings.menu, traces=traces,
                                 sequential=True if settings.stop_confidence else None,
-                                stop_confidence=settings.stop_confidence)
+                                stop_confidence=settings.stop_confidence, max_request_bytes=max_request_bytes)
     if settings.device_gflops is None:
         if sample_pixels is None or not len(sample_pixels):
             raise ValueError("measuring the device's speed needs a sample frame")

@@ -155,7 +155,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
                       exit_accuracy: Sequence[float] | None = None, encodings: Sequence[str] = DEFAULT_ENCODINGS,
                       traces: str | Path | None = None, min_agreement: float = MIN_AGREEMENT,
                       max_jpeg_drop: float = MAX_JPEG_ACCURACY_DROP, sequential: bool | None = None,
-                      stop_confidence: float | None = None) -> Planner:
+                      stop_confidence: float | None = None, max_request_bytes: int | None = None) -> Planner:
     """A planner for `model`: sample_pixels (N, H, W, 3) uint8 frames to measure request sizes on (a few
     dozen are enough), or `traces` (a rapnet-sim trace cache holding this model's identity). Exit rule as in
     Planner: `price` (default DEFAULT_PRICE) for the priced rule, or `threshold` for the threshold rule.
@@ -163,13 +163,15 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     The menu follows ModelTraces.menu; measured on unlabelled sample frames, JPEG stays off it (whether it costs
     accuracy needs labels). With the priced rule the planner learns the rule's exits (Planner.with_calibration) on
     the traces' calibration images, or on the sample frames, and with a `stop_confidence` (the capped rule) where
-    those frames stop."""
+    those frames stop. `max_request_bytes` (the link's message limit): a (split, encoding) whose largest measured
+    request exceeds it is left off the menu, so no plan sends a request the link would refuse."""
     run = as_runtime(model)
     costs = run.costs
     payload = codec_ms = agreement = prior_scores = prior_confidence = None
     t = traces_for_model(run, traces)
     if t is not None:
         payload, agreement = t.menu(min_agreement, max_jpeg_drop)
+        largest = {k: int(v.max()) for k, v in t.payload.items() if len(v)}
         codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
         exit_accuracy = exit_accuracy if exit_accuracy is not None else (
             t.cal_correct.mean(0) if t.cal_correct is not None else t.correct.mean(0))
@@ -181,6 +183,9 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         payload = {k: int(round(float(v.mean()))) for k, v in sizes.items()
                    if k != (0, "jpeg") and agreement[k] >= min_agreement}
         codec_ms = {k: (enc[k], dec[k]) for k in sizes}
+        largest = {k: int(v.max()) for k, v in sizes.items()}
+    if max_request_bytes is not None:
+        payload = {k: v for k, v in payload.items() if largest.get(k, v) <= max_request_bytes}
     if exit_accuracy is None:
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
     planner = Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price,

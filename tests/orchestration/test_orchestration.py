@@ -765,3 +765,23 @@ def test_planner_for_model_from_sample_frames():
     assert slow.offload and slow.expected_latency_ms < planner.option_table(
         Conditions(bandwidth_mbps=1e9, rtt_ms=0.0, device_gflops=0.01)).local_latency[-1]
     assert not planner.plan(scores, Conditions(bandwidth_mbps=0.0, rtt_ms=10.0, device_gflops=1.0)).offload
+
+
+def test_no_plan_sends_a_request_over_the_links_limit():
+    """A (split, encoding) whose largest measured request is over the message limit is off the menu."""
+    from orchestration.calibration import measure_payloads, planner_for_model
+    from rapnet.build import build_model
+    from rapnet.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.25)).eval()
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    sizes, _, _, _ = measure_payloads(model, pixels)
+    unlimited = planner_for_model(model, pixels, threshold=0.5)
+    largest = max(option[-1] for options in unlimited.options for option in options)
+    limit = int(sorted(int(v.max()) for v in sizes.values())[len(sizes) // 2])  # about half the menu fits
+    limited = planner_for_model(model, pixels, threshold=0.5, max_request_bytes=limit)
+    kept = {(o[0], o[1]) for options in limited.options for o in options}
+    assert kept and largest > limit
+    assert all(int(sizes[key].max()) <= limit for key in kept)
+    assert {(o[0], o[1]) for options in unlimited.options for o in options} - kept  # something was left off
