@@ -44,6 +44,17 @@ def top_probability(logits: np.ndarray) -> np.ndarray:
     return z.max(axis=1) / z.sum(axis=1)
 
 
+
+def check_split(num_stages: int, split: int) -> None:
+    """A split point lies in 0..num_stages (0: the edge sends the image; num_stages: it runs everything)."""
+    if not 0 <= split <= num_stages:
+        raise ValueError(f"split point {split} is outside 0..{num_stages}")
+
+
+def check_exit(num_exits: int, exit_index: int) -> None:
+    if not 0 <= exit_index < num_exits:
+        raise ValueError(f"exit {exit_index} is outside 0..{num_exits - 1}")
+
 class Runtime:
     """The execution API over two primitives (run_stage, run_head) and a predictor call (predict)."""
 
@@ -90,16 +101,8 @@ class Runtime:
         return len(self.stage_io)
 
     def live_keys(self, split: int) -> tuple[str, ...]:
-        self._check_split(split)
+        check_split(self.num_stages, split)
         return self.split_keys[split]
-
-    def _check_split(self, split: int) -> None:
-        if not 0 <= split <= self.num_stages:
-            raise ValueError(f"split point {split} is outside 0..{self.num_stages}")
-
-    def _check_exit(self, exit_index: int) -> None:
-        if not 0 <= exit_index < self.num_exits:
-            raise ValueError(f"exit {exit_index} is outside 0..{self.num_exits - 1}")
 
     def deepest_local_exit(self, split: int) -> int | None:
         """The deepest exit whose stage the edge has run when it splits at `split` (its fallback answer)."""
@@ -133,19 +136,19 @@ class Runtime:
 
     def run_to_exit(self, x: np.ndarray, exit_index: int) -> np.ndarray:
         """Only exit k's stages and its head run."""
-        self._check_exit(exit_index)
+        check_exit(self.num_exits, exit_index)
         return self._exit_logits(self._run_stages({IMAGE: x}, 0, self.exit_stages[exit_index] + 1), exit_index)
 
     def edge_part(self, x: np.ndarray, split: int) -> Carry:
         """Stages [0, split); exactly the carry entries that cross the network."""
-        self._check_split(split)
+        check_split(self.num_stages, split)
         carry = self._run_stages({IMAGE: x}, 0, split)
         return {key: carry[key] for key in self.live_keys(split)}
 
     def cloud_part(self, carry: Mapping[str, np.ndarray], split: int, exit_index: int) -> np.ndarray:
         """Continue a carry handed over at `split` to `exit_index` (the edge's fallback runs this too)."""
-        self._check_split(split)
-        self._check_exit(exit_index)
+        check_split(self.num_stages, split)
+        check_exit(self.num_exits, exit_index)
         if self.exit_stages[exit_index] < split:
             raise ValueError(f"exit {exit_index} sits before split point {split}: the edge answers it locally")
         missing = set(self.live_keys(split)) - set(carry)
@@ -169,14 +172,14 @@ class Runtime:
         """For one image: exits in turn, the first whose top softmax probability reaches `threshold` answers
         (`last_exit`, default the last, anyway)."""
         last_exit = self.num_exits - 1 if last_exit is None else last_exit
-        self._check_exit(last_exit)
+        check_exit(self.num_exits, last_exit)
         return self._first_confident(x, range(last_exit + 1), threshold, last_answers=True)[2]
 
     def edge_part_capped(self, x: np.ndarray, split: int, stop_confidence: float
                          ) -> tuple[Carry | None, tuple[np.ndarray, int] | None]:
         """The capped rule's edge side at a split, for one image: the heads before the split are checked; the first
         this confident answers here: (None, (logits, exit)); else (the carry to send, None)."""
-        self._check_split(split)
+        check_split(self.num_stages, split)
         before = [k for k, s in enumerate(self.exit_stages) if s < split]
         carry, done, answer = self._first_confident(x, before, stop_confidence, last_answers=False)
         if answer is not None:
@@ -285,7 +288,7 @@ class OnnxRuntime(Runtime):
 
     def run_to_exit(self, x, exit_index):
         """One graph from the image to the exit (rapnet.export), not a chain of stage graphs."""
-        self._check_exit(exit_index)
+        check_exit(self.num_exits, exit_index)
         return self._run(self._to_exit[exit_index], [x])
 
     def run_stage(self, s, carry):

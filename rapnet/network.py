@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from .blocks import ConvBNAct, make_divisible
 from .config import ModelConfig
+from .execution import check_exit, check_split
 
 Carry = dict[str, torch.Tensor]
 IMAGE = "image"
@@ -95,16 +96,8 @@ class MultiExitNetwork(nn.Module):
         return result
 
     def live_keys(self, split: int) -> tuple[str, ...]:
-        self._check_split(split)
+        check_split(self.num_stages, split)
         return self._live[split]
-
-    def _check_split(self, split: int) -> None:
-        if not 0 <= split <= self.num_stages:
-            raise ValueError(f"split point {split} is outside 0..{self.num_stages}")
-
-    def _check_exit(self, exit_index: int) -> None:
-        if not 0 <= exit_index < self.num_exits:
-            raise ValueError(f"exit {exit_index} is outside 0..{self.num_exits - 1}")
 
     # --- execution -------------------------------------------------------------------------------------
     def _run_stages(self, carry: Carry, start: int, stop: int) -> Carry:
@@ -128,20 +121,20 @@ class MultiExitNetwork(nn.Module):
 
     def run_to_exit(self, image: torch.Tensor, exit_index: int) -> torch.Tensor:
         """Monolithic run to one exit: only its stages and its head execute."""
-        self._check_exit(exit_index)
+        check_exit(self.num_exits, exit_index)
         carry = self._run_stages({IMAGE: image}, 0, self.exit_stages[exit_index] + 1)
         return self._exit_logits(carry, exit_index)
 
     def edge_part(self, image: torch.Tensor, split: int) -> Carry:
         """Run stages [0, split) and return exactly the carry entries that must cross the network."""
-        self._check_split(split)
+        check_split(self.num_stages, split)
         carry = self._run_stages({IMAGE: image}, 0, split)
         return {key: carry[key] for key in self._live[split]}
 
     def cloud_part(self, carry: Carry, split: int, exit_index: int) -> torch.Tensor:
         """Continue from a carry handed over at `split` and answer at `exit_index` (which must lie beyond it)."""
-        self._check_split(split)
-        self._check_exit(exit_index)
+        check_split(self.num_stages, split)
+        check_exit(self.num_exits, exit_index)
         if self.exit_stages[exit_index] < split:
             raise ValueError(f"exit {exit_index} sits before split point {split}: the edge answers it locally")
         missing = set(self._live[split]) - set(carry)
@@ -155,7 +148,7 @@ class MultiExitNetwork(nn.Module):
         """The edge's side of the capped rule at a split, for one image: run stages [0, split) checking the
         heads of the exits before the split; the first whose top softmax probability reaches
         `stop_confidence` answers here. Returns (None, (logits, exit)) then, else (the carry to send, None)."""
-        self._check_split(split)
+        check_split(self.num_stages, split)
         before = [k for k, s in enumerate(self.exit_stages) if s < split]
         carry, done, answer = self._first_confident(image, before, stop_confidence, last_answers=False)
         if answer is not None:
@@ -241,7 +234,7 @@ class MultiExitNetwork(nn.Module):
         top softmax probability reaches `threshold`; `last_exit` (default: the last) always answers.
         RAPNet's capped rule passes the priced rule's exit as `last_exit` (rapnet.exit_rules.capped_exits)."""
         last_exit = self.num_exits - 1 if last_exit is None else last_exit
-        self._check_exit(last_exit)
+        check_exit(self.num_exits, last_exit)
         return self._first_confident(image, range(last_exit + 1), threshold, last_answers=True)[2]
 
     def _first_confident(self, image: torch.Tensor, exits, threshold: float,

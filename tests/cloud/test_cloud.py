@@ -29,10 +29,7 @@ from cloud.security import TLSFiles, make_dev_cert  # noqa: E402
 from cloud.server import CloudServer  # noqa: E402
 from protos.rapnet.v1 import inference_pb2 as pb  # noqa: E402
 from protos.rapnet.v1.inference_pb2_grpc import InferenceStub  # noqa: E402
-from rapnet.build import build_model  # noqa: E402
-from rapnet.checkpoint import save_checkpoint  # noqa: E402
-from rapnet.codec import EncodeOptions, ModelContract, build_request  # noqa: E402
-from rapnet.config import ModelConfig  # noqa: E402
+from rapnet.codec import EncodeOptions, build_request  # noqa: E402
 from rapnet.transport import BearerToken, auth_metadata, health_status, open_channel  # noqa: E402
 
 TOKEN = "test-token-" + "x" * 24
@@ -41,23 +38,8 @@ FP32 = EncodeOptions(encoding="fp32", zstd_level=None)
 
 
 # ------------------------------------------------------------------------------------------------------
-# Fixtures: one model, one certificate set, one Ray instance, one deployed app with a TLS front
+# Fixtures: one certificate set, one Ray instance, one deployed app with a TLS front (the model: conftest.py)
 # ------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(width=0.35)).eval()
-    path = tmp_path_factory.mktemp("model") / "rapnet.pt"
-    identity = save_checkpoint(path, model)
-    return model, identity, str(path)
-
-
-@pytest.fixture(scope="module")
-def contract(model_file):
-    model, identity, _ = model_file
-    return ModelContract.from_model(model, identity)
 
 
 @pytest.fixture(scope="module")

@@ -40,21 +40,6 @@ WIRE = ModelContract("a" * 64, 4, (1, 2, 3), ({"image": (3, 32, 32)}, {"image": 
                                                {"hr": (32, 8, 8)}, {"hr": (80, 4, 4)}), has_predictor=True)
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(width=0.35)).eval()
-    path = tmp_path_factory.mktemp("model") / "rapnet.pt"
-    identity = save_checkpoint(path, model)
-    return model, identity, str(path)
-
-
-@pytest.fixture(scope="module")
-def contract(model_file):
-    model, identity, _ = model_file
-    return ModelContract.from_model(model, identity)
-
-
 def _request(model, contract, split: int, seed: int = 0, options: EncodeOptions = FP32, **kwargs) -> pb.InferRequest:
     image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
