@@ -9,7 +9,11 @@ The server's own metrics (decode, queue, compute per batch, batch sizes) say whe
 
     python benchmarks/cloud_bench.py                      # ~3 minutes on 2 cores
     python benchmarks/cloud_bench.py --checkpoint models/rapnet-cifar10.pt --split 4 --seconds 5
-Writes benchmarks/results/cloud.json and prints a markdown table (copied into docs/cloud.md).
+    python benchmarks/cloud_bench.py --checkpoint models/rapnet-imagenette.pt --dataset imagenette --split 0 \
+        --encoding raw+zstd --cloud-exit-price 0.03 --out benchmarks/results/cloud-imagenette.json
+Writes --out (default benchmarks/results/cloud.json) and prints a markdown table (copied into docs/cloud.md).
+Requests carry the model's own input size (the checkpoint's contract): noise of that size, or the --dataset's
+test images fitted to it as the edge fits frames.
 """
 from __future__ import annotations
 
@@ -50,13 +54,20 @@ def _read_payloads(path: str) -> list[bytes]:
     return out
 
 
+def client_message_limit(payloads: list[bytes]) -> int:
+    """The client channel's send and receive limit: gRPC's 1 MiB unless a request is larger (a large model's
+    features at an early split), then that request's size and 64 KiB."""
+    return max(1 << 20, max(map(len, payloads), default=0) + (64 << 10))
+
+
 async def _client(address: str, payloads: list[bytes], clients: int, warmup_s: float, seconds: float,
                   rpc: str = "unary") -> dict:
     """`clients` closed-loop callers, each with one request outstanding: a unary Infer call per request, or
     (rpc="stream") one InferStream per caller, writing the next request once the previous answer came back."""
     import grpc
 
-    options = [("grpc.max_send_message_length", 1 << 20), ("grpc.max_receive_message_length", 1 << 20)]
+    limit = client_message_limit(payloads)
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = channel.unary_unary("/rapnet.v1.Inference/Infer", request_serializer=None, response_deserializer=None)
         stream = channel.stream_stream("/rapnet.v1.Inference/InferStream", request_serializer=None,
@@ -289,7 +300,10 @@ def main() -> None:
     parser.add_argument("--cloud-exit-price", type=float, default=None,
                         help="split 0 only: requests leave the exit (up to --exit) to the cloud's predictor and "
                              "priced rule at this price, as edge agents do by default")
-    parser.add_argument("--encoding", default="fp16", help="carry encoding the edge sends (fp32/fp16/int8/int4)")
+    parser.add_argument("--encoding", default="fp16",
+                        help="how the edge encodes the request: a feature encoding (fp32, fp16, int8, int4; the image "
+                             "entry, where live, as PNG) or an encoding menu entry (png, raw+zstd, jpeg, fp32+zstd, "
+                             "fp16+zstd, int8+zstd; rapnet.codec.menu)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -325,7 +339,9 @@ def main() -> None:
     axis("--sched", "batch: the replicas' and the front's threads under Linux SCHED_BATCH, as replica.sched_batch and "
          "front.sched_batch (woken threads do not preempt the running one); normal: SCHED_OTHER. The client always "
          "runs under SCHED_OTHER", choices=["batch", "normal"], default=["batch"])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"),
+                        help="JSON results file (e.g. benchmarks/results/cloud-imagenette.json for the Imagenette "
+                             "model, so that the CIFAR-10 figures stay)")
     args = parser.parse_args()
     if args.client:
         args.clients = args.clients[0]
@@ -343,6 +359,7 @@ def main() -> None:
     from cloud.server import CloudServer, local_ray_environment
     from rapnet.checkpoint import load_model
     from rapnet.codec import EncodeOptions, ModelContract, build_request, pixels_to_tensor, tensor_to_pixels
+    from rapnet.codec.menu import ENCODING_NAMES, encode_options
     from rapnet.runtime import keep_freed_memory, set_thread_scheduling
     from rapnet.shipped import default_checkpoint
 
@@ -361,20 +378,21 @@ def main() -> None:
     carries, payloads = [], []
     if args.cloud_exit_price is not None and args.split != 0:
         sys.exit("--cloud-exit-price needs --split 0: the cloud picks exits for image requests only")
-    images = None
+    images, size = None, model.config.image_size
     if args.dataset:
         from rapnet.data import load_dataset, locate_dataset
         from rapnet.preprocess import to_model_input
 
-        images = load_dataset(locate_dataset(None, args.dataset), "test").images[:64]
+        images = load_dataset(locate_dataset(None, args.dataset), "test", image_size=size).images[:64]
+    options = encode_options(args.encoding) if args.encoding in ENCODING_NAMES else EncodeOptions(encoding=args.encoding)
     with torch.inference_mode():
         for k in range(64):
-            x = to_model_input(images[k][None]) if images is not None else torch.randn(1, 3, 32, 32, generator=gen)
+            x = to_model_input(images[k][None]) if images is not None else torch.randn(1, 3, size, size, generator=gen)
             # Split 0 sends the image (PNG, as the edge does): both sides start from the pixels the cloud decodes.
             pixels = tensor_to_pixels(x) if args.split == 0 else None
             carry = model.edge_part(pixels_to_tensor(pixels) if args.split == 0 else x, args.split)
             carries.append(carry)
-            payloads.append(build_request(contract, carry, args.split, exit_index, EncodeOptions(encoding=args.encoding),
+            payloads.append(build_request(contract, carry, args.split, exit_index, options,
                                           image=pixels, cloud_exit_price=args.cloud_exit_price).SerializeToString())
     payload_file = tempfile.NamedTemporaryFile(prefix="rapnet-bench-", suffix=".bin", delete=False)
     payload_file.write(b"".join(struct.pack("<I", len(p)) + p for p in payloads))
