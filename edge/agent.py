@@ -139,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive failures that open the circuit (frames are then answered here)")
     c.add_argument("--breaker-cooldown-s", type=float, default=CloudSettings.breaker_cooldown_s, metavar="S",
                    help="open time before a half-open probe")
-    c.add_argument("--max-message-bytes", type=int, default=CloudSettings.max_message_bytes, metavar="N",
-                   help="gRPC send and receive limit")
+    c.add_argument("--max-message-bytes", type=_message_bytes, default=CloudSettings.max_message_bytes,
+                   metavar="auto|N",
+                   help="gRPC send and receive limit, bytes (default: auto, from the model contract: the largest "
+                        "request the checkpoint's carry and the --encoding menu can make, which is the cloud front's "
+                        "receive limit for the model; the planner sends no request over the limit)")
     c.add_argument("--no-cloud-check", dest="startup_check", action="store_false",
                    help="skip the start-up check of the cloud (default: before the first frame, check its health and "
                         "make one authenticated call; a failure that every offload would meet is logged with its fix, "
@@ -187,6 +190,16 @@ def _runtime(value: str) -> str | None:
     if value not in ("auto", "onnx", "torch"):
         raise argparse.ArgumentTypeError(f"{value!r}: choose auto, onnx or torch")
     return None if value == "auto" else value
+
+
+def _message_bytes(value: str) -> int | None:
+    """--max-message-bytes: None for auto (from the model contract)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of bytes nor 'auto'") from None
 
 
 def _gflops(value: str) -> float | None:
@@ -335,6 +348,9 @@ class EdgeApp:
     contract: object = None  # rapnet.checkpoint.InputContract: the model's input size, layout and class names
     check: object = None  # edge.startup.CloudCheck: the start-up check of the cloud, and its background re-checks
     metrics: object = None  # edge.metrics.EdgeMetrics when --metrics-port asks for the endpoint
+    # The link's gRPC send and receive limit, bytes: --max-message-bytes, else the model contract's (the largest
+    # request the encoding menu can make for this model); the planner sends no request over it.
+    message_limit: int | None = None
 
 
 def _log(msg: str) -> None:
@@ -380,7 +396,10 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
     if not source.head:
         source.close()
         raise SetupError(f"{config.source.describe()} yielded no frame")
-    app = EdgeApp(config, model, metadata, source, stop=stop, log=log, contract=contract)
+    app = EdgeApp(config, model, metadata, source, stop=stop, log=log, contract=contract,
+                  message_limit=config.cloud.message_limit(model.contract, decision.menu))
+    given = " (--max-message-bytes)" if config.cloud.max_message_bytes is not None else " (from the model contract)"
+    log(f"gRPC message limit: {app.message_limit} bytes{given}")
     try:
         target = _cloud_target(app)
         import numpy as np
@@ -388,7 +407,7 @@ def build_app(argv_or_config=None, log=_log) -> EdgeApp:
         t0 = time.perf_counter()
         try:
             app.decider = build_decider(model, np.stack([f.pixels for f in source.head]), decision, metadata,
-                                        max_request_bytes=config.cloud.max_message_bytes)
+                                        max_request_bytes=app.message_limit)
         except ValueError as err:  # settings that cannot work together, e.g. a per-layer cost above the measured time
             raise SetupError(str(err)) from None
         measured = " (measured)" if decision.device_gflops is None else ""
@@ -431,7 +450,7 @@ def _cloud_target(app: EdgeApp):
         if token is None:
             app.log("no token (--token-file or $RAPNET_TOKEN): the cloud will refuse requests (UNAUTHENTICATED); "
                     "frames that would be offloaded are answered locally, flagged degraded")
-        return CloudTarget.from_settings(settings, token.value if token else None)
+        return CloudTarget.from_settings(settings, token.value if token else None, max_message_bytes=app.message_limit)
     from .embedded_cloud import EmbeddedCloudError, start_embedded_cloud
 
     app.log("starting the cloud tier on 127.0.0.1 (local Ray + Serve + gRPC front; use --cloud HOST:PORT for a remote one)")
@@ -441,7 +460,8 @@ def _cloud_target(app: EdgeApp):
     except EmbeddedCloudError as err:
         raise SetupError(str(err)) from None
     app.log(f"local cloud serving on {app.cloud.address} after {time.perf_counter() - t0:.1f} s")
-    return CloudTarget.from_settings(settings, app.cloud.token, address=app.cloud.address)
+    return CloudTarget.from_settings(settings, app.cloud.token, address=app.cloud.address,
+                                     max_message_bytes=app.message_limit)
 
 
 def close_app(app: EdgeApp) -> None:

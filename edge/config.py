@@ -33,11 +33,11 @@ from typing import Any, Mapping
 from rapnet.codec.menu import DEFAULT_ENCODINGS, ENCODING_NAMES
 from rapnet.exit_rules import check_rule
 from rapnet.shipped import model_for as shipped_model_for
-from rapnet.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 SOURCE_KINDS = ("camera", "stream", "video", "images", "dataset")
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")  # what OpenCV's FFmpeg backend reads as a live stream
-AUTO_FIELDS = ("device_gflops", "encodings", "runtime")  # fields whose None means auto: a mapping may say "auto" too
+# Fields whose None means auto: a mapping may say "auto" too.
+AUTO_FIELDS = ("device_gflops", "encodings", "runtime", "max_message_bytes")
 MAX_CONFIG_BYTES = 1 << 20  # a configuration file larger than this is not one
 
 
@@ -230,7 +230,10 @@ class CloudSettings:
     token_file: str | None = None  # bearer token file; None: $RAPNET_TOKEN. The token itself is never printed.
     breaker_failures: int = 3  # consecutive failures that open the circuit (frames are then answered here)
     breaker_cooldown_s: float = 2.0  # open time before a half-open probe
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit (the front's default)
+    # gRPC send and receive limit, bytes. None: auto, from the model contract (rapnet.codec.budget.link_message_limit:
+    # the largest request the checkpoint's carry and the encoding menu can make, the cloud front's receive limit
+    # for the model); the planner sends no request over it.
+    max_message_bytes: int | None = None
     # The start-up check (edge.startup): health and one authenticated call before the first frame. After a failure
     # that blocks offloading, checked again in the background with a backoff from 1 s doubling up to this (jitter).
     startup_check: bool = True
@@ -250,14 +253,25 @@ class CloudSettings:
                  "the circuit opens after >= 1 failures")
         _require(_finite(self.breaker_cooldown_s) and self.breaker_cooldown_s > 0, "cloud.breaker_cooldown_s",
                  "--breaker-cooldown-s", self.breaker_cooldown_s, "a cooldown is a finite number of seconds > 0")
-        _require(self.max_message_bytes >= 1024, "cloud.max_message_bytes", "--max-message-bytes",
-                 self.max_message_bytes, "give at least 1024 bytes")
+        _require(self.max_message_bytes is None or self.max_message_bytes >= 1024, "cloud.max_message_bytes",
+                 "--max-message-bytes", self.max_message_bytes,
+                 "give at least 1024 bytes, or auto (from the model contract)")
         _require(_finite(self.check_retry_max_s) and self.check_retry_max_s >= 1, "cloud.check_retry_max_s", None,
                  self.check_retry_max_s, "give a finite number of seconds >= 1")
 
     @property
     def embedded(self) -> bool:
         return self.address is None
+
+    def message_limit(self, contract, encodings=None) -> int:
+        """The gRPC send and receive limit: max_message_bytes where given, else the one `contract` (the loaded
+        model's rapnet.codec.ModelContract) and the encoding menu `encodings` set
+        (rapnet.codec.budget.link_message_limit)."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        from rapnet.codec.budget import link_message_limit
+
+        return link_message_limit(contract, encodings)
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,19 @@ class CloudTarget:
     ca: str | None = None  # TLS: the CA that signed the server certificate (None: plaintext, loopback only)
     client_cert: str | None = None
     client_key: str | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit; the agent's: the contract's
 
     @classmethod
-    def from_settings(cls, settings, token: str | None, address: str | None = None) -> "CloudTarget":
+    def from_settings(cls, settings, token: str | None, address: str | None = None,
+                      max_message_bytes: int | None = None) -> "CloudTarget":
         """The target edge.config.CloudSettings describe, with the token read at start-up; `address` replaces
-        the settings' (the embedded local cloud's)."""
-        return cls(address or settings.address, token, settings.tls_ca, settings.tls_cert, settings.tls_key,
-                   settings.max_message_bytes)
+        the settings' (the embedded local cloud's). `max_message_bytes`: the limit where the settings leave it to
+        the model contract (CloudSettings.message_limit)."""
+        limit = settings.max_message_bytes if settings.max_message_bytes is not None else max_message_bytes
+        if limit is None:
+            raise ValueError("cloud.max_message_bytes is auto: pass the model contract's limit "
+                             "(edge.config.CloudSettings.message_limit)")
+        return cls(address or settings.address, token, settings.tls_ca, settings.tls_cert, settings.tls_key, limit)
 
     def __repr__(self) -> str:
         return (f"CloudTarget(address={self.address!r}, token={'<redacted>' if self.token else None}, "

@@ -17,7 +17,10 @@ The bound follows from the model contract (the carry at every split point) and t
 at the split whose carry is largest, for one sample (the cloud serves batch 1) or `batch`, plus a margin (a quarter
 and 4 KiB) for encoders that spend more bytes on varints than ours. Fields: every field of the request and of each
 of those entries once (repeated numbers packed, as every proto3 encoder writes them by default), doubled, plus 32.
-The edge and the planner read the same numbers (one place).
+The edge and the planner read the same numbers (one place): `link_message_limit` is the edge's gRPC send and receive
+limit by default, the largest request the edge's encoding menu can make for this model (the request budget over
+the split points the menu reaches, split 0 always: the start-up check sends the image) or the largest response
+(`response_bytes`), whichever is larger; the planner keeps every request under it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,12 @@ _TENSOR_HEADER_BYTES = 96  # tag + length, dtype, encoding, codec, quant_axis, p
 _TENSOR_FIELDS = 13  # every field of a Tensor once
 _REQUEST_FIELD_BYTES = 96  # split, exit, deadline, client time, cloud exit, stop confidence, tags and lengths
 _REQUEST_FIELDS = 12
+# The largest response: every field of an InferResponse at its longest varint, the request id echoed back (UTF-8, up
+# to 4 bytes a character), the model identity, and up to MAX_RESPONSE_TOP_K top-k entries (the front sends 5; the
+# bound covers a server that sends every class of an ImageNet-1k model).
+MAX_RESPONSE_TOP_K = 1000
+_TOP_K_ENTRY_BYTES = 2 + 6 + 5  # tag + length, class index, score
+_RESPONSE_FIELD_BYTES = 6 + 6 + 17 + 6 + 16  # class index, exit used, timings, split point, tags and lengths
 
 
 @dataclass(frozen=True)
@@ -66,13 +75,19 @@ def _image_bytes(shape: tuple[int, ...]) -> int:
     return 2 * math.prod(shape) + 2048 + 32
 
 
-def request_budget(contract, limits: DecodeLimits = DEFAULT_LIMITS, batch: int = 1) -> RequestBudget:
-    """The budget of `contract` (a rapnet.codec.ModelContract): see the module docstring for what it counts."""
+def request_budget(contract, limits: DecodeLimits = DEFAULT_LIMITS, batch: int = 1,
+                   splits=None) -> RequestBudget:
+    """The budget of `contract` (a rapnet.codec.ModelContract): see the module docstring for what it counts.
+    `splits`: only requests at these split points (None: every split point)."""
     from .contract import IMAGE_KEY
 
     fixed = limits.max_request_id_chars + len(contract.identity) + _REQUEST_FIELD_BYTES
     largest_bytes = largest_fields = 0
-    for carry in contract.carry_shapes:
+    chosen = range(len(contract.carry_shapes)) if splits is None else sorted(set(splits))
+    for split in chosen:
+        if not 0 <= split < len(contract.carry_shapes):
+            raise ValueError(f"split point {split} is outside 0..{len(contract.carry_shapes) - 1} for this model")
+        carry = contract.carry_shapes[split]
         nbytes, fields = fixed, _REQUEST_FIELDS
         for name, shape in carry.items():
             entry = _tensor_bytes(name, tuple(shape), batch)
@@ -83,6 +98,35 @@ def request_budget(contract, limits: DecodeLimits = DEFAULT_LIMITS, batch: int =
         largest_bytes, largest_fields = max(largest_bytes, nbytes), max(largest_fields, fields)
     return RequestBudget(max_bytes=math.ceil(largest_bytes * (1 + MARGIN_FRACTION)) + MARGIN_BYTES,
                          max_fields=2 * largest_fields + 32)
+
+
+def response_bytes(contract, limits: DecodeLimits = DEFAULT_LIMITS) -> int:
+    """The largest InferResponse a cloud serving `contract` sends (with MAX_RESPONSE_TOP_K top-k entries), with the
+    request budget's margin."""
+    nbytes = (4 * limits.max_request_id_chars + 3 + len(contract.identity) + 3 + _RESPONSE_FIELD_BYTES
+              + MAX_RESPONSE_TOP_K * _TOP_K_ENTRY_BYTES)
+    return math.ceil(nbytes * (1 + MARGIN_FRACTION)) + MARGIN_BYTES
+
+
+def menu_splits(contract, encodings) -> tuple[int, ...]:
+    """The split points an edge with this encoding menu (rapnet.codec.menu names) may send requests at: split 0
+    always (the image: an image encoding, the cloud picking the exit, and the edge's start-up check), every later
+    split point whose carry crosses the wire when a feature encoding is on the menu."""
+    from .menu import FEATURE_ENCODINGS
+
+    later = range(1, len(contract.carry_shapes)) if any(e in FEATURE_ENCODINGS for e in encodings) else ()
+    return (0, *(s for s in later if contract.carry_shapes[s]))
+
+
+def link_message_limit(contract, encodings=None, limits: DecodeLimits = DEFAULT_LIMITS) -> int:
+    """The edge's gRPC send and receive limit for `contract` by default: the request budget over the split points the
+    encoding menu reaches (None: every encoding, rapnet.codec.menu.DEFAULT_ENCODINGS; the cloud front's receive
+    limit for the model) or the largest response, whichever is larger."""
+    from .menu import DEFAULT_ENCODINGS
+
+    menu = DEFAULT_ENCODINGS if encodings is None else tuple(encodings)
+    sent = request_budget(contract, limits, splits=menu_splits(contract, menu)).max_bytes
+    return max(sent, response_bytes(contract, limits))
 
 
 # ---- counting fields on the raw bytes -------------------------------------------------------------------------

@@ -239,6 +239,51 @@ def test_the_front_takes_no_more_than_the_largest_legitimate_request(server, raw
     assert _ok(stub, model, contract).model_identity == contract.identity
 
 
+class _CountingParses:
+    """Stands in for the generated module in rapnet.codec.contract: counts InferRequest.FromString calls (the front
+    runs in this process) and passes everything else through."""
+
+    def __init__(self, real):
+        self._real, self.parses = real, 0
+        counter = self
+
+        class InferRequest:
+            @staticmethod
+            def FromString(data):
+                counter.parses += 1
+                return real.InferRequest.FromString(data)
+
+        self.InferRequest = InferRequest
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.slow
+def test_requests_over_the_contracts_limit_are_refused_unparsed(server, raw_infer, stub, model_file, contract,
+                                                                monkeypatch):
+    """A well-formed request one byte class over the budget (a big tensor), and one within its bytes but with more
+    fields than any legitimate request: both refused with protobuf never parsing them; a legitimate request is
+    parsed once and answered."""
+    import rapnet.codec.contract as wire
+
+    model, _, _ = model_file
+    budget = server.front.budget
+    ok = _request(model, contract, 4, seed=2).SerializeToString()
+    over = pb.InferRequest(model_identity=contract.identity, split_point=4, target_exit=model.num_exits - 1,
+                           tensors=[pb.Tensor(name="hr", data=b"\x01" * budget.max_bytes)]).SerializeToString()
+    fields = b"\x32\x00" * (budget.max_bytes // 2 - 8)
+    assert len(over) > budget.max_bytes >= len(fields) and len(ok) <= budget.max_bytes
+    counting = _CountingParses(wire.pb)
+    monkeypatch.setattr(wire, "pb", counting)
+    code, _ = _code(lambda: raw_infer(over, metadata=auth_metadata(TOKEN), timeout=30))
+    assert code == Code.RESOURCE_EXHAUSTED and counting.parses == 0
+    code, details = _code(lambda: raw_infer(fields, metadata=auth_metadata(TOKEN), timeout=30))
+    assert code == Code.INVALID_ARGUMENT and "protobuf fields" in details and counting.parses == 0
+    answer = pb.InferResponse.FromString(raw_infer(ok, metadata=auth_metadata(TOKEN), timeout=60))
+    assert answer.model_identity == contract.identity and counting.parses == 1
+
+
 @pytest.mark.slow
 def test_extreme_but_finite_values_are_refused_not_answered_with_nan(server, stub, model_file, contract):
     model, _, _ = model_file
