@@ -2,7 +2,7 @@
 
     rapnet-cloud make-dev-cert --out dev-certs
     rapnet-cloud make-token --out token.txt
-    RAPNET_TOKEN=$(cat token.txt) rapnet-cloud serve --checkpoint models/rapnet-cifar10.pt --port 50051 \
+    RAPNET_TOKEN=$(cat token.txt) rapnet-cloud serve --checkpoint models/rapnet-imagenette.pt --port 50051 \
         --tls-cert dev-certs/server.pem --tls-key dev-certs/server.key --metrics-port 9464
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .config import CloudConfig
 
 def build_parser() -> argparse.ArgumentParser:
     from rapnet.help_format import DefaultsHelpFormatter
-    from rapnet.shipped import default_checkpoint
+    from rapnet.shipped import model_for
 
     from .config import AutoscalingSettings, BatchSettings, FrontSettings, MetricsSettings
 
@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the cloud stages of a checkpoint over gRPC (Ctrl-C stops)",
                            formatter_class=DefaultsHelpFormatter)
-    serve.add_argument("--checkpoint", default=str(default_checkpoint()),
-                       help="checkpoint written by rapnet-train (default: the shipped CIFAR-10 model, %(default)s)")
+    # The edge's default for cameras, streams and image folders, so that `edge-agent --camera 0 --cloud ...`
+    # meets the model it runs
+    serve.add_argument("--checkpoint", default=str(model_for()),
+                       help="checkpoint written by rapnet-train (default: the shipped camera-resolution model, "
+                            "%(default)s)")
     serve.add_argument("--config", metavar="YAML",
                        help="CloudConfig file (batching, autoscaling, limits; cloud/config.py), which the flags below "
                             "override (default: none, CloudConfig's defaults)")

@@ -138,7 +138,7 @@ log "health and one edge-agent run against 127.0.0.1:50051 (TLS, token)"
 .venv/bin/rapnet-cloud health --target 127.0.0.1:50051 --tls-ca "$WORK/secrets/ca.pem"
 # A slow device and price 0 (the deepest exit) make the planner offload: the frames go to the cluster.
 .venv/bin/edge-agent --cloud 127.0.0.1:50051 --tls-ca "$WORK/secrets/ca.pem" --token-file "$WORK/secrets/token.txt" \
-    --runtime torch --dataset cifar10 --limit 20 --device-gflops 0.5 --price 0 --quiet 2>&1 | tee "$WORK/agent.log" | tail -n 12
+    --runtime torch --dataset imagenette --limit 20 --device-gflops 0.5 --price 0 --quiet 2>&1 | tee "$WORK/agent.log" | tail -n 12
 AGENT_RC=${PIPESTATUS[0]}
 CLOUD_CALLS=$(grep -o 'cloud queue [0-9.]* ms ([0-9]* calls)' "$WORK/agent.log" | grep -o '([0-9]*' | tr -d '(')
 log "edge-agent exit code $AGENT_RC, ${CLOUD_CALLS:-no} calls to the cluster"

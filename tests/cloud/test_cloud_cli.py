@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cloud import cli
 from cloud.config import BatchSettings, FrontSettings
-from rapnet.shipped import default_checkpoint
+from rapnet.shipped import model_for
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -27,14 +28,18 @@ def test_every_option_has_help_and_its_true_default():
                 assert "default" in action.help or action.default is not None, \
                     f"{name} {action.option_strings[0]} does not say its default"
     serve = " ".join(commands["serve"].format_help().split())
-    assert "the shipped CIFAR-10 model" in serve
-    assert str(default_checkpoint()).replace(" ", "") in commands["serve"].format_help().replace("\n", "").replace(" ", "")
+    assert "the shipped camera-resolution model" in serve
+    assert str(model_for()).replace(" ", "") in commands["serve"].format_help().replace("\n", "").replace(" ", "")
     assert f"else {BatchSettings.max_batch_size})" in serve and f"else {FrontSettings.port})" in serve
 
 
-def test_serve_defaults_to_the_shipped_model():
+def test_serve_defaults_to_the_model_the_edge_runs_on_a_camera():
     args = cli.build_parser().parse_args(["serve"])
-    assert args.checkpoint == str(default_checkpoint()) and args.port is None  # None: the --config value
+    assert args.checkpoint == str(model_for()) and args.port is None  # None: the --config value
+    assert model_for(None).exists()  # what edge-agent --camera/--stream/--images loads by default
+    for name in ("onprem.yaml", "aws.yaml"):  # the cluster files serve it too
+        text = (Path(cli.__file__).parent / "cluster" / name).read_text()
+        assert f"models/{model_for().name}" in text and "cifar10.pt" not in text
     assert cli.build_parser().parse_args(["make-dev-cert", "--out", "d"]).name is None
 
 
