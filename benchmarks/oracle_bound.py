@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestration.cli import build_parser, sim_config, sweep  # noqa: E402
+from orchestration.cli import build_parser, sim_config, sweep, trace_settings  # noqa: E402
 from orchestration.simulator import load_world  # noqa: E402
 from rapnet.help_format import DefaultsHelpFormatter  # noqa: E402
 from rapnet.exit_rules import CAPPED_GRID, THRESHOLDS, capped_exits, confidence_exits, oracle_exits  # noqa: E402
@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     target = [] if args.accuracy_target is None else ["--accuracy-target", args.accuracy_target]
     models = [] if args.models is None else ["--models", args.models]
     cache = [] if args.cache is None else ["--cache", args.cache]
-    sweep_args = build_parser().parse_args(["sweep", *models, *cache, *target])
-    world, meta = load_world(sim_config(sweep_args), sweep_args.models, sweep_args.data, sweep_args.cache)  # the default sweep's world
+    sweep_args = build_parser().parse_args(["sweep", "--dataset", "cifar10", *models, *cache, *target])
+    world, meta = load_world(sim_config(sweep_args), sweep_args.models, sweep_args.data, sweep_args.cache,
+                             settings=trace_settings(sweep_args), dataset=sweep_args.dataset)  # the CIFAR-10 sweep's world
     cache_path = meta.get("path", args.cache)
     r = world.rapnet
     c, K = r.costs, r.costs.num_exits

@@ -6,6 +6,7 @@
   rapnet-sim sweep             bandwidth x device compute x RTT grid: CSV, markdown, JSON and heatmaps in runs/sim/
   rapnet-sim live              real edge agent + cloud on loopback at 6 points, shaped network, vs simulation
 
+--dataset picks the models and their data: imagenette (default; the camera-resolution set, 128 px) or cifar10.
 The traces (every model's answers on a class-stratified sample of the test set; --full for all of it) are
 cached in the user cache folder, keyed by what they are made of: the checkpoints' identities, the dataset's
 content and the build settings. They are rebuilt automatically when any of these changes, so after a new
@@ -31,10 +32,14 @@ from rapnet.help_format import DefaultsHelpFormatter
 
 DEFAULT_OUT = Path("runs") / "sim"  # relative to the current folder, never inside the installed package
 DEFAULT_LIVE_OUT = DEFAULT_OUT / "live.json"
-# The trace sample sizes (orchestration.traces.DEFAULT_TEST_IMAGES and friends), written out because importing
-# orchestration.traces loads torch (slow --help); a test checks they agree.
-DEFAULT_TEST_IMAGES = 5000
-DEFAULT_HELDOUT_IMAGES = 0
+# The datasets rapnet-sim knows (each with shipped rapnet-/sdn-/static-<dataset>.pt) and the default: the
+# camera-resolution set (rapnet.shipped.CAMERA_DATASET).
+DATASETS = ("imagenette", "cifar10")
+DEFAULT_DATASET = "imagenette"
+# The trace sample sizes per dataset (orchestration.traces.DEFAULT_TEST_IMAGES and friends), written out because
+# importing orchestration.traces loads torch (slow --help); a test checks they agree.
+DEFAULT_TEST_IMAGES = {"cifar10": 5000, "imagenette": 1000}
+DEFAULT_HELDOUT_IMAGES = {"cifar10": 0, "imagenette": 0}
 DEFAULT_BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100)
 DEFAULT_GFLOPS = (0.5, 1, 2, 5, 10, 20)
 DEFAULT_RTTS = (5, 20, 80)
@@ -72,16 +77,19 @@ def _world(args):
 
     return load_world(sim_config(args), args.models, args.data, args.cache, rebuild=getattr(args, "rebuild", False),
                       log=lambda m: print(m, file=sys.stderr), settings=trace_settings(args),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, dataset=args.dataset)
 
 
 def trace_settings(args):
-    """The traces' sample sizes from rapnet-sim's parsed arguments (--full: every image)."""
+    """The traces' sample sizes from rapnet-sim's parsed arguments (--full: every image; a size not given: the
+    dataset's default)."""
     from .traces import TraceSettings
 
     if args.full:
         return TraceSettings.full()
-    return TraceSettings(test_images=args.test_images, heldout_images=args.heldout_images)
+    default = TraceSettings.default(args.dataset)
+    return TraceSettings(test_images=default.test_images if args.test_images is None else args.test_images,
+                         heldout_images=default.heldout_images if args.heldout_images is None else args.heldout_images)
 
 
 def _conditions(args, bandwidth, gflops, rtt):
@@ -327,6 +335,10 @@ def cmd_live(args) -> None:
         sys.exit("rapnet-sim live: no point produced a measurement; see the errors above")
 
 
+def _per_dataset(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{n} for {name}" for name, n in sizes.items())
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.replace(",", " ").split()]
 
@@ -336,19 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{traces,run,sweep,live}")
     common = argparse.ArgumentParser(add_help=False, formatter_class=DefaultsHelpFormatter)
     g = common.add_argument_group("models and traces")
+    g.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
+                   help="the models and data to simulate: the camera-resolution set (Imagenette, 128 px) or the CIFAR-10 "
+                        "set (32 px)")
     g.add_argument("--models", default=None,
-                   help="folder with rapnet-/sdn-/static-cifar10.pt (default: the shipped models, rapnet.shipped.models_dir(): "
+                   help="folder with rapnet-/sdn-/static-<dataset>.pt (default: the shipped models, rapnet.shipped.models_dir(): "
                         "$RAPNET_MODELS, else the installed package's, else the checkout's models/)")
-    g.add_argument("--data", help="dataset path (default: rapnet.data's search: $RAPNET_DATA, ../shared/datasets)")
+    g.add_argument("--data", help="the dataset's path (default: rapnet.data's search for --dataset: $RAPNET_DATA, "
+                                  "../shared/datasets)")
     g.add_argument("--cache", metavar="FILE",
                    help="trace cache file (default: sim-traces/traces-<key>.npz in $RAPNET_CACHE, else ~/.cache/rapnet; "
                         "the key is the checkpoints' identities, the dataset's content and the sample sizes)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the traces even if the cache matches")
-    g.add_argument("--test-images", type=int, default=DEFAULT_TEST_IMAGES, metavar="N",
-                   help="test images the traces hold: a seeded sample spread evenly over the classes (0: all of them)")
-    g.add_argument("--heldout-images", type=int, default=DEFAULT_HELDOUT_IMAGES, metavar="N",
+    g.add_argument("--test-images", type=int, default=None, metavar="N",
+                   help="test images the traces hold: a seeded sample spread evenly over the classes (0: all of them; "
+                        f"default: {_per_dataset(DEFAULT_TEST_IMAGES)})")
+    g.add_argument("--heldout-images", type=int, default=None, metavar="N",
                    help="images of each model's held-out validation split the traces hold (they decide whether JPEG "
-                        "goes on the menu and tune its exit stops), sampled like --test-images (0: all of them)")
+                        "goes on the menu and tune its exit stops), sampled like --test-images (0: all of them; "
+                        f"default: {_per_dataset(DEFAULT_HELDOUT_IMAGES)})")
     g.add_argument("--full", action="store_true",
                    help="traces on the whole test set and held-out split (about twice as long to build; overrides "
                         "--test-images and --heldout-images)")

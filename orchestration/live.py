@@ -146,14 +146,14 @@ def _wait_port(port: int, timeout: float) -> bool:
 
 
 def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: int, point: LivePoint,
-                  overhead_ms: float, output: Path, summary: Path, checkpoint: Path, traces: Path, split: str = "test",
-                  extra: tuple = ()) -> list[str]:
-    """The edge agent at one point, running the cloud's checkpoint. It plans from the simulator's traces: the
-    same request sizes, codec times and encoding menu (JPEG goes on it only with the traces' labelled
-    held-out accuracies)."""
+                  overhead_ms: float, output: Path, summary: Path, checkpoint: Path, traces: Path, data: str | Path,
+                  split: str = "test", extra: tuple = ()) -> list[str]:
+    """The edge agent at one point, running the cloud's checkpoint on the frames of `data` (the dataset the traces
+    were built from: its path, or a name rapnet.data finds). It plans from the simulator's traces: the same request
+    sizes, codec times and encoding menu (JPEG goes on it only with the traces' labelled held-out accuracies)."""
     from .planner import REF_GFLOPS
 
-    return [sys.executable, "-m", "edge.agent", "--dataset", "cifar10", "--split", split, "--limit", str(frames),
+    return [sys.executable, "-m", "edge.agent", "--dataset", str(data), "--split", split, "--limit", str(frames),
             "--checkpoint", str(checkpoint), "--traces", str(traces),
             "--rate", str(fps), "--cloud", f"127.0.0.1:{port}", "--token-file", str(token), *rule,
             "--device-gflops", str(point.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
@@ -163,7 +163,7 @@ def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: i
 
 
 def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, frames: int, tmp: Path,
-                           timeout: float, checkpoint: Path, traces: Path) -> dict:
+                           timeout: float, checkpoint: Path, traces: Path, data: str | Path) -> dict:
     """The fixed cost per cloud request that the latency model leaves out (gRPC and HTTP/2, the shaping proxy,
     the front, the Ray hop and the batcher's wait), measured once on calibration frames: training
     images, never the test frames the points report. A slow emulated device sends every frame through an
@@ -174,7 +174,7 @@ def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, 
     try:
         # --no-cloud-exit: the predictor on the edge, as at most points (the serving path is the same either way)
         command = agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, checkpoint, traces,
-                                "train", ("--no-cloud-exit",))
+                                data, "train", ("--no-cloud-exit",))
         done = subprocess.run(command,
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     finally:
@@ -194,11 +194,12 @@ def run_live(args, settings=None) -> dict:
     from .simulator import SimConfig, World
     from rapnet.shipped import default_checkpoints
 
-    from .traces import TraceSettings, ensure_traces, sample_rows
+    from .traces import ensure_traces, sample_rows
 
-    checkpoints = default_checkpoints("cifar10", args.models)
-    traces, meta = ensure_traces(checkpoints, None, args.cache, settings or TraceSettings())
+    checkpoints = default_checkpoints(args.dataset, args.models)
+    traces, meta = ensure_traces(checkpoints, args.data, args.cache, settings, dataset=args.dataset)
     cache = Path(meta["path"])
+    data = meta["data"]  # the dataset the traces were built from, which the agent reads its frames from
     n = args.frames
     rows = sample_rows(meta, n)  # the test frames the agent's --limit n reads
     sub = {name: _subset(t, rows) for name, t in traces.items()}
@@ -228,14 +229,14 @@ def run_live(args, settings=None) -> dict:
         # frame that stops before its cap beats the plan's expectation (made for the cap) by the compute it saved.
         calibration_rule = ["--price", str(world.capped_setting[0])] if args.capped else rule
         calibration = measure_cloud_overhead(port, token, calibration_rule, args.fps, args.overhead_frames, tmp,
-                                             args.timeout, checkpoints["rapnet"], cache)
+                                             args.timeout, checkpoints["rapnet"], cache, data)
         overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
         print(json.dumps({"calibration": calibration, "used_overhead_ms": overhead}), flush=True)
         for p in DEFAULT_POINTS[: args.points]:
             shaper = Shaper(("127.0.0.1", port), p.bandwidth_mbps, p.rtt_ms)
             summary = tmp / f"summary-{len(rows)}.json"
             cmd = agent_command(shaper.port, token, rule, args.fps, n, p, overhead, tmp / f"frames-{len(rows)}.jsonl", summary,
-                                checkpoints["rapnet"], cache)
+                                checkpoints["rapnet"], cache, data)
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
             shaper.close()
             uplink_bytes = shaper.uplink_bytes
@@ -272,7 +273,8 @@ def run_live(args, settings=None) -> dict:
             cloud.kill()
     errors = [r["abs_rel_error"] for r in rows if "abs_rel_error" in r]
     errors.sort()
-    result = {"shaping": "in-transport TCP proxy (tc netem unavailable)", "policy": policy, "agent_rule": rule,
+    result = {"dataset": args.dataset, "data": data, "checkpoint": str(checkpoints["rapnet"]),
+              "shaping": "in-transport TCP proxy (tc netem unavailable)", "policy": policy, "agent_rule": rule,
               # the capped rule's stop for JPEG images, which the agent derives from the same traces (its summary's
               # jpeg_stop_confidence)
               "simulated_jpeg_stop": world.capped_jpeg_stop if args.capped else None,

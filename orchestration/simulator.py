@@ -19,6 +19,7 @@ import numpy as np
 from rapnet.codec.menu import DEFAULT_ENCODINGS, IMAGE_ENCODINGS
 from rapnet.exit_rules import (CAPPED_GRID, PRICES, THRESHOLDS, capped_exits, confidence_exits, oracle_exits,
                                predictor_exits, priced_exits)
+from rapnet.shipped import CAMERA_DATASET
 
 from .calibration import calibrate_for_jpeg, calibrate_setting, capped_jpeg_stop
 from .model_traces import ModelTraces
@@ -472,17 +473,18 @@ class World:
 
 def load_world(config: SimConfig, models: str | Path | None = None, data: str | None = None,
                cache: str | Path | None = None, rebuild: bool = False, log=print, settings=None,
-               progress: bool = True) -> tuple[World, dict]:
-    """The World of the three models in `models` (default: the shipped ones) under `config`, from their trace
-    cache (`cache`, default: orchestration.traces.default_cache_path; built when missing, stale or `rebuild`) made
-    with `settings` (orchestration.traces.TraceSettings, default: its defaults). Returns (world, the cache's
-    metadata)."""
+               progress: bool = True, dataset: str = CAMERA_DATASET) -> tuple[World, dict]:
+    """The World of the three models trained on `dataset` (rapnet.shipped.default_checkpoints(dataset, models):
+    the shipped ones, or those in the folder `models`) under `config`, from their trace cache (`cache`, default:
+    orchestration.traces.default_cache_path; built when missing, stale or `rebuild`) made on that dataset (at `data`,
+    else found by name) with `settings` (orchestration.traces.TraceSettings, default: TraceSettings.default(dataset)).
+    Returns (world, the cache's metadata)."""
     from rapnet.shipped import default_checkpoints
 
-    from .traces import TraceSettings, ensure_traces
+    from .traces import ensure_traces
 
-    traces, meta = ensure_traces(default_checkpoints("cifar10", models), data, cache, settings or TraceSettings(),
-                                 rebuild=rebuild, log=log, progress=progress)
+    traces, meta = ensure_traces(default_checkpoints(dataset, models), data, cache, settings, rebuild=rebuild, log=log,
+                                 progress=progress, dataset=dataset)
     return World(traces, config), meta
 
 

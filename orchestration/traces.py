@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rapnet.shipped import CAMERA_DATASET
+
 from .calibration import leaf_layers, measure_payloads
 from .model_traces import ModelTraces, load_traces, save_traces
 
@@ -32,14 +34,16 @@ from .model_traces import ModelTraces, load_traces, save_traces
 # and predictor scores on the held-out split too, where the exit rules for JPEG images are tuned
 TRACE_VERSION = 5
 CACHE_FOLDER = "sim-traces"  # inside rapnet.data.default_cache_dir()
-# Default sample sizes (0: every image). Half the test set, stratified, keeps a cold first sweep around two
-# minutes on a 2-core CPU (the whole set: about four and a half) and left the default sweep's headline counts
-# where the whole set puts them (cells where RAPNet split is fastest, not dominated, within 15% of the oracle;
-# median oracle ratio 2.74 vs 2.77); a policy's accuracy moves by up to ~0.6 point, which the strict "equal or
-# better accuracy" count feels. The held-out split stays whole: it decides whether JPEG goes on a model's menu
-# (a mean accuracy drop against a 0.5-point limit), which a 2,000-image sample got wrong for SDN.
-DEFAULT_TEST_IMAGES = 5000
-DEFAULT_HELDOUT_IMAGES = 0
+# Default sample sizes per dataset (0: every image); a dataset not listed gets the camera-resolution set's.
+# CIFAR-10 (32 px): half the test set, stratified, keeps a cold first sweep around two minutes on a 2-core CPU
+# (the whole set: about four and a half) and left the default sweep's headline counts where the whole set puts
+# them (cells where RAPNet split is fastest, not dominated, within 15% of the oracle; median oracle ratio 2.74 vs
+# 2.77); a policy's accuracy moves by up to ~0.6 point, which the strict "equal or better accuracy" count feels.
+# The held-out split stays whole: it decides whether JPEG goes on a model's menu (a mean accuracy drop against a
+# 0.5-point limit), which a 2,000-image sample got wrong for SDN.
+# Imagenette (128 px): IMAGENETTE_SAMPLES_NOTE
+DEFAULT_TEST_IMAGES = {"cifar10": 5000, "imagenette": 1000}
+DEFAULT_HELDOUT_IMAGES = {"cifar10": 0, "imagenette": 0}
 DEFAULT_PAYLOAD_IMAGES = 200  # per-sample request sizes and codec timings (a stratified prefix of the test sample)
 SAMPLE_SEED = 0
 
@@ -51,16 +55,23 @@ SAMPLE_SEED = 0
 
 @dataclass(frozen=True)
 class TraceSettings:
-    """What the traces are built on: sample sizes (0: every image) and the seed of the stratified samples."""
+    """What the traces are built on: sample sizes (0: every image) and the seed of the stratified samples.
+    TraceSettings.default(dataset) holds a dataset's default sizes."""
 
-    test_images: int = DEFAULT_TEST_IMAGES
-    heldout_images: int = DEFAULT_HELDOUT_IMAGES
+    test_images: int = DEFAULT_TEST_IMAGES[CAMERA_DATASET]
+    heldout_images: int = DEFAULT_HELDOUT_IMAGES[CAMERA_DATASET]
     payload_images: int = DEFAULT_PAYLOAD_IMAGES
     seed: int = SAMPLE_SEED
 
     @classmethod
     def full(cls) -> "TraceSettings":
         return cls(test_images=0, heldout_images=0)
+
+    @classmethod
+    def default(cls, dataset: str = CAMERA_DATASET) -> "TraceSettings":
+        """The default sample sizes for `dataset` (DEFAULT_TEST_IMAGES, DEFAULT_HELDOUT_IMAGES)."""
+        known = dataset if dataset in DEFAULT_TEST_IMAGES else CAMERA_DATASET
+        return cls(test_images=DEFAULT_TEST_IMAGES[known], heldout_images=DEFAULT_HELDOUT_IMAGES[known])
 
 
 def dataset_identity(data_path: Path) -> str:
@@ -182,10 +193,13 @@ def shared_contract(checkpoints: dict[str, Path], loaded: dict):
     return contract
 
 
-def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings: TraceSettings = TraceSettings(),
-                 out: Path | None = None, log=print, progress: bool = True) -> tuple[dict[str, ModelTraces], Path]:
+def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings: TraceSettings | None = None,
+                 out: Path | None = None, log=print, progress: bool = True,
+                 dataset: str = CAMERA_DATASET) -> tuple[dict[str, ModelTraces], Path]:
     """Run every model over the test sample (and the calibration part and held-out sample of the validation
-    split) and write the cache: to `out`, or to default_cache_path(key). Returns the traces and the file."""
+    split) of `dataset` (found at `data`, else by rapnet.data.locate_dataset's search for that name) and write the
+    cache: to `out`, or to default_cache_path(key). `settings`: default TraceSettings.default(dataset). Returns the
+    traces and the file."""
     from tqdm import tqdm
 
     from rapnet.checkpoint import load_model
@@ -193,9 +207,10 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings
     from rapnet.data import load_dataset, locate_dataset, stratified_sample
     from rapnet.exit_traces import calibration_indices
 
+    settings = settings or TraceSettings.default(dataset)
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # the batched passes use every core; payload timings run on one
-    data_path = locate_dataset(data, "cifar10")
+    data_path = locate_dataset(data, dataset)
     loaded = {name: load_model(path) for name, path in checkpoints.items()}
     contract = shared_contract(checkpoints, loaded)
     # at the models' input size (their own preprocessing, rapnet.data.fit_image), with their classes in their order
@@ -249,24 +264,25 @@ def build_traces(checkpoints: dict[str, Path], data: str | None = None, settings
     torch.set_num_threads(threads)
     key = cache_key(identities, dataset_identity(data_path), settings)
     out = Path(out) if out is not None else default_cache_path(key)
-    save_traces(traces, out, {"key": key, "data": str(data_path), "settings": asdict(settings),
+    save_traces(traces, out, {"key": key, "dataset": dataset, "data": str(data_path), "settings": asdict(settings),
                               "test_index": test_index.tolist(), "test_images_total": len(test),
                               "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "identities": identities})
     return traces, out
 
 
 def ensure_traces(checkpoints: dict[str, Path], data: str | None = None, cache: str | Path | None = None,
-                  settings: TraceSettings = TraceSettings(), rebuild: bool = False, log=print,
-                  progress: bool = True) -> tuple[dict[str, ModelTraces], dict]:
+                  settings: TraceSettings | None = None, rebuild: bool = False, log=print,
+                  progress: bool = True, dataset: str = CAMERA_DATASET) -> tuple[dict[str, ModelTraces], dict]:
     """Load the cached traces if they were made from these checkpoints, this dataset content and these settings;
-    build them otherwise. `cache`: the file (default: default_cache_path(key)). The returned meta holds the
-    file's path under "path"."""
+    build them otherwise (build_traces; `settings` default TraceSettings.default(dataset)). `cache`: the file
+    (default: default_cache_path(key)). The returned meta holds the file's path under "path"."""
     from rapnet.data import locate_dataset
 
     missing = [str(p) for p in checkpoints.values() if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoints not found: {', '.join(missing)} (train them with rapnet-train, or pass --models DIR)")
-    key = cache_key(checkpoint_identities(checkpoints), dataset_identity(locate_dataset(data, "cifar10")), settings)
+    settings = settings or TraceSettings.default(dataset)
+    key = cache_key(checkpoint_identities(checkpoints), dataset_identity(locate_dataset(data, dataset)), settings)
     path = Path(cache) if cache is not None else default_cache_path(key)
     if not rebuild and path.exists():
         traces, meta = load_traces(path)
@@ -274,18 +290,19 @@ def ensure_traces(checkpoints: dict[str, Path], data: str | None = None, cache: 
             return traces, {**meta, "path": str(path)}
         log(f"{path} was made from other checkpoints, data or settings: rebuilding")
     log(f"building simulator traces into {path} (runs every model over the sampled images once; minutes on CPU)")
-    build_traces(checkpoints, data, settings, path, log, progress)
+    build_traces(checkpoints, data, settings, path, log, progress, dataset)
     traces, meta = load_traces(path)
     return traces, {**meta, "path": str(path)}
 
 
 def sample_rows(meta: dict, n: int, data: str | None = None, seed: int = SAMPLE_SEED) -> np.ndarray:
     """Rows of the traces that hold the n test images an edge agent's `--dataset ... --limit n` reads (the same
-    rapnet.data.stratified_sample over the whole test split); an error when the traces lack some of them."""
+    rapnet.data.stratified_sample over the whole test split of the data the traces were built from, or `data`);
+    an error when the traces lack some of them."""
     from rapnet.data import load_dataset, locate_dataset, stratified_sample
 
     index = np.asarray(meta.get("test_index", []), dtype=np.int64)
-    labels = load_dataset(locate_dataset(data or meta.get("data"), "cifar10"), "test").labels
+    labels = load_dataset(locate_dataset(data or meta.get("data"), meta.get("dataset", CAMERA_DATASET)), "test").labels
     wanted = stratified_sample(labels, n, seed)
     rows = np.searchsorted(index, wanted)
     if len(index) == 0 or np.any(rows >= len(index)) or np.any(index[np.minimum(rows, len(index) - 1)] != wanted):

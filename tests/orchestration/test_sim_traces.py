@@ -11,7 +11,7 @@ import pytest
 
 from orchestration import cli, traces
 from orchestration.traces import TraceSettings, cache_key, checkpoint_identities, dataset_identity
-from rapnet.shipped import default_checkpoint
+from rapnet.shipped import CAMERA_DATASET, default_checkpoint
 
 
 def _imagefolder(root: Path) -> Path:
@@ -78,8 +78,101 @@ def test_cli_sample_defaults_match_the_library():
     """rapnet-sim writes the defaults out (importing orchestration.traces at --help would load torch)."""
     assert cli.DEFAULT_TEST_IMAGES == traces.DEFAULT_TEST_IMAGES
     assert cli.DEFAULT_HELDOUT_IMAGES == traces.DEFAULT_HELDOUT_IMAGES
+    assert set(cli.DATASETS) == set(traces.DEFAULT_TEST_IMAGES) == set(traces.DEFAULT_HELDOUT_IMAGES)
+    assert cli.DEFAULT_DATASET == CAMERA_DATASET and TraceSettings() == TraceSettings.default(CAMERA_DATASET)
     args = cli.build_parser().parse_args(["sweep", "--full"])
     assert cli.trace_settings(args) == TraceSettings.full()
     args = cli.build_parser().parse_args(["sweep"])
-    assert cli.trace_settings(args) == TraceSettings()
+    assert args.dataset == CAMERA_DATASET and cli.trace_settings(args) == TraceSettings.default(CAMERA_DATASET)
     assert not Path(args.out).is_absolute()  # relative to the current folder
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenette"])
+def test_each_dataset_has_its_own_default_sample_sizes(dataset):
+    args = cli.build_parser().parse_args(["traces", "--dataset", dataset])
+    settings = cli.trace_settings(args)
+    assert settings == TraceSettings.default(dataset)
+    assert settings.test_images == traces.DEFAULT_TEST_IMAGES[dataset]
+    assert settings.heldout_images == traces.DEFAULT_HELDOUT_IMAGES[dataset]
+    given = cli.trace_settings(cli.build_parser().parse_args(["traces", "--dataset", dataset, "--test-images", "7"]))
+    assert given.test_images == 7 and given.heldout_images == settings.heldout_images
+    assert TraceSettings.default("cifar10") != TraceSettings.default("imagenette")
+
+
+def test_a_dataset_without_its_own_defaults_gets_the_camera_sets():
+    assert TraceSettings.default("tiny-imagenet") == TraceSettings.default(CAMERA_DATASET)
+
+
+@pytest.mark.parametrize("command", ["traces", "run", "sweep", "live"])
+def test_every_command_simulates_the_dataset_it_is_given(command, monkeypatch):
+    """--dataset picks the checkpoints (rapnet.shipped.default_checkpoints) and the data the traces are built on."""
+    import torch
+
+    seen = {}
+
+    def fake_ensure(checkpoints, data, cache, settings, **kw):
+        seen.update(checkpoints=checkpoints, settings=settings, **kw)
+        raise _Stop
+
+    monkeypatch.setattr(traces, "ensure_traces", fake_ensure)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(_Stop):
+            cli.main([command, "--dataset", "cifar10"])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["dataset"] == "cifar10" and seen["settings"] == TraceSettings.default("cifar10")
+    assert {name: p.name for name, p in seen["checkpoints"].items()} == {
+        "rapnet": "rapnet-cifar10.pt", "sdn": "sdn-cifar10.pt", "static": "static-cifar10.pt"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _tiny_checkpoints(root: Path, classes: list[str]) -> dict[str, Path]:
+    import torch
+
+    from rapnet.build import build_model
+    from rapnet.checkpoint import save_checkpoint
+    from rapnet.config import ModelConfig
+
+    torch.manual_seed(0)
+    split = {"val": 4, "predictor_fit": 2, "predictor_split": "random"}
+    paths = {}
+    for kind in ("rapnet", "sdn", "static"):
+        paths[kind] = root / f"{kind}-toy.pt"
+        model = build_model(ModelConfig(kind=kind, width=0.25, num_classes=len(classes))).eval()
+        save_checkpoint(paths[kind], model, {"classes": classes, "split": split})
+    return paths
+
+
+def test_traces_are_built_on_the_named_dataset_and_the_agent_reads_the_same_frames(tmp_path, monkeypatch):
+    """A dataset found by its name (here through $RAPNET_DATA) is what the traces hold, what their metadata names,
+    and what rapnet-sim live hands the edge agent; sample_rows finds the agent's --limit frames in them."""
+    from orchestration import live
+    from orchestration.traces import ensure_traces, sample_rows
+
+    monkeypatch.setenv("RAPNET_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "datasets"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 4)):
+        for cls in ("a", "b"):
+            (root / "toy" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                cv2.imwrite(str(root / "toy" / split / cls / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), np.uint8))
+    monkeypatch.setenv("RAPNET_DATA", str(root))
+    checkpoints = _tiny_checkpoints(tmp_path, ["a", "b"])
+    small = TraceSettings(test_images=6, heldout_images=0, payload_images=2)
+    built, meta = ensure_traces(checkpoints, None, None, small, log=lambda _: None, progress=False, dataset="toy")
+    assert meta["dataset"] == "toy" and Path(meta["data"]) == (root / "toy").resolve()
+    assert built["rapnet"].num_samples == 6 and meta["test_images_total"] == 8
+    again, meta_again = ensure_traces(checkpoints, None, None, small, log=pytest.fail, progress=False, dataset="toy")
+    assert meta_again["key"] == meta["key"]  # the cache, found again: no rebuild (log would fail)
+    rows = sample_rows(meta, 4)
+    assert len(rows) == 4 and len(set(rows.tolist())) == 4
+    with pytest.raises(ValueError, match="--test-images 7"):
+        sample_rows(meta, 7)
+    command = live.agent_command(1, tmp_path / "token", [], 1.0, 4, live.DEFAULT_POINTS[0], 0.0, tmp_path / "o",
+                                 tmp_path / "s", checkpoints["rapnet"], Path(meta["path"]), meta["data"])
+    assert command[command.index("--dataset") + 1] == meta["data"]
