@@ -9,7 +9,7 @@ called in this process instead of through Ray. The cloud's logits must equal one
 to the same exit on the same pixels, bit for bit: both sides run the same float32 modules on the same values, each
 as a batch of one (the requests go one at a time), and a lossless encoding gives the cloud exactly the edge's
 values (PNG and raw+zstd the uint8 pixels, fp32+zstd the float32 bits). The answer's top-k scores are the softmax
-of those logits (float32 on the wire). No Ray starts: about 3 s on a busy 2-core host.
+of those logits (float32 on the wire). No Ray starts.
 """
 from __future__ import annotations
 
@@ -115,6 +115,7 @@ def _cases(runtime):
                 yield split, encoding, exit_index
 
 
+@pytest.mark.slow  # 3 s alone, up to 20 s on a busy 2-core host
 def test_split_equals_monolithic_through_the_wire_at_224_px(model_224, pixels):
     from edge.link import CloudLink, CloudTarget
 
