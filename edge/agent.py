@@ -287,7 +287,10 @@ class Display:
         import cv2
 
         img = cv2.resize(cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), (320, 320), interpolation=cv2.INTER_NEAREST)
-        name = self.classes[result.class_index] if self.classes and result.class_index < len(self.classes) else str(result.class_index)
+        from rapnet.class_names import readable
+
+        name = readable(self.classes[result.class_index]) if self.classes and result.class_index < len(self.classes) \
+            else str(result.class_index)
         text = f"{name} {result.confidence:.2f} exit {result.exit} {result.where}"
         cv2.putText(img, text, (5, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 255) if result.degraded else (0, 255, 0), 1)
         cv2.imshow("edge-agent", img)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from rapnet.class_names import readable
 from rapnet.codec import build_request, encode_options
 from rapnet.execution import as_runtime, top_probability
 from rapnet.preprocess import to_model_array
@@ -69,7 +70,10 @@ class FrameResult:
     def to_json(self, classes: list[str] | None = None) -> dict:
         out = {"frame": self.frame, "source_index": self.source_index, "class": self.class_index}
         if classes is not None and 0 <= self.class_index < len(classes):
-            out["class_name"] = classes[self.class_index]
+            class_id = classes[self.class_index]
+            out["class_name"] = readable(class_id)
+            if out["class_name"] != class_id:
+                out["class_id"] = class_id  # the model's own name for it (a WordNet id)
         out.update({
             "confidence": round(self.confidence, 5), "exit": self.exit, "target_exit": self.target_exit,
             "where": self.where, "split": self.split, "encoding": self.encoding, "bytes_sent": self.bytes_sent,

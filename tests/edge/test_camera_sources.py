@@ -17,7 +17,6 @@ import pytest
 
 from rapnet.data import locate_dataset
 
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 PER_CLASS = 2
@@ -58,6 +57,7 @@ def run_agent(args: list[str], tmp_path: Path) -> tuple[list[dict], str]:
     return [json.loads(line) for line in out.read_text().splitlines()], proc.stderr
 
 
+@pytest.mark.slow
 def test_a_folder_of_photographs_end_to_end_with_the_cloud(photos, tmp_path):
     folder = photos
     # a slow device and the deepest exit's price: the planner offloads, to the cloud tier the agent starts here
@@ -69,6 +69,7 @@ def test_a_folder_of_photographs_end_to_end_with_the_cloud(photos, tmp_path):
     assert np.mean(correct) >= MIN_CORRECT, correct
 
 
+@pytest.mark.slow
 def test_a_640x480_video_answered_on_the_device(photos, tmp_path):
     """Each photograph scaled to 480x480 in the middle of a black 640x480 frame: the agent's resize and centre
     crop give the photograph back. No cloud answers (the address is closed): every frame is the device's."""
@@ -88,3 +89,15 @@ def test_a_640x480_video_answered_on_the_device(photos, tmp_path):
     assert all(r["where"] in ("edge", "edge-fallback") for r in rows)
     correct = [r["class"] == label_of(path.name) for r, path in zip(rows, paths)]
     assert np.mean(correct) >= MIN_CORRECT, correct
+
+
+def test_wordnet_ids_are_shown_by_their_names_and_kept_as_ids():
+    from edge.pipeline import FrameResult
+    from rapnet.class_names import readable
+
+    assert readable("n03888257") == "parachute" and readable("cat") == "cat"
+    result = FrameResult(frame=0, source_index=0, class_index=1, confidence=0.9, exit=2, target_exit=2, where="edge",
+                         split=None, encoding=None, bytes_sent=0, bytes_received=0, latency_ms={})
+    out = result.to_json(["n01440764", "n02102040"])
+    assert out["class_name"] == "English springer" and out["class_id"] == "n02102040"
+    assert "class_id" not in result.to_json(["airplane", "automobile"])
