@@ -163,13 +163,15 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     The menu follows ModelTraces.menu; measured on unlabelled sample frames, JPEG stays off it (whether it costs
     accuracy needs labels). With the priced rule the planner learns the rule's exits (Planner.with_calibration) on
     the traces' calibration images, or on the sample frames, and with a `stop_confidence` (the capped rule) where
-    those frames stop. `max_request_bytes` (the link's message limit): a (split, encoding) whose largest measured
+    those frames stop. With `traces`, the cloud part is planned with the model's leaf layers (the cloud runs eager
+    PyTorch) whatever the edge's runtime, as the simulator plans it. `max_request_bytes` (the link's message limit): a (split, encoding) whose largest measured
     request exceeds it is left off the menu, so no plan sends a request the link would refuse."""
     run = as_runtime(model)
     costs = run.costs
-    payload = codec_ms = agreement = prior_scores = prior_confidence = None
+    payload = codec_ms = agreement = prior_scores = prior_confidence = cloud_layers = None
     t = traces_for_model(run, traces)
     if t is not None:
+        cloud_layers = t.layer_counts("torch")  # the cloud runs eager PyTorch: its leaf layers, as the simulator's
         payload, agreement = t.menu(min_agreement, max_jpeg_drop)
         largest = {k: int(v.max()) for k, v in t.payload.items() if len(v)}
         codec_ms = {k: (t.encode_ms.get(k, 0.0), t.decode_ms.get(k, 0.0)) for k in payload}
@@ -190,7 +192,7 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
         exit_accuracy = [1.0] * costs.num_exits  # unknown: the predictor's scores (or the last exit) decide
     planner = Planner(costs, payload, exit_accuracy, encodings=encodings, threshold=threshold, price=price,
                       layers=layer_counts(run), codec_ms=codec_ms, agreement=agreement,
-                      sequential=run.kind == "sdn" if sequential is None else sequential)
+                      sequential=run.kind == "sdn" if sequential is None else sequential, cloud_layers=cloud_layers)
     if planner.price is None or not run.has_predictor:
         return planner
     # the cloud-side exit is weighed by how often the rule picks each exit: on the traces' calibration images, or

@@ -63,7 +63,8 @@ def sim_config(args):
 
     return SimConfig(devices=args.devices, workers=args.workers, fps=args.fps, accuracy_target=args.accuracy_target,
                      rapnet_rule=args.rapnet_rule, encodings=tuple(args.encodings), seed=args.seed,
-                     cloud_exit=args.cloud_exit, calibration_priors=args.calibration_priors)
+                     cloud_exit=args.cloud_exit, calibration_priors=args.calibration_priors,
+                     device_runtime=args.device_runtime)
 
 
 def _world(args):
@@ -373,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown while traces build "
                    "and a sweep runs)")
     g = common.add_argument_group("world")
+    g.add_argument("--device-runtime", choices=("onnx", "torch"), default="onnx",
+                   help="what the edge devices run the model on, which sets the per-call term of their compute time: "
+                        "ONNX Runtime, one call per graph (the agent's default where onnxruntime is installed), or "
+                        "eager PyTorch, one per leaf layer; the cloud runs eager PyTorch either way")
     g.add_argument("--cloud-gflops", type=float, default=100.0, help="cloud worker speed")
     g.add_argument("--devices", type=int, default=16, help="edge devices sharing the cloud workers")
     g.add_argument("--workers", type=int, default=1, help="cloud workers (FIFO queue servers)")

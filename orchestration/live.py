@@ -4,7 +4,8 @@ available on these machines: "Specified qdisc kind is unknown") and the device e
 --emulate-device; simulated vs measured mean latency per point.
 
 The cloud runs on this CPU, so the simulator is given the reference CPU as the cloud (33.3 GFLOP/s,
-20.7 us per layer call), one device, no jitter or loss, and the agent's exit rule and operating point (price or threshold).
+20.7 us per layer call), one device, no jitter or loss, and the agent's exit rule and operating point (price or
+threshold); the agent runs the model on the simulated devices' runtime (--device-runtime).
 """
 from __future__ import annotations
 
@@ -147,14 +148,15 @@ def _wait_port(port: int, timeout: float) -> bool:
 
 def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: int, point: LivePoint,
                   overhead_ms: float, output: Path, summary: Path, checkpoint: Path, traces: Path, data: str | Path,
-                  split: str = "test", extra: tuple = ()) -> list[str]:
+                  split: str = "test", extra: tuple = (), runtime: str = "onnx") -> list[str]:
     """The edge agent at one point, running the cloud's checkpoint on the frames of `data` (the dataset the traces
     were built from: its path, or a name rapnet.data finds). It plans from the simulator's traces: the same request
-    sizes, codec times and encoding menu (JPEG goes on it only with the traces' labelled held-out accuracies)."""
+    sizes, codec times and encoding menu (JPEG goes on it only with the traces' labelled held-out accuracies). It runs
+    the model on `runtime` (edge-agent --runtime), the simulated devices' (SimConfig.device_runtime)."""
     from .planner import REF_GFLOPS
 
     return [sys.executable, "-m", "edge.agent", "--dataset", str(data), "--split", split, "--limit", str(frames),
-            "--checkpoint", str(checkpoint), "--traces", str(traces),
+            "--checkpoint", str(checkpoint), "--runtime", runtime, "--traces", str(traces),
             "--rate", str(fps), "--cloud", f"127.0.0.1:{port}", "--token-file", str(token), *rule,
             "--device-gflops", str(point.device_gflops), "--emulate-device", "--cloud-gflops", str(REF_GFLOPS),
             "--fixed-network", "--bandwidth-mbps", str(point.bandwidth_mbps), "--rtt-ms", str(point.rtt_ms),
@@ -163,7 +165,7 @@ def agent_command(port: int, token: Path, rule: list[str], fps: float, frames: i
 
 
 def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, frames: int, tmp: Path,
-                           timeout: float, checkpoint: Path, traces: Path, data: str | Path) -> dict:
+                           timeout: float, checkpoint: Path, traces: Path, data: str | Path, runtime: str = "onnx") -> dict:
     """The fixed cost per cloud request that the latency model leaves out (gRPC and HTTP/2, the shaping proxy,
     the front, the Ray hop and the batcher's wait), measured once on calibration frames: training
     images, never the test frames the points report. A slow emulated device sends every frame through an
@@ -174,7 +176,7 @@ def measure_cloud_overhead(port: int, token: Path, rule: list[str], fps: float, 
     try:
         # --no-cloud-exit: the predictor on the edge, as at most points (the serving path is the same either way)
         command = agent_command(shaper.port, token, rule, fps, frames, point, 0.0, output, summary, checkpoint, traces,
-                                data, "train", ("--no-cloud-exit",))
+                                data, "train", ("--no-cloud-exit",), runtime)
         done = subprocess.run(command,
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     finally:
@@ -204,7 +206,7 @@ def run_live(args, settings=None) -> dict:
     rows = sample_rows(meta, n)  # the test frames the agent's --limit n reads
     sub = {name: _subset(t, rows) for name, t in traces.items()}
     world = World(sub, SimConfig(devices=1, workers=1, fps=args.fps, accuracy_target=args.accuracy_target,
-                                 rapnet_rule=args.rapnet_rule))
+                                 rapnet_rule=args.rapnet_rule, device_runtime=args.device_runtime))
     # the agent runs the simulator's operating point
     policy = "rapnet_capped" if args.capped else "rapnet_split"
     if args.capped:
@@ -229,14 +231,14 @@ def run_live(args, settings=None) -> dict:
         # frame that stops before its cap beats the plan's expectation (made for the cap) by the compute it saved.
         calibration_rule = ["--price", str(world.capped_setting[0])] if args.capped else rule
         calibration = measure_cloud_overhead(port, token, calibration_rule, args.fps, args.overhead_frames, tmp,
-                                             args.timeout, checkpoints["rapnet"], cache, data)
+                                             args.timeout, checkpoints["rapnet"], cache, data, args.device_runtime)
         overhead = calibration["cloud_overhead_ms"] if args.cloud_overhead else 0.0
         print(json.dumps({"calibration": calibration, "used_overhead_ms": overhead}), flush=True)
         for p in DEFAULT_POINTS[: args.points]:
             shaper = Shaper(("127.0.0.1", port), p.bandwidth_mbps, p.rtt_ms)
             summary = tmp / f"summary-{len(rows)}.json"
             cmd = agent_command(shaper.port, token, rule, args.fps, n, p, overhead, tmp / f"frames-{len(rows)}.jsonl", summary,
-                                checkpoints["rapnet"], cache, data)
+                                checkpoints["rapnet"], cache, data, runtime=args.device_runtime)
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
             shaper.close()
             uplink_bytes = shaper.uplink_bytes
@@ -274,6 +276,7 @@ def run_live(args, settings=None) -> dict:
     errors = [r["abs_rel_error"] for r in rows if "abs_rel_error" in r]
     errors.sort()
     result = {"dataset": args.dataset, "data": data, "checkpoint": str(checkpoints["rapnet"]),
+              "device_runtime": args.device_runtime,
               "shaping": "in-transport TCP proxy (tc netem unavailable)", "policy": policy, "agent_rule": rule,
               # the capped rule's stop for JPEG images, which the agent derives from the same traces (its summary's
               # jpeg_stop_confidence)

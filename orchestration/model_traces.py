@@ -13,6 +13,11 @@ import numpy as np
 
 from rapnet.costs import CostTable
 
+from .planner import LayerCounts
+
+# The runtimes an edge device runs the model on (edge-agent --runtime): ONNX Runtime, one call per graph (a stage, a
+# head, the predictor; rapnet.execution.OnnxRuntime), or eager PyTorch, one call per leaf layer (as traced).
+DEVICE_RUNTIMES = ("onnx", "torch")
 PER_SAMPLE_FIELDS = ("correct", "confidence", "scores", "cal_correct", "cal_confidence", "cal_scores",
                      "jpeg_correct", "jpeg_confidence", "jpeg_scores", "heldout_correct", "heldout_confidence",
                      "heldout_scores", "heldout_jpeg_correct", "heldout_jpeg_confidence", "heldout_jpeg_scores")
@@ -58,6 +63,14 @@ class ModelTraces:
     @property
     def num_samples(self) -> int:
         return len(self.correct)
+
+    def layer_counts(self, runtime: str = "torch") -> LayerCounts:
+        """The calls per stage, exit head and predictor on `runtime` (DEVICE_RUNTIMES), the planner's per-call term."""
+        if runtime == "torch":
+            return LayerCounts(self.stage_layers, self.exit_layers, self.predictor_layers)
+        if runtime == "onnx":
+            return LayerCounts((1,) * len(self.stage_layers), (1,) * len(self.exit_layers), int(self.predictor_layers > 0))
+        raise ValueError(f"unknown device runtime {runtime!r}: one of {', '.join(DEVICE_RUNTIMES)}")
 
     def mean_payload(self) -> dict[tuple[int, str], int]:
         return {key: int(round(float(v.mean()))) for key, v in self.payload.items()}

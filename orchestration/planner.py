@@ -106,7 +106,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class LayerCounts:
-    """Leaf-layer calls per stage, exit head and predictor (orchestration.calibration.layer_counts)."""
+    """Calls per stage, exit head and predictor on one runtime: leaf layers in eager PyTorch, one per graph on ONNX
+    Runtime (orchestration.calibration.layer_counts; ModelTraces.layer_counts)."""
 
     stage_layers: tuple[int, ...]
     exit_layers: tuple[int, ...]
@@ -137,7 +138,9 @@ class Planner:
     (an encoding is available at a split when payload_bytes has that key). Exit rule: `price` uses
     rapnet.exit_rules.priced_exits (argmax score - price * relative cost, the default: DEFAULT_PRICE);
     `threshold` alone uses the threshold rule rapnet.exit_rules.predictor_exits (shallowest exit whose score
-    reaches it); pass one or neither. layers: leaf-layer counts for the per-layer device term.
+    reaches it); pass one or neither. layers: the device runtime's calls (leaf layers in eager PyTorch, one per graph
+    on ONNX Runtime) for the per-call term. cloud_layers: the cloud's (default: layers); the cloud runs eager
+    PyTorch, so an edge on ONNX Runtime plans the cloud part with the model's leaf layers where it knows them.
     codec_ms: (split, encoding) -> (encode ms, decode ms) on the reference machine. agreement: (split,
     encoding) -> share of answers a lossy encoding leaves unchanged (expected accuracy is scaled by it).
     sequential: SDN-style costs (every head up to the exit runs). predictor_on_edge: add the predictor's
@@ -148,7 +151,8 @@ class Planner:
                  encodings: Sequence[str] = DEFAULT_ENCODINGS, threshold: float | None = None, *, price: float | None = None,
                  layers: LayerCounts | None = None, codec_ms: Mapping[tuple[int, str], tuple[float, float]] | None = None,
                  agreement: Mapping[tuple[int, str], float] | None = None, sequential: bool = False,
-                 predictor_on_edge: bool | None = None, max_cached: int = 4096):
+                 predictor_on_edge: bool | None = None, max_cached: int = 4096,
+                 cloud_layers: LayerCounts | None = None):
         if len(exit_accuracy) != costs.num_exits:
             raise ValueError(f"exit_accuracy has {len(exit_accuracy)} entries, the model has {costs.num_exits} exits")
         self.costs = costs
@@ -160,6 +164,7 @@ class Planner:
         self.relative_costs = relative_exit_costs(costs)  # cost_k / full cost, the priced rule's prices
         self.encodings = tuple(encodings)
         self.layers = layers or LayerCounts.zeros(costs)
+        self.cloud_layers = cloud_layers or self.layers
         self.sequential = sequential
         self.codec_ms = dict(codec_ms or {})
         self.agreement = dict(agreement or {})
@@ -173,9 +178,12 @@ class Planner:
         hl = np.asarray(self.layers.exit_layers, dtype=float)
         cum_f = np.concatenate([[0.0], np.cumsum(sf)])  # cum_f[s] = FLOPs of stages [0, s)
         cum_l = np.concatenate([[0.0], np.cumsum(sl)])
+        hl_c = np.asarray(self.cloud_layers.exit_layers, dtype=float)  # the same in the cloud's calls
+        cum_l_c = np.concatenate([[0.0], np.cumsum(np.asarray(self.cloud_layers.stage_layers, dtype=float))])
         pred_f = float(costs.predictor_flops) if use_pred else 0.0
         pred_l = float(self.layers.predictor_layers) if use_pred else 0.0
-        self._predictor_cost = (pred_f, pred_l)  # what moves to the cloud when the cloud picks the exit
+        # what moves to the cloud when the cloud picks the exit: FLOPs, the edge's calls, the cloud's calls
+        self._predictor_cost = (pred_f, pred_l, float(self.cloud_layers.predictor_layers) if use_pred else 0.0)
 
         def heads(lo_stage, hi_stage, upto_k, vec):  # heads of exits 0..upto_k whose stage lies in [lo, hi)
             mask = (ex_st >= lo_stage) & (ex_st < hi_stage) & (np.arange(K) <= upto_k)
@@ -199,12 +207,12 @@ class Planner:
                     if (s, enc) not in payload_bytes:
                         continue
                     edge_f, edge_l = pred_f + cum_f[s], pred_l + cum_l[s]
-                    cloud_f, cloud_l = cum_f[end] - cum_f[s] + hf[k], cum_l[end] - cum_l[s] + hl[k]
+                    cloud_f, cloud_l = cum_f[end] - cum_f[s] + hf[k], cum_l_c[end] - cum_l_c[s] + hl_c[k]
                     if sequential:  # heads before the split ran on the edge, the rest in the cloud
                         edge_f += heads(0, s, k, hf)
                         edge_l += heads(0, s, k, hl)
                         cloud_f += heads(s, end, k - 1, hf)
-                        cloud_l += heads(s, end, k - 1, hl)
+                        cloud_l += heads(s, end, k - 1, hl_c)
                     self.options[k].append((s, enc, edge_f, edge_l, cloud_f, cloud_l, float(payload_bytes[s, enc])))
         self._cache: dict[Conditions, OptionTable] = {}
         self._cloud_exit_cache: dict[Conditions, list[dict] | None] = {}  # per Conditions, like the option tables
@@ -281,7 +289,7 @@ class Planner:
         shallow exit would have been answered locally. Of the image encodings on the menu, the one fastest in
         expectation (uniform without a prior). Priced rule only, and not with an accuracy target or a latency
         budget (they need the scores here)."""
-        pred_f, pred_l = self._predictor_cost
+        pred_f, pred_l, pred_l_cloud = self._predictor_cost
         if self.price is None or pred_f == 0 or c.accuracy_target is not None or c.latency_budget_ms is not None:
             return None
         if c in self._cloud_exit_cache:
@@ -294,8 +302,8 @@ class Planner:
             parts = []
             for k in range(K):
                 s, enc, edge_f, edge_l, cloud_f, cloud_l, nbytes = next(o for o in self.options[k] if o[:2] == (0, enc))
-                p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f, cloud_l + pred_l,
-                                        nbytes), c)
+                p = self.offload_parts((s, enc, edge_f - pred_f, edge_l - pred_l, cloud_f + pred_f,
+                                        cloud_l + pred_l_cloud, nbytes), c)
                 parts.append({**p, "encoding": enc, "cloud_exit": True})
             total = np.array([p["total_ms"] for p in parts])
             used = weights > 0  # an exit the rule never picks must not make it 0 x inf

@@ -24,7 +24,7 @@ from rapnet.shipped import CAMERA_DATASET
 from .calibration import calibrate_for_jpeg, calibrate_setting, capped_jpeg_stop
 from .model_traces import ModelTraces
 from .planner import (MAX_JPEG_ACCURACY_DROP, MIN_AGREEMENT, MIN_RTO_MS, MSS_BYTES, REF_GFLOPS, REQUEST_FRAMING_BYTES,
-                      Conditions, LayerCounts, Planner)
+                      Conditions, Planner)
 
 POLICIES = ("sdn_edge", "rapnet_edge", "rapnet_edge_capped", "cloud_png", "cloud_jpeg", "neurosurgeon", "spinn",
             "rapnet_split", "rapnet_capped", "oracle")
@@ -67,6 +67,10 @@ class SimConfig:
     # is planned at the cost of where its frames stop). False: neither (the cloud-side exit must win for every exit,
     # a local cap is planned at the cap's own cost).
     calibration_priors: bool = True
+    # what the edge devices run the model on (orchestration.model_traces.DEVICE_RUNTIMES): ONNX Runtime, the agent's
+    # default where onnxruntime is installed (one call per graph), or eager PyTorch (one per leaf layer); the cloud
+    # runs eager PyTorch either way
+    device_runtime: str = "onnx"
     seed: int = 0
 
 
@@ -226,9 +230,9 @@ class World:
         # every measured encoding's codec time, not only the planner's menu: the cloud-only JPEG baseline sends
         # an encoding the planner may not pick, and must pay for encoding it too
         codec = {key: (t.encode_ms[key], t.decode_ms.get(key, 0.0)) for key in t.encode_ms}
-        return Planner(t.costs, allowed, exit_acc, encodings=self.config.encodings, layers=LayerCounts(
-            t.stage_layers, t.exit_layers, t.predictor_layers), codec_ms=codec, agreement=agreement,
-            sequential=sequential, predictor_on_edge=predictor_on_edge)
+        return Planner(t.costs, allowed, exit_acc, encodings=self.config.encodings,
+                       layers=t.layer_counts(self.config.device_runtime), cloud_layers=t.layer_counts("torch"),
+                       codec_ms=codec, agreement=agreement, sequential=sequential, predictor_on_edge=predictor_on_edge)
 
     # --- realisation -------------------------------------------------------------------------------------
     def _payload(self, t: ModelTraces, split: int, encoding: str, idx: np.ndarray) -> np.ndarray:

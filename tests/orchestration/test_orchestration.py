@@ -359,7 +359,8 @@ def test_frames_sent_as_jpeg_are_answered_from_the_jpeg_view(traces, cloud_exit)
     """On a slow uplink the small JPEG wins; every policy that sends it is scored on the JPEG answers (exits from
     the cloud-side predictor and confidences where the cloud runs them), the rest on the lossless ones."""
     jt = {name: _jpeg_admitted(t) for name, t in traces.items()}
-    w = World(jt, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=cloud_exit))
+    # a device whose every leaf layer costs a call (eager PyTorch): at 0.01 GFLOP/s no exit is worth answering on it
+    w = World(jt, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=cloud_exit, device_runtime="torch"))
     c = Conditions(bandwidth_mbps=0.1, rtt_ms=5, device_gflops=0.01, jitter_ms=0.0, loss=0.0)
     results = w.run_all(c)
     r, rows = jt["rapnet"], np.arange(N)
@@ -545,7 +546,7 @@ def test_simulated_latency_matches_planner_without_noise(traces, world):
     assert res.offload_share == 0
     assert res.mean_ms == pytest.approx(table.latency[world.rapnet_exits].mean())
     # with a network and a lightly loaded cloud, simulated latency ~ planner expectation (+ real byte spread)
-    lone = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=False))
+    lone = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=False, device_runtime="torch"))
     c = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05)
     res = lone.run_policy("rapnet_split", c)
     table = lone.planners["rapnet"].option_table(c)
@@ -561,8 +562,9 @@ def test_simulated_latency_matches_planner_without_noise(traces, world):
 
 
 def test_cloud_picks_the_exit_when_every_exit_sends_the_image(traces):
-    edge_pred = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7, cloud_exit=False))
-    remote = World(traces, SimConfig(devices=1, fps=1.0, accuracy_target=0.7))
+    torch_device = dict(devices=1, fps=1.0, accuracy_target=0.7, device_runtime="torch")  # every layer a call
+    edge_pred = World(traces, SimConfig(cloud_exit=False, **torch_device))
+    remote = World(traces, SimConfig(**torch_device))
     planner = remote.planners["rapnet"]
     slow = Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05)
     parts = planner.cloud_exit_parts(slow)
@@ -584,6 +586,25 @@ def test_cloud_picks_the_exit_when_every_exit_sends_the_image(traces):
     assert planner.with_threshold(0.8).cloud_exit_parts(slow) is None
     assert planner.cloud_exit_parts(Conditions(bandwidth_mbps=1000, rtt_ms=10, device_gflops=0.05,
                                                latency_budget_ms=500)) is None
+
+
+def test_the_device_runtime_sets_the_devices_calls_and_the_cloud_runs_leaf_layers(traces):
+    """On ONNX Runtime the device makes one call per graph (a stage, a head, the predictor); in eager PyTorch one per
+    leaf layer. The cloud runs eager PyTorch either way, so its part of a split costs the same."""
+    onnx, eager = (World(traces, SimConfig(accuracy_target=0.7, device_runtime=rt)) for rt in ("onnx", "torch"))
+    r = traces["rapnet"]
+    a, b = onnx.planners["rapnet"], eager.planners["rapnet"]
+    last = r.costs.num_exits - 1
+    stages = r.costs.exit_stages[last] + 1
+    assert a.local_layers[last] == stages + 1 + 1  # stages, the head, the predictor
+    assert b.local_layers[last] == sum(r.stage_layers[:stages]) + r.exit_layers[last] + r.predictor_layers
+    assert a.local_flops.tolist() == b.local_flops.tolist()
+    for k in range(r.costs.num_exits):
+        assert [o[4:] for o in a.options[k]] == [o[4:] for o in b.options[k]]  # cloud FLOPs, calls and bytes
+    c = Conditions(bandwidth_mbps=10, rtt_ms=10, device_gflops=2.0)
+    assert (a.answer_ms(c) < b.answer_ms(c)).all()
+    with pytest.raises(ValueError, match="unknown device runtime 'tpu'"):
+        World(traces, SimConfig(accuracy_target=0.7, device_runtime="tpu"))
 
 
 def test_offload_when_network_is_free_and_device_is_slow(world):

@@ -174,5 +174,32 @@ def test_traces_are_built_on_the_named_dataset_and_the_agent_reads_the_same_fram
     with pytest.raises(ValueError, match="--test-images 7"):
         sample_rows(meta, 7)
     command = live.agent_command(1, tmp_path / "token", [], 1.0, 4, live.DEFAULT_POINTS[0], 0.0, tmp_path / "o",
-                                 tmp_path / "s", checkpoints["rapnet"], Path(meta["path"]), meta["data"])
+                                 tmp_path / "s", checkpoints["rapnet"], Path(meta["path"]), meta["data"], runtime="torch")
     assert command[command.index("--dataset") + 1] == meta["data"]
+    assert command[command.index("--runtime") + 1] == "torch"
+
+
+def test_an_edge_on_onnx_runtime_plans_the_cloud_part_with_the_traces_leaf_layers(tmp_path, monkeypatch):
+    """The agent's planner from a trace cache charges its own runtime's calls on the device and the cloud's eager
+    PyTorch leaf layers in the cloud, as the simulator's planner does."""
+    from orchestration.calibration import planner_for_model
+    from rapnet.checkpoint import load_model
+    from rapnet.execution import as_runtime
+
+    monkeypatch.setenv("RAPNET_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                cv2.imwrite(str(root / split / cls / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), np.uint8))
+    checkpoints = _tiny_checkpoints(tmp_path, ["a", "b"])
+    built, path = traces.build_traces(checkpoints, str(root), TraceSettings(test_images=4, payload_images=2),
+                                      out=tmp_path / "t.npz", log=lambda _: None, progress=False)
+    run = as_runtime(load_model(checkpoints["rapnet"])[0])
+    t = built["rapnet"]
+    run.layer_calls = ((1,) * len(t.stage_layers), (1,) * len(t.exit_layers), 1)  # as ONNX Runtime counts them
+    planner = planner_for_model(run, traces=path)
+    assert planner.layers == t.layer_counts("onnx") != t.layer_counts("torch")
+    assert planner.cloud_layers == t.layer_counts("torch")
