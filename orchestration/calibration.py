@@ -164,8 +164,9 @@ def planner_for_model(model, sample_pixels: np.ndarray | None = None, *, thresho
     accuracy needs labels). With the priced rule the planner learns the rule's exits (Planner.with_calibration) on
     the traces' calibration images, or on the sample frames, and with a `stop_confidence` (the capped rule) where
     those frames stop. With `traces`, the cloud part is planned with the model's leaf layers (the cloud runs eager
-    PyTorch) whatever the edge's runtime, as the simulator plans it. `max_request_bytes` (the link's message limit): a (split, encoding) whose largest measured
-    request exceeds it is left off the menu, so no plan sends a request the link would refuse."""
+    PyTorch) whatever the edge's runtime, as the simulator plans it. `max_request_bytes` (the link's message limit):
+    a (split, encoding) whose largest measured request exceeds it is left off the menu, so no plan sends a request
+    the link would refuse."""
     run = as_runtime(model)
     costs = run.costs
     payload = codec_ms = agreement = prior_scores = prior_confidence = cloud_layers = None
