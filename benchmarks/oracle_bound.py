@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     target = [] if args.accuracy_target is None else ["--accuracy-target", args.accuracy_target]
     models = [] if args.models is None else ["--models", args.models]
     cache = [] if args.cache is None else ["--cache", args.cache]
-    sweep_args = build_parser().parse_args(["sweep", "--dataset", "cifar10", *models, *cache, *target])
+    sweep_args = build_parser().parse_args(["sweep", "--dataset", "cifar10", "--device-runtime", "torch", *models, *cache,
+                                           *target])
     world, meta = load_world(sim_config(sweep_args), sweep_args.models, sweep_args.data, sweep_args.cache,
                              settings=trace_settings(sweep_args), dataset=sweep_args.dataset)  # the CIFAR-10 sweep's world
     cache_path = meta.get("path", args.cache)
