@@ -11,7 +11,7 @@ The server's own metrics (decode, queue, compute per batch, batch sizes) say whe
     python benchmarks/cloud_bench.py --checkpoint models/rapnet-cifar10.pt --split 4 --seconds 5
     python benchmarks/cloud_bench.py --checkpoint models/rapnet-imagenette.pt --dataset imagenette --split 0 \
         --encoding raw+zstd --cloud-exit-price 0.03 --out benchmarks/results/cloud-imagenette.json
-Writes --out (default benchmarks/results/cloud.json) and prints a markdown table (copied into docs/cloud.md).
+Writes --out (default benchmarks/results/cloud.json, cloud-DATASET.json with --dataset) and prints a markdown table (copied into docs/cloud.md).
 Requests carry the model's own input size (the checkpoint's contract): noise of that size, or the --dataset's
 test images fitted to it as the edge fits frames.
 """
@@ -339,10 +339,12 @@ def main() -> None:
     axis("--sched", "batch: the replicas' and the front's threads under Linux SCHED_BATCH, as replica.sched_batch and "
          "front.sched_batch (woken threads do not preempt the running one); normal: SCHED_OTHER. The client always "
          "runs under SCHED_OTHER", choices=["batch", "normal"], default=["batch"])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cloud.json"),
-                        help="JSON results file (e.g. benchmarks/results/cloud-imagenette.json for the Imagenette "
-                             "model, so that the CIFAR-10 figures stay)")
+    parser.add_argument("--out", default=None,
+                        help="JSON results file (default: benchmarks/results/cloud-DATASET.json with --dataset, else "
+                             "benchmarks/results/cloud.json)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / (f"cloud-{args.dataset}.json" if args.dataset else "cloud.json"))
     if args.client:
         args.clients = args.clients[0]
         client_main(args)
