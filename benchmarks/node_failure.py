@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,12 +38,6 @@ from rapnet.help_format import DefaultsHelpFormatter  # noqa: E402
 
 SPLIT = 2
 DEADLINE_MS = 3000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -91,6 +84,10 @@ class LocalCluster:
         procs = node.all_processes.get("raylet") or []
         return procs[0].process.pid if procs and procs[0].process.poll() is None else None
 
+    def raylet_pids(self) -> list[int]:
+        """The live nodes' raylets: the parents of every worker process of this cluster."""
+        return [pid for pid in map(self.raylet_pid, self.nodes) if pid is not None]
+
     def kill_node(self, name: str) -> None:
         """SIGKILL every process of the node (raylet, object store, its workers), the way a crashed machine leaves."""
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
@@ -126,10 +123,10 @@ class LocalCluster:
 
     def _ours(self) -> list[tuple[int, list[str]]]:
         marker = str(self.base)
-        return [(pid, cmdline) for pid, cmdline in _processes() if any(marker in part for part in cmdline)]
+        return [(pid, cmdline) for pid, cmdline in processes() if any(marker in part for part in cmdline)]
 
 
-def _processes():
+def processes():
     """(pid, command line) of every process this user can read."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
