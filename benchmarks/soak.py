@@ -92,6 +92,12 @@ class Tail:
         return [line.decode() for line in lines if line.strip()]
 
 
+def read_frames(tails: list[Tail], now: float) -> list[dict]:
+    """The agents' frames answered since the last read, stamped `now`."""
+    return [{"t": now, "agent": i, "where": row["where"], "ms": row["latency_ms"]["total"], "degraded": row["degraded"]}
+            for i, tail in enumerate(tails) for row in map(json.loads, tail.read())]
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -159,13 +165,10 @@ def run(args, log=print) -> dict:
             f"the second node dies at {kill_s / 60:.1f} min")
         while any(a.poll() is None for a in agents):
             now = time.monotonic() - start
-            for i, tail in enumerate(tails):
-                for line in tail.read():
-                    row = json.loads(line)
-                    frames.append({"t": now, "agent": i, "where": row["where"], "ms": row["latency_ms"]["total"],
-                                   "degraded": row["degraded"]})
-                    if killed_at is not None and first_cloud_after_kill_s is None and row["where"] == "cloud":
-                        first_cloud_after_kill_s = now - killed_at
+            new = read_frames(tails, now)
+            frames += new
+            if killed_at is not None and first_cloud_after_kill_s is None and any(f["where"] == "cloud" for f in new):
+                first_cloud_after_kill_s = now - killed_at
             if now >= next_sample:
                 replicas = {pid: rss_mib(pid) for pid in replica_pids(cluster)}
                 samples.append({"t": now, "front_mib": rss_mib(front.pid), "replicas_mib": replicas,
@@ -192,11 +195,7 @@ def run(args, log=print) -> dict:
                 raise RuntimeError(f"the front exited with {front.returncode}; see {folder / 'front.log'}")
             time.sleep(0.5)
         wall_s = time.monotonic() - start
-        for i, tail in enumerate(tails):  # the last lines
-            for line in tail.read():
-                row = json.loads(line)
-                frames.append({"t": wall_s, "agent": i, "where": row["where"], "ms": row["latency_ms"]["total"],
-                               "degraded": row["degraded"]})
+        frames += read_frames(tails, wall_s)  # the last lines
         summaries = []
         for i, a in enumerate(agents):
             path = folder / f"agent{i}.json"
